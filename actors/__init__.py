@@ -1,0 +1,84 @@
+"""Thin Ray actor shells over Legion's plain classes, and the helpers that place them.
+
+Actors are named ``<app>-agent-<name>`` and ``<app>-arbiter`` in the config's Ray namespace,
+so ``ray list actors`` and the dashboard show which is which, and every ingress replica
+finds the same ones (``get_if_exists``).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from actors.agent import AgentActor
+from actors.arbiter import ArbiterActor
+from legion.config import AgentConfig, LegionConfig
+
+__all__ = [
+    "AgentActor",
+    "ArbiterActor",
+    "agent_actor_name",
+    "arbiter_actor_name",
+    "start_agent",
+    "start_arbiter",
+    "stop_actors",
+]
+
+
+def agent_actor_name(cfg: LegionConfig, agent: str) -> str:
+    return f"{cfg.serve.app_name}-agent-{agent}"
+
+
+def arbiter_actor_name(cfg: LegionConfig) -> str:
+    return f"{cfg.serve.app_name}-arbiter"
+
+
+def start_agent(cfg: LegionConfig, agent: AgentConfig, *, name: str | None = None):
+    """Create (or find) the named, detached actor for ``agent``; it loads its model itself."""
+    return (
+        ray.remote(AgentActor)
+        .options(
+            name=name or agent_actor_name(cfg, agent.name),
+            namespace=cfg.ray_namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=agent.num_cpus,
+            num_gpus=agent.num_gpus,
+            max_restarts=agent.max_restarts,
+            max_task_retries=0,
+            max_concurrency=16,
+        )
+        .remote(agent.model_dump(mode="json"))
+    )
+
+
+def start_arbiter(cfg: LegionConfig):
+    """Create (or find) every agent actor and the Arbiter; returns the Arbiter's handle."""
+    names = {}
+    for a in cfg.agents:
+        start_agent(cfg, a)
+        names[a.name] = agent_actor_name(cfg, a.name)
+    return (
+        ray.remote(ArbiterActor)
+        .options(
+            name=arbiter_actor_name(cfg),
+            namespace=cfg.ray_namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=cfg.arbiter.num_cpus,
+            max_restarts=-1,
+            max_concurrency=cfg.arbiter.max_concurrency,
+        )
+        .remote(cfg.model_dump(mode="json"), names, cfg.ray_namespace)
+    )
+
+
+def stop_actors(cfg: LegionConfig) -> list[str]:
+    """Kill the Arbiter and agent actors of ``cfg``'s app; returns the names it killed."""
+    killed = []
+    for name in [arbiter_actor_name(cfg)] + [agent_actor_name(cfg, a.name) for a in cfg.agents]:
+        try:
+            ray.kill(ray.get_actor(name, namespace=cfg.ray_namespace), no_restart=True)
+            killed.append(name)
+        except ValueError:
+            pass
+    return killed

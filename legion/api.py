@@ -1,0 +1,233 @@
+"""HTTP request bodies and their validation against the configured limits (no Ray here).
+
+The ingress turns a body into a ``TaskRequest``; every rule a client can break raises a
+``LegionError`` whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from legion.arbitration import get_strategy, strategy_names
+from legion.config import LegionConfig
+from legion.errors import ErrorCode, InvalidRequest, LegionError
+from legion.messages import TaskRequest, TaskResult
+
+MODEL_PREFIX = "legion"
+
+
+class TaskBody(BaseModel):
+    """``POST /v1/tasks``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., description="The question or instruction.")
+    strategy: str | None = Field(None, description="Arbitration strategy; see GET /v1/models.")
+    max_tokens: int | None = Field(None, description="Reply length in tokens.")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI-compatible; unknown OpenAI fields are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = MODEL_PREFIX
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream: bool = False
+    n: int = 1
+    user: str | None = None
+
+
+def new_id(prefix: str = "task") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_task_text(task: str, cfg: LegionConfig) -> str:
+    text = task.strip()
+    if not text:
+        raise InvalidRequest("task is empty: send the question or instruction in 'task'")
+    if len(task) > cfg.serve.max_task_chars:
+        raise LegionError(
+            f"task is {len(task)} characters; the limit is {cfg.serve.max_task_chars}: shorten it",
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+        )
+    return text
+
+
+def check_max_tokens(value: int | None, cfg: LegionConfig) -> int | None:
+    if value is None:
+        return None
+    limit = cfg.serve.max_tokens_limit
+    if not 1 <= value <= limit:
+        raise InvalidRequest(
+            f"max_tokens must be between 1 and {limit}, got {value}",
+            details={"field": "max_tokens", "min": 1, "max": limit},
+        )
+    return value
+
+
+def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
+    strategy = body.strategy or cfg.arbiter.default_strategy
+    get_strategy(strategy)
+    return TaskRequest(
+        id=new_id(),
+        task=check_task_text(body.task, cfg),
+        strategy=strategy,
+        max_tokens=check_max_tokens(body.max_tokens, cfg),
+    )
+
+
+def model_ids() -> list[str]:
+    return [MODEL_PREFIX] + [f"{MODEL_PREFIX}:{s}" for s in strategy_names()]
+
+
+def strategy_for_model(model: str, cfg: LegionConfig) -> str:
+    """``legion`` → the default strategy; ``legion:<strategy>`` or ``<strategy>`` → that one."""
+    if model == MODEL_PREFIX:
+        return cfg.arbiter.default_strategy
+    name = model.split(":", 1)[1] if model.startswith(MODEL_PREFIX + ":") else model
+    if name in strategy_names():
+        return name
+    raise LegionError(
+        f"model {model!r} does not exist; use one of: {', '.join(model_ids())}",
+        code=ErrorCode.MODEL_NOT_FOUND,
+        details={"allowed": model_ids()},
+    )
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise InvalidRequest(
+                f"message content part of type {part.get('type')!r} is not supported; send text"
+            )
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def chat_request(body: ChatBody, cfg: LegionConfig) -> TaskRequest:
+    """Turn a chat into a task: the last user message is the task; earlier turns are context."""
+    if body.n != 1:
+        raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
+    if not body.messages:
+        raise InvalidRequest("messages is empty: send at least one user message")
+    if len(body.messages) > cfg.serve.max_messages:
+        raise LegionError(
+            f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}",
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+        )
+    users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+    if not users:
+        raise InvalidRequest("messages holds no user message: the last user message is the task")
+    last = users[-1]
+    task = check_task_text(_text(body.messages[last].content), cfg)
+    lines = []
+    for m in body.messages[:last]:
+        who = {"system": "Instructions", "developer": "Instructions", "assistant": "Assistant"}.get(
+            m.role, "User"
+        )
+        text = _text(m.content).strip()
+        if text:
+            lines.append(f"{who}: {text}")
+    context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
+    if len(context) > cfg.serve.max_task_chars * 4:
+        raise LegionError(
+            "the conversation is too long for the agents' context; send fewer or shorter messages",
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+        )
+    return TaskRequest(
+        id=new_id("chatcmpl"),
+        task=task,
+        strategy=strategy_for_model(body.model, cfg),
+        max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
+        context=context,
+    )
+
+
+def task_response(result: TaskResult) -> dict:
+    return {
+        "id": result.id,
+        "answer": result.answer,
+        "strategy": result.strategy,
+        "candidates": [
+            {
+                "agent": c.agent,
+                "role": c.role,
+                "text": c.text,
+                "score": c.score,
+                "latency_ms": c.latency_ms,
+                **({"error": c.error} if c.error else {}),
+            }
+            for c in result.candidates
+        ],
+        "votes": result.votes,
+        "latency_ms": result.latency_ms,
+        "missing_agents": result.missing_agents,
+        "trace": [e.model_dump() for e in result.trace],
+    }
+
+
+def _usage(result: TaskResult) -> dict:
+    # Every agent's work counts: the answer cost all the candidates.
+    prompt = sum(c.prompt_tokens for c in result.candidates)
+    completion = sum(c.completion_tokens for c in result.candidates)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_response(result: TaskResult, model: str) -> dict:
+    return {
+        "id": result.id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.answer},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _usage(result),
+        "legion": task_response(result),
+    }
+
+
+def chat_chunks(result: TaskResult, model: str) -> list[dict]:
+    """The ``chat.completion.chunk`` events of a streamed answer, in order."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {
+            "id": result.id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    words = result.answer.split(" ")
+    for i, w in enumerate(words):
+        out.append(chunk({"content": w if i == 0 else " " + w}))
+    final = chunk({}, "stop")
+    final["legion"] = task_response(result)
+    out.append(final)
+    return out

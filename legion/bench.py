@@ -1,0 +1,199 @@
+"""``legion bench``: Ray's cost, measured side by side in one run on the same prompts.
+
+1. Decode tokens/s of k bare engines (threads in this process, no Ray) against k
+   ``AgentActor``s, for k = 1, 2, 3 agents sharing the machine's cores (each gets
+   ``cores / k`` CPUs and the threads that share implies).
+2. End-to-end latency of ``POST /v1/tasks`` against a direct ``ArbiterActor.run`` call,
+   interleaved, on the same tasks; the HTTP overhead is the median of the paired differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+_PROMPTS = [
+    "Question: What is the boiling point of water at sea level?\nAnswer:",
+    "Question: Name three primary colors.\nAnswer:",
+    "Question: Why do leaves change color in autumn?\nAnswer:",
+    "Question: What does a thermometer measure?\nAnswer:",
+]
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _params(max_tokens: int):
+    from legion.engine import SamplingParams
+
+    # No stop sequences and a fixed seed: every run decodes exactly max_tokens tokens.
+    return SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=7, stop=())
+
+
+def _bare_tokens_per_s(model_path: str, k: int, threads: int, rounds: int, max_tokens: int) -> float:
+    from legion.engine import LlamaEngine
+
+    engines = [LlamaEngine(model_path, n_threads=threads) for _ in range(k)]
+    engines[0].generate(_PROMPTS[0], _params(4))  # warm-up
+    counts = [0] * k
+
+    def work(i: int) -> None:
+        for r in range(rounds):
+            g = engines[i].generate(_PROMPTS[(i + r) % len(_PROMPTS)], _params(max_tokens))
+            counts[i] += g.completion_tokens
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(k)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for e in engines:
+        e.close()
+    return sum(counts) / elapsed
+
+
+def _actor_tokens_per_s(model_path: str, k: int, num_cpus: float, rounds: int, max_tokens: int) -> float:
+    import ray
+
+    from actors.agent import AgentActor
+    from legion.config import AgentConfig
+    from legion.messages import GenerateRequest
+
+    cls = ray.remote(AgentActor)
+    actors = []
+    for i in range(k):
+        cfg = AgentConfig(
+            name=f"bench{i}",
+            model_path=model_path,
+            num_cpus=num_cpus,
+            sampling={"temperature": 0.7, "seed": 7, "stop": [], "max_tokens": max_tokens},
+            prompt_template="{task}",
+        )
+        actors.append(cls.options(num_cpus=num_cpus, max_concurrency=4).remote(cfg.model_dump()))
+    ray.get([a.wait_loaded.remote() for a in actors])
+    ray.get(actors[0].generate.remote(GenerateRequest(task=_PROMPTS[0], max_tokens=4)))
+    t0 = time.perf_counter()
+    # Same work as the bare run: agent i runs its rounds one after another.
+    pending = [
+        [GenerateRequest(task=_PROMPTS[(i + r) % len(_PROMPTS)]) for r in range(rounds)] for i in range(k)
+    ]
+    total = 0
+    inflight = {a.generate.remote(pending[i].pop(0)): i for i, a in enumerate(actors)}
+    while inflight:
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        i = inflight.pop(done[0])
+        total += ray.get(done[0]).completion_tokens
+        if pending[i]:
+            inflight[actors[i].generate.remote(pending[i].pop(0))] = i
+    elapsed = time.perf_counter() - t0
+    for a in actors:
+        ray.kill(a)
+    return total / elapsed
+
+
+def _http_overhead(rounds: int, cores: float) -> dict:
+    import httpx
+    import ray
+    from ray import serve
+
+    from legion.api import new_id
+    from legion.config import config_from_dict
+    from legion.messages import TaskRequest
+    from serve_app import build_app
+
+    port = int(os.environ.get("LEGION_BENCH_PORT", "8765"))
+    cfg = config_from_dict(
+        {
+            "agents": [
+                {"name": "b1", "num_cpus": cores / 2 - 0.1, "sampling": {"max_tokens": 8}},
+                {"name": "b2", "num_cpus": cores / 2 - 0.1, "sampling": {"max_tokens": 8}},
+            ],
+            "serve": {"app_name": "legionbench", "port": port, "min_replicas": 1, "max_replicas": 1},
+        }
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+    arbiter = ray.get_actor(f"{cfg.serve.app_name}-arbiter", namespace=cfg.ray_namespace)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(timeout=300) as client:
+        for _ in range(600):
+            if client.get(f"{url}/healthz").status_code == 200:
+                break
+            time.sleep(0.5)
+        tasks = [p.split("Question: ", 1)[1].split("\n", 1)[0] for p in _PROMPTS]
+        client.post(f"{url}/v1/tasks", json={"task": tasks[0], "max_tokens": 8})  # warm-up
+        http_ms, direct_ms = [], []
+        for i in range(rounds):
+            task = tasks[i % len(tasks)]
+            t0 = time.perf_counter()
+            r = client.post(f"{url}/v1/tasks", json={"task": task, "max_tokens": 8})
+            http_ms.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+            t0 = time.perf_counter()
+            ray.get(
+                arbiter.run.remote(TaskRequest(id=new_id(), task=task, strategy="plurality", max_tokens=8))
+            )
+            direct_ms.append((time.perf_counter() - t0) * 1000)
+    serve.delete(cfg.serve.app_name)
+    from actors import stop_actors
+
+    stop_actors(cfg)
+    diffs = [h - d for h, d in zip(http_ms, direct_ms, strict=True)]
+    return {
+        "http_p50_ms": round(statistics.median(http_ms), 2),
+        "direct_p50_ms": round(statistics.median(direct_ms), 2),
+        "http_overhead_ms_p50": round(statistics.median(diffs), 2),
+        "requests": rounds,
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import ray
+
+    from legion.engine import bundled_model_path
+
+    model_path = bundled_model_path()
+    cores = float(os.cpu_count() or 1)
+    if not ray.is_initialized():
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
+    cores = float(ray.cluster_resources().get("CPU", cores))
+    result: dict = {"model": os.path.basename(model_path), "cores": cores, "max_tokens": args.max_tokens}
+    ratios, detail = {}, {}
+    for k in (1, 2, 3):
+        share = cores / k
+        threads = max(1, int(share))
+        _progress(f"{k} agent(s), num_cpus={share:.2f}, {threads} thread(s) each: bare engines ...")
+        bare = _bare_tokens_per_s(model_path, k, threads, args.rounds, args.max_tokens)
+        _progress(f"{k} agent(s): actors ...")
+        actor = _actor_tokens_per_s(model_path, k, share, args.rounds, args.max_tokens)
+        ratios[str(k)] = round(actor / bare, 3)
+        detail[str(k)] = {
+            "bare_tokens_per_s": round(bare, 1),
+            "actor_tokens_per_s": round(actor, 1),
+            "threads_per_agent": threads,
+        }
+    result["actor_vs_bare_tokens_per_s_ratio"] = ratios
+    result["tokens_per_s"] = detail
+    _progress("HTTP /v1/tasks against a direct ArbiterActor call ...")
+    http = _http_overhead(args.http_requests, cores)
+    result.update(http)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {result['model']} on {cores:g} cores, {args.max_tokens} tokens per generation")
+    print(f"{'agents':>6} {'bare tok/s':>11} {'actor tok/s':>12} {'actor/bare':>11}")
+    for k, d in detail.items():
+        print(f"{k:>6} {d['bare_tokens_per_s']:>11.1f} {d['actor_tokens_per_s']:>12.1f} {ratios[k]:>11.3f}")
+    print(
+        f"/v1/tasks p50 {http['http_p50_ms']} ms, direct Arbiter p50 {http['direct_p50_ms']} ms, "
+        f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms over {http['requests']} requests"
+    )
+    return 0

@@ -1,0 +1,112 @@
+"""Typed messages between the ingress, the Arbiter and the agents.
+
+Everything that crosses an actor boundary is one of these models, never a loose dict;
+the arbitration trace is plain data a client gets back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class GenerateRequest(BaseModel):
+    """What the Arbiter asks one agent for. ``None`` fields fall back to the agent's config."""
+
+    task: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    context: str = ""  # extra quoted material placed before the task (history, documents)
+
+
+class Generation(BaseModel):
+    """One completion from an engine."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop sequence or end of text) or "length"
+    mean_logprob: float  # mean log-probability of the generated tokens under the model
+    seconds: float
+
+
+class Candidate(BaseModel):
+    """One agent's answer as the Arbiter saw it (``error`` set when the agent failed)."""
+
+    agent: str
+    role: str = ""
+    text: str = ""
+    normalized: str = ""
+    score: float | None = None  # the agent's mean token log-likelihood of its answer
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Decision(BaseModel):
+    """What a strategy decided over a set of candidates."""
+
+    answer: str
+    answer_key: str  # the normalised answer that won
+    votes: dict[str, float]  # normalised answer -> votes
+    ranking: list[str]  # normalised answers, best first
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class TraceEvent(BaseModel):
+    """One step of how the Arbiter reached its answer."""
+
+    step: str
+    at_ms: float
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskResult(BaseModel):
+    """The Arbiter's answer to a task, with the trace of how it got there."""
+
+    id: str
+    answer: str
+    strategy: str
+    candidates: list[Candidate]
+    votes: dict[str, float]
+    latency_ms: float
+    missing_agents: list[str] = Field(default_factory=list)
+    trace: list[TraceEvent] = Field(default_factory=list)
+
+
+class AgentStats(BaseModel):
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.busy_s if self.busy_s > 0 else 0.0
+
+
+class AgentHealth(BaseModel):
+    name: str
+    loaded: bool
+    error: str | None = None
+    node_id: str | None = None
+    pid: int | None = None
+
+
+class TaskRequest(BaseModel):
+    """A validated task as the ingress hands it to the Arbiter."""
+
+    id: str
+    task: str
+    strategy: str
+    max_tokens: int | None = None
+    context: str = ""
