@@ -48,11 +48,18 @@ class Strategy(Protocol):
 
 
 def _usable(candidates: Sequence[Candidate]) -> list[Candidate]:
-    usable = [c for c in candidates if c.ok and c.normalized]
-    if not usable:
-        failed = ", ".join(f"{c.agent}: {c.error or 'empty answer'}" for c in candidates) or "none"
-        raise NoCandidates("no agent produced a usable answer (" + failed + "); retry, or check /v1/agents")
-    return usable
+    """The candidates with an answer. Raises ``NoCandidates`` when every agent failed;
+    agents that answered with nothing abstain (see ``abstained``)."""
+    answered = [c for c in candidates if c.ok]
+    if not answered:
+        failed = ", ".join(f"{c.agent}: {c.error}" for c in candidates) or "no agents"
+        raise NoCandidates(f"every agent failed ({failed}); retry, or check /v1/agents")
+    return [c for c in answered if c.normalized]
+
+
+def abstained() -> Decision:
+    """The decision when every agent that answered gave an empty answer."""
+    return Decision(answer="", answer_key="", votes={}, ranking=[], details={"all_abstained": True})
 
 
 def _best_text(group: list[Candidate]) -> str:
@@ -70,6 +77,8 @@ class Plurality:
 
     def decide(self, candidates: Sequence[Candidate], weights: Mapping[str, float] | None = None) -> Decision:
         usable = _usable(candidates)
+        if not usable:
+            return abstained()
         groups: dict[str, list[Candidate]] = {}
         for c in usable:
             groups.setdefault(c.normalized, []).append(c)

@@ -65,6 +65,11 @@ def test_all_failed_raises_clear_error():
         Plurality().decide([cand("a", "", error="boom")])
 
 
+def test_all_empty_answers_abstain():
+    d = Plurality().decide([cand("a", ""), cand("b", "  "), cand("c", "", error="boom")])
+    assert d.answer == "" and d.votes == {} and d.details["all_abstained"]
+
+
 def test_unknown_strategy_lists_choices():
     with pytest.raises(UnknownStrategy, match="plurality"):
         get_strategy("nope")
