@@ -5,10 +5,14 @@ is the one builder, used by ``serve run serve_app:app``, by ``deploy/serve_confi
 by ``legion serve``. ``LegionError`` becomes an HTTP status here and nowhere else.
 """
 
+import asyncio
 import json
 import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -16,19 +20,27 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 
 from actors import start_arbiter
+from actors.retriever import start_retriever
 from legion import __version__
 from legion.api import (
     ChatBody,
+    DocumentsBody,
     TaskBody,
     chat_chunks,
     chat_request,
     chat_response,
+    client_keeps_history,
+    documents_request,
     model_ids,
     task_request,
     task_response,
 )
+from legion.cache import ResultCache
 from legion.config import LegionConfig, load_config
 from legion.errors import ErrorCode, LegionError
+from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
+from legion.messages import RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
+from legion.vectorstore import StoreUnavailable, quote_chunks, store_location
 
 log = logging.getLogger("legion.serve")
 
@@ -70,6 +82,20 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+@dataclass
+class _Prepared:
+    """A task after retrieval and the cache lookup, before (or instead of) the Arbiter."""
+
+    req: TaskRequest
+    cache: str = "bypass"  # the X-Legion-Cache header: hit, miss or bypass
+    key: str | None = None
+    hit: TaskResult | None = None
+    sources: list[Source] = field(default_factory=list)
+    retrieval: RetrievalInfo | None = None
+    context: dict = field(default_factory=dict)  # what went into the agents' context, for the trace
+    t0: float = field(default_factory=time.perf_counter)
+
+
 @serve.ingress(api)
 class LegionIngress:
     """One HTTP replica; every replica shares the same named Arbiter and agent actors."""
@@ -77,6 +103,12 @@ class LegionIngress:
     def __init__(self, config: dict):
         self.cfg = LegionConfig(**config)
         self.arbiter = start_arbiter(self.cfg)
+        # State lives outside the replica: SQLite files shared by every replica, one retriever actor.
+        self.cache = ResultCache.from_config(self.cfg) if self.cfg.cache.enabled else None
+        self.history = ConversationStore.from_config(self.cfg) if self.cfg.history.enabled else None
+        self._retriever = None
+        if self.cfg.rag.enabled:  # load the embedding model before the first task needs it
+            self._retriever_actor()
 
     async def _run(self, req):
         try:
@@ -92,6 +124,104 @@ class LegionIngress:
                 code=ErrorCode.NOT_READY,
             ) from None
 
+    def _retriever_actor(self):
+        if self._retriever is None:
+            self._retriever = start_retriever(self.cfg, store_location(self.cfg))
+        return self._retriever
+
+    async def _retrieve(self, query: str, collection: str) -> tuple[str, list[Source], RetrievalInfo]:
+        """Quoted chunks for the agents, their sources, and whether retrieval worked (never raises)."""
+        limit = self.cfg.rag.timeout_s
+        try:
+            got = await asyncio.wait_for(self._retriever_actor().search.remote(query, collection), limit)
+        except TimeoutError:
+            reason = f"retrieval took longer than rag.timeout_s={limit}s"
+            return "", [], RetrievalInfo(used=False, collection=collection, reason=reason)
+        except (RayActorError, RayTaskError) as exc:
+            reason = f"the retriever actor failed ({type(exc).__name__}); it restarts, retry later"
+            return "", [], RetrievalInfo(used=False, collection=collection, reason=reason)
+        quoted, sources = quote_chunks(got.chunks, self.cfg.rag.max_context_chars)
+        return quoted, sources, got.info
+
+    async def _prepare(
+        self,
+        req: TaskRequest,
+        *,
+        use_cache: bool,
+        use_rag: bool | None,
+        collection: str | None,
+        turns: int = 0,
+    ) -> _Prepared:
+        """Retrieval into the context first (the cache key covers the context), then the lookup."""
+        prep = _Prepared(req=req)
+        if self.cfg.rag.enabled if use_rag is None else use_rag:
+            name = collection or self.cfg.rag.collection
+            quoted, prep.sources, prep.retrieval = await self._retrieve(req.task, name)
+            if quoted:
+                req.context = f"{quoted}\n\n{req.context}" if req.context else quoted
+        if turns or prep.retrieval is not None:
+            prep.context = {"history_turns": turns, "retrieved_chunks": len(prep.sources)}
+        if self.cache is not None and use_cache:
+            prep.key = ResultCache.key(req, self.cfg)
+            try:
+                prep.hit = await asyncio.to_thread(self.cache.get, prep.key)
+            except sqlite3.Error as exc:  # a broken cache must not stop answers
+                log.warning("result cache lookup failed, answering without it: %s", exc)
+                prep.key = None
+                return prep
+            prep.cache = "hit" if prep.hit is not None else "miss"
+        return prep
+
+    async def _complete(self, prep: _Prepared) -> TaskResult:
+        """The cached result, or the Arbiter's (stored when every agent answered)."""
+        if prep.hit is not None:
+            result = prep.hit.model_copy(
+                update={
+                    "id": prep.req.id,
+                    "cached": True,
+                    "latency_ms": round((time.perf_counter() - prep.t0) * 1000, 2),
+                }
+            )
+        else:
+            result = await self._run(prep.req)
+            if prep.context:
+                result.trace.insert(0, TraceEvent(step="context", at_ms=0.0, data=prep.context))
+        result.sources, result.retrieval = prep.sources, prep.retrieval
+        complete = not result.missing_agents and (prep.retrieval is None or prep.retrieval.used)
+        if prep.hit is None and prep.key is not None and complete:
+            try:
+                await asyncio.to_thread(self.cache.put, prep.key, result)
+            except sqlite3.Error as exc:
+                log.warning("could not store a result in the cache: %s", exc)
+        return result
+
+    def _session_id(self, body: ChatBody, request: Request) -> str | None:
+        raw = request.headers.get("x-session-id") or body.user
+        return None if raw is None else check_session_id(raw)
+
+    async def _recall(self, session: str | None, body: ChatBody, req: TaskRequest) -> list[Turn]:
+        """The session's recent turns that fit the agents' context (none if the client keeps them)."""
+        if session is None or self.history is None or client_keeps_history(body):
+            return []
+        rag = self.cfg.rag.enabled if body.use_rag is None else body.use_rag
+        other = len(req.context) + (self.cfg.rag.max_context_chars if rag else 0)
+        budget = history_budget_chars(self.cfg, req.task, other, req.max_tokens)
+        return await asyncio.to_thread(
+            self.history.recent, session, max_turns=self.cfg.history.max_turns, max_chars=budget
+        )
+
+    async def _remember(self, session: str | None, req: TaskRequest, result: TaskResult) -> None:
+        if session is None or self.history is None:
+            return
+        turns = [
+            Turn(role="user", content=req.task),
+            Turn(role="assistant", content=result.answer, task_id=result.id),
+        ]
+        try:
+            await asyncio.to_thread(self.history.append, session, turns)
+        except sqlite3.Error as exc:
+            log.error("could not store the turns of session %s: %s", session, exc)
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         agents = await self.arbiter.agents.remote()
@@ -103,8 +233,13 @@ class LegionIngress:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.post("/v1/tasks")
-    async def tasks(self, body: TaskBody) -> dict:
-        result = await self._run(task_request(body, self.cfg))
+    async def tasks(self, body: TaskBody, response: Response) -> dict:
+        req = task_request(body, self.cfg)
+        prep = await self._prepare(
+            req, use_cache=body.cache, use_rag=body.use_rag, collection=body.collection
+        )
+        result = await self._complete(prep)
+        response.headers["X-Legion-Cache"] = prep.cache
         return task_response(result)
 
     @api.get("/v1/agents")
@@ -119,22 +254,69 @@ class LegionIngress:
         }
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatBody):
+    async def chat(self, body: ChatBody, request: Request):
+        session = self._session_id(body, request)
         req = chat_request(body, self.cfg)
+        turns = await self._recall(session, body, req)
+        if turns:
+            req = chat_request(body, self.cfg, history=[(t.role, t.content) for t in turns])
+        prep = await self._prepare(
+            req, use_cache=body.cache, use_rag=body.use_rag, collection=body.collection, turns=len(turns)
+        )
+        headers = {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
         if not body.stream:
-            return chat_response(await self._run(req), body.model)
+            result = await self._complete(prep)
+            await self._remember(session, req, result)
+            return JSONResponse(chat_response(result, body.model), headers=headers)
 
         async def events():
             # The answer exists only once the agents have voted: errors become an SSE error event.
             try:
-                result = await self._run(req)
+                result = await self._complete(prep)
+                await self._remember(session, req, result)
                 for chunk in chat_chunks(result, body.model):
                     yield f"data: {json.dumps(chunk)}\n\n"
             except LegionError as exc:
                 yield f"data: {json.dumps({'error': exc.to_dict()})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @api.get("/v1/sessions/{session_id}")
+    async def session(self, session_id: str) -> dict:
+        if self.history is None:
+            raise LegionError(
+                "conversation history is off: set history.enabled: true", code=ErrorCode.NOT_FOUND
+            )
+        sid = check_session_id(session_id)
+        turns = await asyncio.to_thread(self.history.turns, sid)
+        if not turns:
+            raise LegionError(
+                f"no conversation with session id {sid!r}: chat with 'user' or X-Session-Id set to it first",
+                code=ErrorCode.NOT_FOUND,
+            )
+        return {"id": sid, "object": "session", "turns": [t.model_dump() for t in turns]}
+
+    @api.post("/v1/documents")
+    async def documents(self, body: DocumentsBody) -> dict:
+        docs, collection = documents_request(body, self.cfg)
+        try:
+            report = await self._retriever_actor().ingest.remote(docs, collection)
+        except RayTaskError as exc:
+            cause = _unwrap(exc)
+            if isinstance(cause, LegionError):
+                raise cause from None
+            raise
+        except RayActorError:
+            raise StoreUnavailable("the retriever actor died while ingesting; retry the request") from None
+        return report.model_dump()
+
+    @api.get("/v1/cache")
+    async def cache_stats(self) -> dict:
+        if self.cache is None:
+            return {"enabled": False}
+        stats = await asyncio.to_thread(self.cache.stats)
+        return {"enabled": True, **stats.model_dump()}
 
 
 def build_app(config: LegionConfig) -> Application:

@@ -11,6 +11,7 @@ import ray
 
 from actors.agent import AgentActor
 from actors.arbiter import ArbiterActor
+from actors.retriever import retriever_actor_name
 from legion.config import AgentConfig, LegionConfig
 
 __all__ = [
@@ -73,9 +74,10 @@ def start_arbiter(cfg: LegionConfig):
 
 
 def stop_actors(cfg: LegionConfig) -> list[str]:
-    """Kill the Arbiter and agent actors of ``cfg``'s app; returns the names it killed."""
+    """Kill the Arbiter, retriever and agent actors of ``cfg``'s app; returns the names it killed."""
     killed = []
-    for name in [arbiter_actor_name(cfg)] + [agent_actor_name(cfg, a.name) for a in cfg.agents]:
+    names = [arbiter_actor_name(cfg), retriever_actor_name(cfg)]
+    for name in names + [agent_actor_name(cfg, a.name) for a in cfg.agents]:
         try:
             ray.kill(ray.get_actor(name, namespace=cfg.ray_namespace), no_restart=True)
             killed.append(name)

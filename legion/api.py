@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from legion.arbitration import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.errors import ErrorCode, InvalidRequest, LegionError
-from legion.messages import TaskRequest, TaskResult
+from legion.messages import Document, TaskRequest, TaskResult
 
 MODEL_PREFIX = "legion"
 
@@ -28,6 +28,13 @@ class TaskBody(BaseModel):
     task: str = Field(..., description="The question or instruction.")
     strategy: str | None = Field(None, description="Arbitration strategy; see GET /v1/models.")
     max_tokens: int | None = Field(None, description="Reply length in tokens.")
+    cache: bool = Field(True, description="Look the task up in the result cache; false bypasses it.")
+    use_rag: bool | None = Field(None, description="Retrieve documents for the task (default: rag.enabled).")
+    collection: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Qdrant collection (default: rag.collection).",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +55,10 @@ class ChatBody(BaseModel):
     max_completion_tokens: int | None = None
     stream: bool = False
     n: int = 1
-    user: str | None = None
+    user: str | None = None  # also the session id of the conversation history (or X-Session-Id)
+    cache: bool = True
+    use_rag: bool | None = None
+    collection: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
 def new_id(prefix: str = "task") -> str:
@@ -123,8 +133,21 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
-def chat_request(body: ChatBody, cfg: LegionConfig) -> TaskRequest:
-    """Turn a chat into a task: the last user message is the task; earlier turns are context."""
+def client_keeps_history(body: ChatBody) -> bool:
+    """Whether the chat carries earlier user or assistant turns before its last user message."""
+    users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+    last = users[-1] if users else len(body.messages)
+    return any(m.role in ("user", "assistant") for m in body.messages[:last])
+
+
+def chat_request(
+    body: ChatBody, cfg: LegionConfig, history: list[tuple[str, str]] | None = None
+) -> TaskRequest:
+    """Turn a chat into a task: the last user message is the task; earlier turns are context.
+
+    ``history`` holds the session's stored ``(role, text)`` turns, placed after the request's
+    instructions; pass it only when ``client_keeps_history(body)`` is false.
+    """
     if body.n != 1:
         raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
     if not body.messages:
@@ -147,6 +170,9 @@ def chat_request(body: ChatBody, cfg: LegionConfig) -> TaskRequest:
         text = _text(m.content).strip()
         if text:
             lines.append(f"{who}: {text}")
+    if history:
+        # After the instructions, as if the client had sent the stored turns itself.
+        lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
     context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
     if len(context) > cfg.serve.max_task_chars * 4:
         raise LegionError(
@@ -182,6 +208,9 @@ def task_response(result: TaskResult) -> dict:
         "latency_ms": result.latency_ms,
         "missing_agents": result.missing_agents,
         "trace": [e.model_dump() for e in result.trace],
+        "cached": result.cached,
+        **({"sources": [s.model_dump() for s in result.sources]} if result.retrieval else {}),
+        **({"retrieval": result.retrieval.model_dump()} if result.retrieval else {}),
     }
 
 
@@ -231,3 +260,30 @@ def chat_chunks(result: TaskResult, model: str) -> list[dict]:
     final["legion"] = task_response(result)
     out.append(final)
     return out
+
+
+class DocumentsBody(BaseModel):
+    """``POST /v1/documents``: documents to chunk, embed and upsert into a collection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[Document] = Field(..., min_length=1, description="Each with source, text, format.")
+    collection: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Qdrant collection (default: rag.collection).",
+    )
+
+
+def documents_request(body: DocumentsBody, cfg: LegionConfig) -> tuple[list[Document], str]:
+    """The documents to ingest and their collection, within ``rag.max_upload_chars``."""
+    size = sum(len(d.text) for d in body.documents)
+    if size > cfg.rag.max_upload_chars:
+        raise LegionError(
+            f"the documents hold {size} characters; the limit per request is {cfg.rag.max_upload_chars}: "
+            "send them in several requests",
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+        )
+    if not any(d.text.strip() for d in body.documents):
+        raise InvalidRequest("every document is empty: send the text to ingest in 'text'")
+    return body.documents, body.collection or cfg.rag.collection

@@ -92,9 +92,50 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.rag:
+        from legion.rag_bench import run_rag_bench
+
+        return run_rag_bench(args)
     from legion.bench import run_bench
 
     return run_bench(args)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from legion.ingest import ingest_local, upload
+
+    if args.url:
+        report = upload(args.paths, args.url, args.collection)
+    else:
+        from legion.config import load_config
+
+        report = ingest_local(args.paths, load_config(args.config), args.collection)
+    print(
+        f"ingested {report.documents} documents as {report.chunks} chunks into collection "
+        f"{report.collection!r} ({report.location}) in {report.seconds:.1f}s"
+        + (f"; removed {report.removed} stale chunks" if report.removed else "")
+    )
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from legion.cache import ResultCache
+    from legion.config import load_config
+
+    cache = ResultCache.from_config(load_config(args.config))
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached answers from {cache.path}")
+        return 0
+    stats = cache.stats()
+    if args.json:
+        print(stats.model_dump_json(indent=2))
+        return 0
+    print(f"cache      {stats.path}")
+    print(f"entries    {stats.entries} (at most {stats.max_entries}, each valid {stats.ttl_s:.0f}s)")
+    print(f"lookups    {stats.hits + stats.misses} ({stats.hits} hits, {stats.misses} misses)")
+    print(f"hit rate   {stats.hit_rate:.1%}")
+    print(f"size       {stats.bytes / 1024:.0f} KiB")
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -138,7 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=48, help="tokens per generation")
     b.add_argument("--rounds", type=int, default=3, help="generations per agent per measure")
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
+    b.add_argument(
+        "--rag",
+        action="store_true",
+        help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "
+        "and cached vs uncached /v1/tasks latency",
+    )
     b.set_defaults(func=_bench)
+
+    i = sub.add_parser("ingest", help="chunk, embed and store documents (.txt, .md, .html) for retrieval")
+    i.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    i.add_argument("--collection", help="Qdrant collection (default from config: rag.collection)")
+    i.add_argument(
+        "--url", help="upload to this running Legion (POST /v1/documents) instead of writing the store"
+    )
+    i.add_argument("--config", help="YAML config (where the store is, chunk sizes)")
+    i.set_defaults(func=_ingest)
+
+    k = sub.add_parser("cache", help="show or clear the result cache")
+    k.add_argument("action", choices=["stats", "clear"])
+    k.add_argument("--config", help="YAML config (where the cache file is)")
+    k.add_argument("--json", action="store_true", help="print stats as JSON")
+    k.set_defaults(func=_cache)
 
     c = sub.add_parser("config", help="print the effective configuration")
     c.add_argument("--config")

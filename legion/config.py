@@ -144,6 +144,73 @@ class ServeConfig(_Strict):
         return self
 
 
+class CacheConfig(_Strict):
+    """The SQLite result cache shared by every ingress replica (see ``legion.cache``)."""
+
+    enabled: bool = Field(True, description="Look tasks up in the cache; a request may send cache: false.")
+    ttl_s: float = Field(
+        86400.0, gt=0.0, le=365 * 86400.0, description="Seconds a cached answer stays valid."
+    )
+    max_entries: int = Field(
+        10000, ge=1, le=10_000_000, description="Most answers kept; the least recently used go first."
+    )
+    file: str = Field("cache.db", min_length=1, description="SQLite file, relative to data_dir.")
+
+
+class HistoryConfig(_Strict):
+    """Conversation history of /v1/chat/completions, by session id (see ``legion.history``)."""
+
+    enabled: bool = Field(True, description="Keep turns of chats that carry a session id.")
+    file: str = Field("history.db", min_length=1, description="SQLite file, relative to data_dir.")
+    max_turns: int = Field(8, ge=0, le=1000, description="Most recent turns given to the agents.")
+    max_chars: int = Field(
+        2000, ge=0, le=1_000_000, description="Most characters of history given to the agents."
+    )
+    max_stored_turns: int = Field(
+        1000, ge=2, le=1_000_000, description="Turns kept per session; older ones are dropped."
+    )
+
+
+class RagConfig(_Strict):
+    """Retrieval over documents in Qdrant (see ``legion.vectorstore`` and ``actors.retriever``)."""
+
+    enabled: bool = Field(False, description="Retrieve for every task unless it sends use_rag: false.")
+    collection: str = Field("legion", pattern=_NAME_PATTERN, description="Default Qdrant collection.")
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server URL; empty means local mode. QDRANT_URL overrides it."
+    )
+    local_dir: str = Field("qdrant", min_length=1, description="Local-mode folder, relative to data_dir.")
+    top_k: int = Field(4, ge=1, le=50, description="Chunks retrieved per task.")
+    score_threshold: float = Field(
+        0.3, ge=-1.0, le=1.0, description="Cosine similarity a chunk needs to reach the prompt."
+    )
+    max_context_chars: int = Field(
+        3000, ge=100, le=1_000_000, description="Most characters of retrieved text given to the agents."
+    )
+    chunk_chars: int = Field(600, ge=50, le=20000, description="Characters per chunk.")
+    chunk_overlap: int = Field(100, ge=0, le=10000, description="Characters shared by neighbouring chunks.")
+    embed_batch_size: int = Field(32, ge=1, le=4096, description="Chunks embedded per batch.")
+    upsert_batch_size: int = Field(128, ge=1, le=10000, description="Points upserted per request.")
+    max_upload_chars: int = Field(
+        5_000_000, ge=1, le=1_000_000_000, description="Largest POST /v1/documents body, in characters."
+    )
+    timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="How long a task waits for retrieval before going on without."
+    )
+    load_timeout_s: float = Field(
+        180.0, gt=0.0, le=3600.0, description="How long the retriever may take to load its embedding model."
+    )
+    num_cpus: float = Field(0.05, ge=0.0, le=64.0, description="CPU share of the retriever actor.")
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> RagConfig:
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_chars ({self.chunk_chars})"
+            )
+        return self
+
+
 def _default_agents() -> list[AgentConfig]:
     # Three agents that differ in prompt and sampling, so that arbitration has something to do.
     return [
@@ -183,6 +250,9 @@ class LegionConfig(BaseSettings):
     )
     arbiter: ArbiterConfig = Field(default_factory=ArbiterConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
     data_dir: str = Field("~/.legion", description="Where Legion keeps its files.")
     ray_namespace: str = Field("legion", pattern=_NAME_PATTERN, description="Ray namespace.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")

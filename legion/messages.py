@@ -6,7 +6,7 @@ the arbitration trace is plain data a client gets back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -68,6 +68,22 @@ class TraceEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class Source(BaseModel):
+    """A retrieved chunk that went into the agents' prompts."""
+
+    file: str
+    chunk: int
+    score: float
+
+
+class RetrievalInfo(BaseModel):
+    """Whether retrieval ran for a task, and if not, why (the task answered without it)."""
+
+    used: bool
+    collection: str
+    reason: str | None = None
+
+
 class TaskResult(BaseModel):
     """The Arbiter's answer to a task, with the trace of how it got there."""
 
@@ -79,6 +95,9 @@ class TaskResult(BaseModel):
     latency_ms: float
     missing_agents: list[str] = Field(default_factory=list)
     trace: list[TraceEvent] = Field(default_factory=list)
+    cached: bool = False  # served from the result cache without touching an agent
+    sources: list[Source] = Field(default_factory=list)
+    retrieval: RetrievalInfo | None = None  # None when the task did not ask for retrieval
 
 
 class AgentStats(BaseModel):
@@ -110,3 +129,41 @@ class TaskRequest(BaseModel):
     strategy: str
     max_tokens: int | None = None
     context: str = ""
+
+
+# Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).
+
+
+class RetrievedChunk(BaseModel):
+    """One chunk a search found, with its text."""
+
+    source: str
+    chunk: int
+    score: float
+    text: str
+
+
+class Retrieval(BaseModel):
+    """The outcome of one search; ``info.used`` is False when the store could not answer."""
+
+    info: RetrievalInfo
+    chunks: list[RetrievedChunk] = Field(default_factory=list)
+
+
+class Document(BaseModel):
+    """A document to ingest: its source (a path or a name) and its text as read."""
+
+    source: str = Field(..., min_length=1, max_length=1000)
+    text: str
+    format: Literal["txt", "md", "html"] = "txt"
+
+
+class IngestReport(BaseModel):
+    """What one ingest did to a collection."""
+
+    collection: str
+    location: str
+    documents: int
+    chunks: int
+    removed: int  # stale chunks of re-ingested documents that got shorter
+    seconds: float

@@ -1,0 +1,74 @@
+"""``RetrieverActor``: the one owner of Legion's vector store in a running cluster.
+
+Qdrant's local mode admits one client per folder, so the store is opened by this one
+named, detached actor (``<app>-retriever``) and every ingress replica calls it; with a
+Qdrant server it also keeps the embedding model in one place instead of one per replica.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ray
+
+from legion.config import LegionConfig
+from legion.messages import Document, IngestReport, Retrieval
+from legion.vectorstore import Retriever, StoreLocation
+
+
+class RetrieverActor:
+    """Thin shell over ``legion.vectorstore.Retriever`` (threaded; the store is serialised inside)."""
+
+    def __init__(self, config: dict, location: dict):
+        cfg = LegionConfig(**config)
+        threads = max(1, math.floor(cfg.rag.num_cpus))
+        self._retriever = Retriever(cfg.rag, StoreLocation(**location), threads=threads)
+
+    def search(
+        self,
+        query: str,
+        collection: str | None = None,
+        top_k: int | None = None,
+        threshold: float | None = None,
+    ) -> Retrieval:
+        return self._retriever.search(query, collection=collection, top_k=top_k, threshold=threshold)
+
+    def ingest(self, documents: list[Document], collection: str | None = None) -> IngestReport:
+        return self._retriever.ingest(documents, collection=collection)
+
+    def count(self, collection: str | None = None) -> int:
+        return self._retriever.count(collection)
+
+    def health(self) -> dict:
+        return self._retriever.health()
+
+
+def retriever_actor_name(cfg: LegionConfig) -> str:
+    return f"{cfg.serve.app_name}-retriever"
+
+
+def start_retriever(cfg: LegionConfig, location: StoreLocation):
+    """Create (or find) the named retriever actor; it loads its model and opens the store itself."""
+    return (
+        ray.remote(RetrieverActor)
+        .options(
+            name=retriever_actor_name(cfg),
+            namespace=cfg.ray_namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=cfg.rag.num_cpus,
+            max_restarts=-1,
+            max_task_retries=0,
+            max_concurrency=8,
+        )
+        .remote(cfg.model_dump(mode="json"), location.model_dump())
+    )
+
+
+def stop_retriever(cfg: LegionConfig) -> bool:
+    """Kill the retriever actor of ``cfg``'s app (releasing a local store's folder)."""
+    try:
+        ray.kill(ray.get_actor(retriever_actor_name(cfg), namespace=cfg.ray_namespace), no_restart=True)
+    except ValueError:
+        return False
+    return True
