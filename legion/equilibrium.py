@@ -1,0 +1,236 @@
+"""Equilibrium ranking: the Consensus Game (Jacob et al., ICLR 2024) over a finite answer set.
+
+A generator ``G[v, y] = P(answer y | v)`` and a discriminator ``D[v, y] = P(v | answer y)``,
+``v`` in {correct, incorrect}, play a signalling game: the discriminator is rewarded for
+recovering ``v`` from the generator's answer. Both start from the agents' log-likelihoods and
+run piKL no-regret iterations, each player best-responding to the average of the other's past
+policies while a KL penalty (``lam``) keeps it close to its initial policy. Answers are ranked
+by the equilibrium policies. ``EquilibriumRanking`` is the strategy built on ``solve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from legion.arbitration import (
+    OptionScores,
+    abstained,
+    group_candidates,
+    register,
+    representative_text,
+    usable,
+)
+from legion.messages import Candidate, Decision
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-6
+CORRECT, INCORRECT = 0, 1
+
+
+@dataclass
+class Equilibrium:
+    """The solver's output: both policies at the last iterate, and how far they still moved."""
+
+    generator: np.ndarray  # [2, m]: rows P(y | correct), P(y | incorrect)
+    discriminator: np.ndarray  # [2, m]: columns P(correct | y), P(incorrect | y)
+    iterations: int
+    residual: float  # L1 change of both policies in the last iteration
+    seconds: float
+
+    def ranking_scores(self, rank_by: str = "product") -> np.ndarray:
+        """Per-answer score to rank by: ``generator`` P(y|correct), ``discriminator``
+        P(correct|y), or ``product`` of the two (the answer both players agree on)."""
+        g = self.generator[CORRECT]
+        d = self.discriminator[CORRECT]
+        if rank_by == "generator":
+            return g
+        if rank_by == "discriminator":
+            return d
+        if rank_by == "product":
+            return g * d
+        raise ValueError(f"rank_by must be generator, discriminator or product, got {rank_by!r}")
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def initial_generator(p_correct: Sequence[float]) -> np.ndarray:
+    """``G1`` from P(y | correct): the incorrect row puts its mass where the correct row does not."""
+    p = np.clip(np.asarray(p_correct, dtype=np.float64), _EPS, None)
+    p = p / p.sum()
+    q = np.clip(1.0 - p, _EPS, None)
+    q = q / q.sum()
+    return np.stack([p, q])
+
+
+def initial_discriminator(p_correct_given_y: Sequence[float]) -> np.ndarray:
+    """``D1`` from P(correct | y) per answer (each clipped away from 0 and 1)."""
+    d = np.clip(np.asarray(p_correct_given_y, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.stack([d, 1.0 - d])
+
+
+def solve(
+    g1: np.ndarray,
+    d1: np.ndarray,
+    *,
+    iterations: int = 500,
+    eta: float = 0.1,
+    lam: float = 0.1,
+) -> Equilibrium:
+    """Run ``iterations`` piKL steps from ``g1`` ([2, m], rows sum to 1) and ``d1`` ([2, m],
+    columns sum to 1). Step t of each player:
+
+        G(y|v) ∝ exp((mean_{τ≤t} D_τ(v|y) / 2 + lam * log G1(y|v)) / (1 / (eta * t) + lam))
+        D(v|y) ∝ exp((mean_{τ≤t} G_τ(y|v) / 2 + lam * log D1(v|y)) / (1 / (eta * t) + lam))
+
+    The average of past opponents is a no-regret learner's view; the KL term keeps each
+    player near its prior, so the fixed point is a regularised equilibrium.
+    """
+    t0 = time.perf_counter()
+    g1 = np.asarray(g1, dtype=np.float64)
+    d1 = np.asarray(d1, dtype=np.float64)
+    if g1.shape != d1.shape or g1.ndim != 2 or g1.shape[0] != 2:
+        raise ValueError(f"g1 and d1 must both be [2, m] arrays, got {g1.shape} and {d1.shape}")
+    log_g1 = np.log(np.clip(g1, _EPS, None))
+    log_d1 = np.log(np.clip(d1, _EPS, None))
+    g, d = g1.copy(), d1.copy()
+    sum_g = np.zeros_like(g)
+    sum_d = np.zeros_like(d)
+    residual = 0.0
+    for t in range(1, iterations + 1):
+        sum_g += g
+        sum_d += d
+        temp = 1.0 / (eta * t)
+        g_new = _softmax((sum_d / (2 * t) + lam * log_g1) / (temp + lam), axis=1)
+        d_new = _softmax((sum_g / (2 * t) + lam * log_d1) / (temp + lam), axis=0)
+        residual = float(np.abs(g_new - g).sum() + np.abs(d_new - d).sum())
+        g, d = g_new, d_new
+    return Equilibrium(g, d, iterations, residual, time.perf_counter() - t0)
+
+
+def _pool(logits: Mapping[str, np.ndarray], weights: Mapping[str, float] | None) -> np.ndarray:
+    # Log-linear pool of the agents' distributions over the answers (a weighted mean of
+    # log-probabilities), renormalised: agents that agree reinforce each other.
+    names = list(logits)
+    w = np.array([(weights or {}).get(a, 1.0) for a in names], dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(names), 1.0 / len(names))
+    logp = np.stack([np.log(_softmax(logits[a], axis=0)) for a in names])
+    return _softmax((w[:, None] * logp).sum(axis=0), axis=0)
+
+
+class EquilibriumRanking:
+    """Rank the candidate answers by the Consensus Game's regularised equilibrium.
+
+    With option scores (every agent's log-likelihood of every distinct answer), the generator
+    starts from the agents' pooled P(y | question) and the discriminator from their pooled
+    calibrated P(correct | y): the likelihood of y given the question divided by its
+    likelihood without it (pointwise mutual information), so that answers that are merely
+    common words do not win. Without option scores it falls back to the vote shares and the
+    candidates' own mean log-likelihoods.
+    """
+
+    name = "equilibrium"
+    needs_scores = True
+    uses_trust = True
+
+    def __init__(self, iterations: int = 500, eta: float = 0.1, lam: float = 0.1, rank_by: str = "product"):
+        self.iterations = iterations
+        self.eta = eta
+        self.lam = lam
+        self.rank_by = rank_by
+
+    def configure(self, settings: Any) -> EquilibriumRanking:
+        """A copy with the parameters of ``settings`` (an ``ArbiterConfig``)."""
+        return EquilibriumRanking(
+            getattr(settings, "equilibrium_iterations", self.iterations),
+            getattr(settings, "equilibrium_eta", self.eta),
+            getattr(settings, "equilibrium_lambda", self.lam),
+            getattr(settings, "equilibrium_rank_by", self.rank_by),
+        )
+
+    def initial_policies(
+        self, keys: list[str], groups: dict[str, list[Candidate]], weights, scores: OptionScores | None
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        if scores is not None and scores.loglik:
+            idx = [scores.options.index(k) for k in keys]
+            gen_logits = {a: np.asarray(v, dtype=np.float64)[idx] for a, v in scores.loglik.items()}
+            p_gen = _pool(gen_logits, weights)
+            if scores.prior:
+                disc_logits = {
+                    a: gen_logits[a] - np.asarray(scores.prior[a], dtype=np.float64)[idx]
+                    for a in gen_logits
+                    if a in scores.prior
+                }
+                p_disc = _pool(disc_logits, weights) if disc_logits else p_gen
+                source = "loglik+pmi"
+            else:
+                p_disc = p_gen
+                source = "loglik"
+            return initial_generator(p_gen), initial_discriminator(p_disc), source
+        # Candidates only: vote shares for the generator, answer confidence for the discriminator.
+        share = np.array(
+            [sum((weights or {}).get(c.agent, 1.0) for c in groups[k]) for k in keys], dtype=np.float64
+        )
+        conf = np.array(
+            [np.exp(max((c.score for c in groups[k] if c.score is not None), default=-10.0)) for k in keys]
+        )
+        return initial_generator(share / share.sum()), initial_discriminator(conf), "votes+confidence"
+
+    def decide(
+        self,
+        candidates: Sequence[Candidate],
+        weights: Mapping[str, float] | None = None,
+        scores: OptionScores | None = None,
+    ) -> Decision:
+        ok = usable(candidates)
+        groups = group_candidates(ok)
+        keys = list(scores.options) if scores is not None and scores.options else list(groups)
+        if not keys:
+            return abstained()
+        if len(keys) == 1:
+            key = keys[0]
+            return Decision(
+                answer=representative_text(key, groups, scores),
+                answer_key=key,
+                votes={key: 1.0},
+                ranking=[key],
+                details={"single_answer": True},
+            )
+        g1, d1, source = self.initial_policies(keys, groups, weights, scores)
+        eq = solve(g1, d1, iterations=self.iterations, eta=self.eta, lam=self.lam)
+        rank = eq.ranking_scores(self.rank_by)
+        order = sorted(range(len(keys)), key=lambda i: (-rank[i], i))
+        ranking = [keys[i] for i in order]
+        winner = ranking[0]
+        return Decision(
+            answer=representative_text(winner, groups, scores),
+            answer_key=winner,
+            votes={k: round(float(rank[i]), 6) for i, k in enumerate(keys)},
+            ranking=ranking,
+            details={
+                "init": source,
+                "rank_by": self.rank_by,
+                "iterations": eq.iterations,
+                "eta": self.eta,
+                "lambda": self.lam,
+                "residual": eq.residual,
+                "solver_ms": round(eq.seconds * 1000, 3),
+                "generator_init": [round(float(x), 6) for x in g1[CORRECT]],
+                "discriminator_init": [round(float(x), 6) for x in d1[CORRECT]],
+                "generator": [round(float(x), 6) for x in eq.generator[CORRECT]],
+                "discriminator": [round(float(x), 6) for x in eq.discriminator[CORRECT]],
+            },
+        )
+
+
+register(EquilibriumRanking())
