@@ -46,6 +46,16 @@ class _Node:
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
         self.name = name
         self.log = log_dir / f"{name}.log"
+        # Ray gives a raylet 30 s to register with the GCS; on a machine shared with other work
+        # that can run out, and `ray start` exits: start it again (its processes exit with it).
+        for attempt in range(3):
+            if self._start(args, env):
+                log.info("ray node %s started", name)
+                return
+            log.warning("ray start %s failed (attempt %d):\n%s", name, attempt + 1, self.log.read_text())
+        raise AssertionError(f"ray start {name} failed 3 times:\n{self.log.read_text()}")
+
+    def _start(self, args: list[str], env: dict[str, str]) -> bool:
         ports = {
             "--node-manager-port": _free_port(),
             "--object-manager-port": _free_port(),
@@ -60,12 +70,15 @@ class _Node:
             self.proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        _wait_for(f"ray node {name} to start", self._started, 120)
-        log.info("ray node %s started", name)
-
-    def _started(self) -> bool:
-        assert self.proc.poll() is None, f"ray start {self.name} exited:\n{self.log.read_text()}"
-        return "Ray runtime started" in self.log.read_text()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "Ray runtime started" in self.log.read_text():
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(1)
+        self.stop()
+        return False
 
     def stop(self) -> None:
         """SIGTERM, as a node shutting down gets; the node's raylet and workers exit with it."""
