@@ -1,26 +1,45 @@
 """``AgentActor``: the Ray shell around one ``legion.agent.Agent`` (one llama.cpp model).
 
-A threaded actor: ``health`` and ``stats`` answer while a generation runs; the engine's own
-lock serialises access to the model, which is built inside the actor and never pickled.
+A threaded actor: each call waits on the engine's scheduler, which decodes the concurrent
+calls together in one batch; ``health`` and ``stats`` answer meanwhile. The model is built
+inside the actor and never pickled.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import ray
 
 from legion.agent import Agent
 from legion.config import AgentConfig
+from legion.logging_setup import configure_logging, log_context
 from legion.messages import AgentHealth, GenerateRequest, Generation
+
+log = logging.getLogger(__name__)
 
 
 class AgentActor:
     def __init__(self, config: dict):
+        configure_logging()  # this worker process's log format (LEGION_LOG_FORMAT)
         self._agent = Agent(AgentConfig(**config))
 
+    def _logged(self, req: GenerateRequest, call):
+        # Every line logged while generating carries the HTTP request's id and this agent's name.
+        t0 = time.perf_counter()
+        with log_context(request_id=req.request_id, agent=self._agent.cfg.name):
+            out = call()
+            ms = round((time.perf_counter() - t0) * 1000, 2)
+            log.info("generate done", extra={"latency_ms": ms})
+        return out
+
     def generate(self, req: GenerateRequest, load_timeout_s: float = 120.0) -> Generation:
-        return self._agent.generate(req, timeout_s=load_timeout_s)
+        return self._logged(req, lambda: self._agent.generate(req, timeout_s=load_timeout_s))
+
+    def generate_n(self, req: GenerateRequest, load_timeout_s: float = 120.0) -> list[Generation]:
+        return self._logged(req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s))
 
     def score(self, context: str, continuations: list[str], load_timeout_s: float = 120.0):
         return self._agent.score(context, continuations, timeout_s=load_timeout_s)

@@ -13,15 +13,20 @@ import time
 from legion.config import AgentConfig
 from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation
 from legion.errors import LegionError, ModelLoadError, NotReady
+from legion.guard import frame_as_data, neutralize
 from legion.messages import AgentHealth, AgentStats, GenerateRequest, Generation
 
 log = logging.getLogger(__name__)
 
 
 def build_prompt(cfg: AgentConfig, task: str, context: str = "") -> str:
-    """The completion-style prompt an agent sends its model for ``task``."""
-    body = cfg.prompt_template.format(role_prompt=cfg.role_prompt, task=task.strip())
-    return f"{context.rstrip()}\n\n{body}" if context.strip() else body
+    """The completion-style prompt an agent sends its model for ``task``.
+
+    The task and the context are data, never instructions: ``legion.guard`` marks them so
+    (a notice, the context between delimiters, no forged turns in the task).
+    """
+    body = cfg.prompt_template.format(role_prompt=cfg.role_prompt, task=neutralize(task.strip()))
+    return frame_as_data(body, context)
 
 
 class Agent:
@@ -48,6 +53,8 @@ class Agent:
                 n_batch=self.cfg.n_batch,
                 n_threads=self.cfg.threads,
                 n_gpu_layers=self.cfg.n_gpu_layers,
+                n_parallel=self.cfg.n_parallel,
+                max_queue=self.cfg.max_queue,
             )
             log.info(
                 "agent %s loaded %s in %.1fs (%d threads)",
@@ -82,12 +89,20 @@ class Agent:
         )
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> Generation:
+        """One completion of ``req`` (``req.n`` is ignored; see ``generate_n``)."""
+        return self.generate_n(req.model_copy(update={"n": 1}), timeout_s)[0]
+
+    def generate_n(self, req: GenerateRequest, timeout_s: float | None = None) -> list[Generation]:
+        """``req.n`` completions of one prompt, decoded together with the engine's other work.
+
+        ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
+        """
         engine = self.engine(timeout_s)
         prompt = build_prompt(self.cfg, req.task, req.context)
         with self._stats_lock:
             self._stats.in_flight += 1
         try:
-            gen = engine.generate(prompt, self.sampling(req))
+            gens = engine.submit_generate(prompt, self.sampling(req), req.n, req.timeout_s).result()
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1
@@ -97,10 +112,9 @@ class Agent:
                 self._stats.in_flight -= 1
         with self._stats_lock:
             self._stats.requests += 1
-            self._stats.prompt_tokens += gen.prompt_tokens
-            self._stats.completion_tokens += gen.completion_tokens
-            self._stats.busy_s += gen.seconds
-        return gen
+            self._stats.prompt_tokens += gens[0].prompt_tokens
+            self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
+        return gens
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until loading has finished (or failed); False on timeout."""
@@ -115,6 +129,16 @@ class Agent:
         return AgentHealth(name=self.cfg.name, loaded=self._engine is not None, error=self._load_error)
 
     def stats(self) -> dict:
+        """Request counters, plus the engine's batch counters once the model is loaded.
+
+        ``tokens_per_s`` is the engine's: tokens decoded over the time it had work, so
+        requests decoded together are not counted as separate waits.
+        """
         with self._stats_lock:
             s = self._stats.model_copy()
-        return {**s.model_dump(), "tokens_per_s": round(s.tokens_per_s, 2)}
+        out = s.model_dump()
+        out["tokens_per_s"] = 0.0
+        if self._engine is not None:
+            out["engine"] = self._engine.stats()
+            out["tokens_per_s"] = out["engine"]["tokens_per_s"]
+        return out

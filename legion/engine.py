@@ -1,9 +1,13 @@
-"""The llama.cpp engine: one GGUF model, completion-style generation and log-likelihood scoring.
+"""The llama.cpp engine: one GGUF model, continuous batching, log-likelihood scoring.
 
-Built on llama-cpp-python's low-level API so that several sequences share one ``llama_batch``
-and identical prompt prefixes are evaluated once (their KV cells are copied with
-``llama_memory_seq_cp``). An engine is not thread-safe by itself: every public method takes
-the engine's lock, so callers may share one engine between threads.
+Built on llama-cpp-python's low-level API. One scheduler thread owns the llama.cpp context
+(a context is not thread-safe) and decodes every running sequence in one ``llama_batch`` per
+step; a request joins the batch at any step and leaves it when it finishes (continuous
+batching, as llama-server does with its slots). Identical prompts, such as the N samples of
+a fan-out, are evaluated once and their KV cells copied to the other sequences with
+``llama_memory_seq_cp``; scoring evaluates a context once for all its continuations the same
+way. Any thread may call ``generate``, ``generate_batch``, ``score`` or the ``submit_*``
+methods.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import ctypes
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from legion.errors import InvalidRequest, LegionError, ModelLoadError
+from legion.errors import ErrorCode, InvalidRequest, LegionError, ModelLoadError
 from legion.messages import Generation
 
 log = logging.getLogger(__name__)
@@ -63,17 +69,36 @@ class ScoredContinuation:
 
 @dataclass
 class _Seq:
-    seq_id: int
     prompt: list[int]
     params: SamplingParams
     rng: np.random.Generator
+    seq_id: int = -1
     out_tokens: list[int] = field(default_factory=list)
     out_bytes: bytearray = field(default_factory=bytearray)
     logprob_sum: float = 0.0
     text: str = ""
     finish: str | None = None
-    logits_index: int = -1  # index of this sequence's row in the last decoded batch
+    logits_index: int = -1  # row of this sequence in the last decoded batch
+    first_logits: np.ndarray | None = None  # logits after the prompt, until the first sample
     n_past: int = 0
+
+
+@dataclass
+class _Job:
+    kind: str  # "generate" or "score"
+    future: Future
+    cells: int  # KV cells the job may occupy at most
+    seqs_needed: int
+    submitted: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.perf_counter() value
+    cancelled: bool = False
+    # generate
+    seqs: list[_Seq] = field(default_factory=list)
+    # score
+    context: list[int] = field(default_factory=list)
+    full: list[list[int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    n_bytes: list[int] = field(default_factory=list)
 
 
 def _log_softmax_at(logits: np.ndarray, token: int) -> float:
@@ -81,11 +106,18 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - m - float(np.log(np.exp(logits - m).sum()))
 
 
+class Overloaded(LegionError):
+    code = ErrorCode.OVERLOADED
+
+
 class LlamaEngine:
-    """One loaded GGUF model with one llama.cpp context.
+    """One loaded GGUF model and the scheduler thread that serves it.
 
     ``n_threads`` must come from the caller's CPU share (an actor's ``num_cpus``), not from
     the host's core count: several engines on one node otherwise fight over the cores.
+    ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them in one
+    unified KV cache. At most ``max_queue`` requests wait for a free sequence; past that,
+    ``submit_*`` raises ``Overloaded``.
     """
 
     def __init__(
@@ -96,7 +128,8 @@ class LlamaEngine:
         n_batch: int = 512,
         n_threads: int = 1,
         n_gpu_layers: int = 0,
-        n_seq_max: int = 8,
+        n_parallel: int = 8,
+        max_queue: int = 64,
     ):
         import llama_cpp as lc
         from llama_cpp import _logger as lc_logger
@@ -113,20 +146,21 @@ class LlamaEngine:
                 _backend_ready = True
         self.model_path = path
         self.n_threads = n_threads
-        self.n_seq_max = n_seq_max
+        self.n_parallel = n_parallel
+        self.max_queue = max_queue
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         self._model = lc.llama_model_load_from_file(path.encode(), mparams)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {path}: is it a GGUF model file?")
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * n_parallel
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
+        cparams.n_seq_max = n_parallel
         # Logits rows per decode. llama.cpp reserves n_outputs_max x n_vocab floats (0 means
         # n_batch: 512 x 262k x 4 B = 512 MiB for Gemma 3); scoring chunks its batches to fit.
-        self.n_outputs = max(n_seq_max, 64)
+        self.n_outputs = max(n_parallel, 64)
         cparams.n_outputs_max = self.n_outputs
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
@@ -137,14 +171,23 @@ class LlamaEngine:
         if not self._ctx:
             lc.llama_model_free(self._model)
             raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {path}")
-        self.n_ctx = lc.llama_n_ctx(self._ctx)
+        self.n_ctx = n_ctx
+        self.n_cells = lc.llama_n_ctx(self._ctx)
         self.n_batch = n_batch
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self._mem = lc.llama_get_memory(self._ctx)
-        self._batch = lc.llama_batch_init(n_batch, 0, n_seq_max)
-        self._lock = threading.Lock()
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        # Scheduler state, guarded by _cv.
+        self._cv = threading.Condition()
+        self._queue: deque[_Job] = deque()
         self._closed = False
+        self._free_seqs = list(range(n_parallel))
+        self._free_cells = self.n_cells
+        self._counters = {"steps": 0, "step_seqs": 0, "jobs": 0, "tokens": 0, "rejected": 0, "busy_s": 0.0}
+        self._active_seqs = 0
+        self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
+        self._thread.start()
 
     # ----------------------------------------------------------------- tokens
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
@@ -169,20 +212,274 @@ class LlamaEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
-    # ----------------------------------------------------------------- batches
+    # ----------------------------------------------------------------- public API
+    def submit_generate(
+        self, prompt: str, params: SamplingParams, n: int = 1, timeout_s: float | None = None
+    ) -> Future:
+        """Queue ``n`` completions of ``prompt`` (the prompt is evaluated once for all ``n``).
+
+        The future's result is a list of ``n`` generations. Past ``timeout_s`` the sequences
+        stop where they are with ``finish_reason == "timeout"``.
+        """
+        if not 1 <= n <= self.n_parallel:
+            raise InvalidRequest(f"n must be between 1 and {self.n_parallel} (n_parallel), got {n}")
+        toks = self.tokenize(prompt)
+        if len(toks) + params.max_tokens > self.n_ctx:
+            raise InvalidRequest(
+                f"the prompt is {len(toks)} tokens and max_tokens is {params.max_tokens}; "
+                f"together they exceed the context window n_ctx={self.n_ctx}: "
+                "shorten the task or lower max_tokens"
+            )
+        seqs = [
+            _Seq(toks, params, np.random.default_rng(params.seed + i if params.temperature > 0 else 0))
+            for i in range(n)
+        ]
+        job = _Job(
+            "generate",
+            Future(),
+            cells=len(toks) + n * params.max_tokens,
+            seqs_needed=n,
+            seqs=seqs,
+        )
+        if timeout_s is not None:
+            job.deadline = job.submitted + timeout_s
+        return self._enqueue(job)
+
+    def submit_score(self, context: str, continuations: Sequence[str]) -> Future:
+        """Queue the scoring of ``continuations`` after ``context`` (see ``score``)."""
+        ctx = self.tokenize(context)
+        full = [self.tokenize(context + c) for c in continuations]
+        longest = max((len(f) for f in full), default=0)
+        if longest > self.n_ctx:
+            raise InvalidRequest(
+                f"context plus continuation is {longest} tokens, over n_ctx={self.n_ctx}: shorten the context"
+            )
+        group = min(len(full), self.n_parallel - 1) if full else 0
+        job = _Job(
+            "score",
+            Future(),
+            cells=len(ctx) + sum(max(0, len(f) - len(ctx)) + 1 for f in full),
+            seqs_needed=1 + group,
+            context=ctx,
+            full=full,
+            starts=[_common_prefix(ctx, f) for f in full],
+            n_bytes=[len(c.encode("utf-8")) for c in continuations],
+        )
+        if self.n_parallel < 2 and full:
+            raise InvalidRequest("scoring needs n_parallel >= 2")
+        return self._enqueue(job)
+
+    def generate(self, prompt: str, params: SamplingParams, timeout_s: float | None = None) -> Generation:
+        """Complete ``prompt``; stops at a stop sequence, the end of text or ``max_tokens``."""
+        return self.submit_generate(prompt, params, 1, timeout_s).result()[0]
+
+    def generate_n(
+        self, prompt: str, params: SamplingParams, n: int, timeout_s: float | None = None
+    ) -> list[Generation]:
+        """``n`` samples of one prompt, decoded together (sample ``i`` uses seed ``seed + i``)."""
+        return self.submit_generate(prompt, params, n, timeout_s).result()
+
+    def generate_batch(self, requests: Sequence[tuple[str, SamplingParams]]) -> list[Generation]:
+        """Complete several prompts together; returns the generations in request order."""
+        futures = [self.submit_generate(p, params) for p, params in requests]
+        return [f.result()[0] for f in futures]
+
+    def score(self, context: str, continuations: Sequence[str]) -> list[ScoredContinuation]:
+        """Log-likelihood of each continuation after ``context``.
+
+        The text scored for continuation ``c`` is ``context + c`` (put any separating space
+        in ``c``). The context's tokens are evaluated once; each continuation reuses their
+        KV cells through a copied sequence.
+        """
+        if not continuations:
+            return []
+        return self.submit_score(context, continuations).result()
+
+    def stats(self) -> dict:
+        """Scheduler counters: queue depth, running sequences, mean batch occupancy."""
+        with self._cv:
+            c = dict(self._counters)
+            c["queue_depth"] = len(self._queue)
+            c["active_seqs"] = self._active_seqs
+            c["free_seqs"] = len(self._free_seqs)
+            c["free_cells"] = self._free_cells
+        c["mean_batch_occupancy"] = round(c["step_seqs"] / c["steps"], 3) if c["steps"] else 0.0
+        c["tokens_per_s"] = round(c["tokens"] / c["busy_s"], 2) if c["busy_s"] else 0.0
+        c["busy_s"] = round(c["busy_s"], 3)
+        return c
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+        self._lc.llama_batch_free(self._batch)
+        self._lc.llama_free(self._ctx)
+        self._lc.llama_model_free(self._model)
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------- scheduler
+    def _enqueue(self, job: _Job) -> Future:
+        if job.seqs_needed > self.n_parallel or job.cells > self.n_cells:
+            raise InvalidRequest(
+                f"this request needs {job.cells} KV cells and {job.seqs_needed} sequences; "
+                f"the engine holds {self.n_cells} cells and {self.n_parallel} sequences"
+            )
+        with self._cv:
+            if self._closed:
+                raise LegionError("the engine is shut down", code=ErrorCode.NOT_READY)
+            if len(self._queue) >= self.max_queue:
+                self._counters["rejected"] += 1
+                raise Overloaded(
+                    f"the agent's queue is full ({self.max_queue} waiting); retry shortly",
+                    details={"retry_after_s": 1},
+                )
+            self._queue.append(job)
+            self._cv.notify()
+        return job.future
+
+    def _take_admissible(self, running: bool) -> list[_Job]:
+        """Pop queued jobs that fit now, in order (a job that does not fit blocks later ones)."""
+        out = []
+        while self._queue:
+            job = self._queue[0]
+            if job.kind == "score" and (running or out):
+                break  # scoring runs alone, between generation steps
+            if job.seqs_needed > len(self._free_seqs) or job.cells > self._free_cells:
+                break
+            self._queue.popleft()
+            self._free_cells -= job.cells
+            if job.kind == "generate":
+                for s in job.seqs:
+                    s.seq_id = self._free_seqs.pop()
+            out.append(job)
+            if job.kind == "score":
+                break
+        return out
+
+    def _release(self, job: _Job, seq_ids: Sequence[int]) -> None:
+        for sid in seq_ids:
+            self._lc.llama_memory_seq_rm(self._mem, sid, -1, -1)
+        with self._cv:
+            self._free_seqs.extend(seq_ids)
+            self._free_cells += job.cells
+            self._counters["jobs"] += 1
+
+    def _loop(self) -> None:
+        running: list[_Job] = []
+        while True:
+            with self._cv:
+                while not self._closed and not self._queue and not running:
+                    self._cv.wait()
+                if self._closed:
+                    pending = list(self._queue) + running
+                    self._queue.clear()
+                    break
+                newcomers = self._take_admissible(bool(running))
+            t0 = time.perf_counter()
+            try:
+                running = self._step(running, newcomers)
+            except Exception as exc:  # a llama.cpp failure fails the jobs it touched
+                log.exception("engine step failed")
+                for job in running + newcomers:
+                    self._release(job, [s.seq_id for s in job.seqs if s.seq_id >= 0])
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                running = []
+            with self._cv:
+                self._counters["busy_s"] += time.perf_counter() - t0
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(LegionError("the engine shut down", code=ErrorCode.NOT_READY))
+
+    def _step(self, running: list[_Job], newcomers: list[_Job]) -> list[_Job]:
+        # 1. Every running sequence samples its next token from the last decode's logits.
+        now = time.perf_counter()
+        for job in running:
+            expired = job.cancelled or (job.deadline is not None and now > job.deadline)
+            for s in job.seqs:
+                if s.finish is not None:
+                    continue
+                if expired:
+                    s.finish = "cancelled" if job.cancelled else "timeout"
+                    continue
+                logits = s.first_logits if s.first_logits is not None else self._logits(s.logits_index)
+                s.first_logits = None
+                self._accept(s, self._sample(logits, s), logits)
+        still = []
+        for job in running:
+            if all(s.finish is not None for s in job.seqs):
+                self._finish(job)
+            else:
+                still.append(job)
+        # 2. Newcomers: prefill each distinct prompt once; scoring runs here, alone.
+        for job in newcomers:
+            if job.kind == "score":
+                self._run_score(job)
+                continue
+            self._prefill(job.seqs[0].prompt, job.seqs[0].seq_id)
+            head = self._logits(-1).copy()
+            for s in job.seqs[1:]:
+                self._lc.llama_memory_seq_cp(self._mem, job.seqs[0].seq_id, s.seq_id, -1, -1)
+            for s in job.seqs:
+                s.first_logits = head
+                s.n_past = len(s.prompt)
+            still.append(job)
+        # 3. One decode for the next token of every running sequence.
+        entries = []
+        for job in still:
+            for s in job.seqs:
+                if s.finish is None and s.first_logits is None:
+                    s.logits_index = len(entries)
+                    entries.append((s.out_tokens[-1], s.n_past, s.seq_id, True))
+                    s.n_past += 1
+        if entries:
+            self._decode(entries)
+            with self._cv:
+                self._counters["steps"] += 1
+                self._counters["step_seqs"] += len(entries)
+        with self._cv:
+            self._active_seqs = sum(1 for j in still for s in j.seqs if s.finish is None)
+        return still
+
+    def _finish(self, job: _Job) -> None:
+        elapsed = time.perf_counter() - job.submitted
+        gens = [
+            Generation(
+                text=s.text,
+                prompt_tokens=len(s.prompt),
+                completion_tokens=len(s.out_tokens),
+                finish_reason=s.finish or "length",
+                mean_logprob=(s.logprob_sum / len(s.out_tokens)) if s.out_tokens else 0.0,
+                seconds=elapsed,
+            )
+            for s in job.seqs
+        ]
+        self._release(job, [s.seq_id for s in job.seqs])
+        with self._cv:
+            self._counters["tokens"] += sum(g.completion_tokens for g in gens)
+        job.future.set_result(gens)
+
+    # ----------------------------------------------------------------- llama.cpp calls
     def _logits(self, index: int) -> np.ndarray:
         ptr = self._lc.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def _decode(self, entries: list[tuple[int, int, Sequence[int], bool]]) -> None:
-        """Decode ``(token, pos, seq_ids, want_logits)`` entries in one ``llama_decode``."""
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """Decode ``(token, pos, seq_id, want_logits)`` entries in one ``llama_decode``."""
         b = self._batch
-        for i, (tok, pos, seqs, want) in enumerate(entries):
+        for i, (tok, pos, seq, want) in enumerate(entries):
             b.token[i] = tok
             b.pos[i] = pos
-            b.n_seq_id[i] = len(seqs)
-            for j, s in enumerate(seqs):
-                b.seq_id[i][j] = s
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
             b.logits[i] = want
         b.n_tokens = len(entries)
         rc = self._lc.llama_decode(self._ctx, b)
@@ -194,96 +491,10 @@ class LlamaEngine:
 
     def _prefill(self, tokens: Sequence[int], seq_id: int, start: int = 0) -> None:
         """Decode ``tokens[start:]`` into ``seq_id``; logits only for the last token."""
+        last = len(tokens) - 1
         for lo in range(start, len(tokens), self.n_batch):
             hi = min(lo + self.n_batch, len(tokens))
-            self._decode([(tokens[p], p, (seq_id,), p == len(tokens) - 1) for p in range(lo, hi)])
-
-    def _reset(self) -> None:
-        self._lc.llama_memory_clear(self._mem, True)
-
-    # ----------------------------------------------------------------- generation
-    def generate(self, prompt: str, params: SamplingParams) -> Generation:
-        """Complete ``prompt``; stops at a stop sequence, the end of text or ``max_tokens``."""
-        return self.generate_batch([(prompt, params)])[0]
-
-    def generate_batch(self, requests: Sequence[tuple[str, SamplingParams]]) -> list[Generation]:
-        """Complete several prompts together, one token of each per ``llama_decode``.
-
-        Identical prompts are evaluated once and their KV cells copied to the other
-        sequences. Returns the generations in request order.
-        """
-        if not requests:
-            return []
-        if len(requests) > self.n_seq_max:
-            raise InvalidRequest(
-                f"{len(requests)} sequences in one batch; this engine holds at most {self.n_seq_max}"
-            )
-        with self._lock:
-            t0 = time.perf_counter()
-            seqs = []
-            for i, (prompt, params) in enumerate(requests):
-                toks = self.tokenize(prompt)
-                if len(toks) + params.max_tokens > self.n_ctx:
-                    raise InvalidRequest(
-                        f"the prompt is {len(toks)} tokens and max_tokens is {params.max_tokens}; "
-                        f"together they exceed the context window n_ctx={self.n_ctx}: "
-                        "shorten the task or lower max_tokens"
-                    )
-                seqs.append(_Seq(i, toks, params, np.random.default_rng(params.seed)))
-            self._reset()
-            try:
-                return self._run(seqs, t0)
-            finally:
-                self._reset()
-
-    def _run(self, seqs: list[_Seq], t0: float) -> list[Generation]:
-        # Prefill: one decode per distinct prompt, then copy its cells to the twins.
-        first_of: dict[tuple[int, ...], _Seq] = {}
-        for s in seqs:
-            key = tuple(s.prompt)
-            src = first_of.get(key)
-            if src is None:
-                first_of[key] = s
-                self._prefill(s.prompt, s.seq_id)
-                s.logits_index = -1
-                s._logits_copy = self._logits(-1).copy()  # type: ignore[attr-defined]
-            else:
-                self._lc.llama_memory_seq_cp(self._mem, src.seq_id, s.seq_id, -1, -1)
-                s._logits_copy = src._logits_copy  # type: ignore[attr-defined]
-            s.n_past = len(s.prompt)
-
-        active = list(seqs)
-        first_step = True
-        while active:
-            entries = []
-            still = []
-            for s in active:
-                logits = s._logits_copy if first_step else self._logits(s.logits_index)  # type: ignore[attr-defined]
-                tok = self._sample(logits, s)
-                self._accept(s, tok, logits)
-                if s.finish is None:
-                    s.logits_index = len(entries)
-                    entries.append((tok, s.n_past, (s.seq_id,), True))
-                    s.n_past += 1
-                    still.append(s)
-            first_step = False
-            active = still
-            if entries:
-                self._decode(entries)
-        for s in seqs:
-            del s._logits_copy  # type: ignore[attr-defined]
-        elapsed = time.perf_counter() - t0
-        return [
-            Generation(
-                text=s.text,
-                prompt_tokens=len(s.prompt),
-                completion_tokens=len(s.out_tokens),
-                finish_reason=s.finish or "length",
-                mean_logprob=(s.logprob_sum / len(s.out_tokens)) if s.out_tokens else 0.0,
-                seconds=elapsed,
-            )
-            for s in seqs
-        ]
+            self._decode([(tokens[p], p, seq_id, p == last) for p in range(lo, hi)])
 
     def _sample(self, logits: np.ndarray, s: _Seq) -> int:
         p = s.params
@@ -319,92 +530,58 @@ class LlamaEngine:
             s.finish = "length"
 
     # ----------------------------------------------------------------- scoring
-    def score(self, context: str, continuations: Sequence[str]) -> list[ScoredContinuation]:
-        """Log-likelihood of each continuation after ``context``.
-
-        The text scored for continuation ``c`` is ``context + c`` (put any separating space
-        in ``c``). The context's tokens are evaluated once; each continuation reuses their
-        KV cells through a copied sequence.
-        """
-        if not continuations:
-            return []
-        with self._lock:
-            ctx_toks = self.tokenize(context)
-            full = [self.tokenize(context + c) for c in continuations]
-            # Where each continuation starts: the tokens it shares with the bare context.
-            starts = [_common_prefix(ctx_toks, f) for f in full]
-            shared = min(min(starts), *(len(f) - 1 for f in full)) if full else 0
-            shared = max(shared, 1)
-            longest = max(len(f) for f in full)
-            if longest > self.n_ctx:
-                raise InvalidRequest(
-                    f"context plus continuation is {longest} tokens, over n_ctx={self.n_ctx}: "
-                    "shorten the context"
-                )
-            self._reset()
-            try:
-                self._prefill(full[0][:shared], 0)
-                head = self._logits(-1).copy()
-                results: list[ScoredContinuation | None] = [None] * len(full)
-                group = self.n_seq_max - 1
-                for lo in range(0, len(full), group):
-                    part = list(range(lo, min(lo + group, len(full))))
-                    self._score_group(part, full, starts, shared, head, results)
-                    for k in range(len(part)):
-                        self._lc.llama_memory_seq_rm(self._mem, k + 1, -1, -1)
-                return [
-                    ScoredContinuation(r.logprob, r.n_tokens, len(c.encode("utf-8")), r.is_greedy)
-                    for r, c in zip(results, continuations, strict=True)  # type: ignore[union-attr]
-                ]
-            finally:
-                self._reset()
-
-    def _score_group(self, part, full, starts, shared, head, results) -> None:
-        entries: list[tuple[int, int, Sequence[int], bool]] = []
-        rows: list[tuple[int, int, int]] = []  # (continuation, entry index, target position)
-        for k, ci in enumerate(part):
-            seq = k + 1
-            self._lc.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-            toks = full[ci]
-            for pos in range(shared, len(toks) - 1):
-                rows.append((ci, len(entries), pos + 1))
-                entries.append((toks[pos], pos, (seq,), True))
-        acc = {ci: [0.0, 0, True] for ci in part}
-        for ci in part:
-            if shared >= starts[ci] and shared < len(full[ci]):
-                tok = full[ci][shared]
-                acc[ci][0] += _log_softmax_at(head, tok)
-                acc[ci][1] += 1
-                acc[ci][2] = acc[ci][2] and int(np.argmax(head)) == tok
-        step = min(self.n_batch, self.n_outputs)  # every entry here asks for logits
-        for lo in range(0, len(entries), step):
-            chunk = entries[lo : lo + step]
-            self._decode(chunk)
-            for ci, ei, target in rows:
-                if lo <= ei < lo + len(chunk) and target >= starts[ci]:
-                    logits = self._logits(ei - lo)
-                    tok = full[ci][target]
-                    acc[ci][0] += _log_softmax_at(logits, tok)
-                    acc[ci][1] += 1
-                    acc[ci][2] = acc[ci][2] and int(np.argmax(logits)) == tok
-        for ci in part:
-            lp, n, greedy = acc[ci]
-            results[ci] = ScoredContinuation(lp, n, 0, bool(greedy))
-
-    # ----------------------------------------------------------------- lifecycle
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._lc.llama_batch_free(self._batch)
-        self._lc.llama_free(self._ctx)
-        self._lc.llama_model_free(self._model)
-
-    def __del__(self):  # pragma: no cover - best effort at interpreter exit
+    def _run_score(self, job: _Job) -> None:
+        with self._cv:
+            seq_ids = [self._free_seqs.pop() for _ in range(job.seqs_needed)]
         try:
-            self.close()
-        except Exception:
-            pass
+            job.future.set_result(self._score(job, seq_ids))
+        except Exception as exc:
+            job.future.set_exception(exc)
+        finally:
+            self._release(job, seq_ids)
+
+    def _score(self, job: _Job, seq_ids: list[int]) -> list[ScoredContinuation]:
+        full, starts = job.full, job.starts
+        # Shared prefix: what every continuation has in common with the bare context,
+        # leaving at least one token of each continuation to predict.
+        shared = max(1, min(min(starts), *(len(f) - 1 for f in full)))
+        ctx_seq, slots = seq_ids[0], seq_ids[1:]
+        self._prefill(full[0][:shared], ctx_seq)
+        head = self._logits(-1).copy()
+        acc = [[0.0, 0, True] for _ in full]
+        for ci, toks in enumerate(full):
+            if shared >= starts[ci] and shared < len(toks):
+                self._add(acc[ci], head, toks[shared])
+        for lo in range(0, len(full), len(slots)):
+            part = list(range(lo, min(lo + len(slots), len(full))))
+            entries: list[tuple[int, int, int, bool]] = []
+            rows: list[tuple[int, int, int]] = []  # (continuation, entry, target position)
+            for k, ci in enumerate(part):
+                seq = slots[k]
+                self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                self._lc.llama_memory_seq_cp(self._mem, ctx_seq, seq, -1, -1)
+                toks = full[ci]
+                for pos in range(shared, len(toks) - 1):
+                    if pos + 1 >= starts[ci]:
+                        rows.append((ci, len(entries), pos + 1))
+                    entries.append((toks[pos], pos, seq, pos + 1 >= starts[ci]))
+            step = min(self.n_batch, self.n_outputs)
+            for elo in range(0, len(entries), step):
+                chunk = entries[elo : elo + step]
+                self._decode(chunk)
+                for ci, ei, target in rows:
+                    if elo <= ei < elo + len(chunk):  # llama_get_logits_ith takes the batch index
+                        self._add(acc[ci], self._logits(ei - elo), full[ci][target])
+        return [
+            ScoredContinuation(lp, n, nb, bool(greedy))
+            for (lp, n, greedy), nb in zip(acc, job.n_bytes, strict=True)
+        ]
+
+    @staticmethod
+    def _add(acc: list, logits: np.ndarray, tok: int) -> None:
+        acc[0] += _log_softmax_at(logits, tok)
+        acc[1] += 1
+        acc[2] = acc[2] and int(np.argmax(logits)) == tok
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
@@ -90,3 +92,76 @@ def test_not_a_gguf(tmp_path):
 
 def test_bundled_model_is_offline():
     assert bundled_model_path().endswith(".gguf")
+
+
+def _wait_idle(engine):
+    for _ in range(1000):
+        st = engine.stats()
+        if st["active_seqs"] == 0 and st["queue_depth"] == 0 and st["free_seqs"] == engine.n_parallel:
+            return st
+        time.sleep(0.01)
+    raise AssertionError(f"engine never went idle: {engine.stats()}")
+
+
+def test_sequences_join_and_leave_mid_flight(engine):
+    """A request that arrives while another is decoding joins the running batch, and every
+    text equals the one the prompt gets alone (no token leaks between sequences)."""
+    greedy = SamplingParams(max_tokens=40, stop=())
+    short = SamplingParams(max_tokens=6, stop=())
+    prompts = ["The history of Rome", "A recipe for bread:", "def fibonacci(n):"]
+    alone_long = engine.generate(prompts[0], greedy).text
+    alone_short = [engine.generate(p, short).text for p in prompts[1:]]
+    steps_before = engine.stats()["steps"]
+    long_job = engine.submit_generate(prompts[0], greedy)
+    # Wait until the long sequence is decoding, then add the short ones.
+    while engine.stats()["steps"] < steps_before + 3:
+        time.sleep(0.005)
+    joined = [engine.submit_generate(p, short) for p in prompts[1:]]
+    assert [f.result()[0].text for f in joined] == alone_short
+    assert not long_job.done() or long_job.result()[0].completion_tokens == 40
+    assert long_job.result()[0].text == alone_long
+    st = _wait_idle(engine)
+    assert st["free_cells"] == engine.n_cells  # every KV cell given back
+    assert st["mean_batch_occupancy"] > 1.0  # some steps decoded several sequences at once
+
+
+def test_fanout_samples_share_the_prompt(engine):
+    # Greedy: every copy of the shared prompt continues exactly like the prompt alone.
+    greedy = SamplingParams(max_tokens=12, stop=())
+    alone = engine.generate("My favourite animal is", greedy).text
+    assert [g.text for g in engine.generate_n("My favourite animal is", greedy, 4)] == [alone] * 4
+    # Sampled: each copy has its own seed, so the samples differ.
+    p = SamplingParams(max_tokens=8, temperature=0.9, seed=5, stop=())
+    assert len({g.text for g in engine.generate_n("My favourite animal is", p, 4)}) > 1
+
+
+def test_timeout_stops_a_sequence_where_it_is(engine):
+    g = engine.generate("Once upon a time", SamplingParams(max_tokens=400, stop=()), timeout_s=0.0)
+    assert g.finish_reason == "timeout"
+    assert g.completion_tokens < 400
+    _wait_idle(engine)
+
+
+def test_full_queue_is_overloaded():
+    from legion.engine import Overloaded
+
+    e = LlamaEngine(n_threads=1, n_ctx=256, n_parallel=2, max_queue=1)
+    try:
+        p = SamplingParams(max_tokens=64, stop=())
+        running = []
+        for _ in range(2):  # occupy both sequences, one at a time so the queue never fills here
+            running.append(e.submit_generate("Count: 1, 2, 3,", p))
+            while e.stats()["queue_depth"]:
+                time.sleep(0.005)
+        # Both sequences are busy: one request may wait, the next is refused.
+        with pytest.raises(Overloaded, match="queue is full"):
+            for _ in range(4):
+                running.append(e.submit_generate("Count: 1, 2, 3,", p))
+        assert all(len(f.result()) == 1 for f in running)
+    finally:
+        e.close()
+
+
+def test_request_larger_than_the_engine_is_refused(engine):
+    with pytest.raises(InvalidRequest, match="n must be between"):
+        engine.submit_generate("hi", SamplingParams(max_tokens=4), n=engine.n_parallel + 1)
