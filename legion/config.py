@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from legion.errors import ConfigError
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 DEFAULT_CONFIG_FILE = "legion.yaml"
 
 
@@ -61,6 +64,16 @@ class AgentConfig(_Strict):
     )
     n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
     n_batch: int = Field(512, ge=16, le=8192, description="Prompt tokens decoded per llama_decode.")
+    n_parallel: int = Field(
+        8,
+        ge=2,
+        le=64,
+        description="Sequences decoded together (continuous batching, like llama-server -np); "
+        "the KV cache holds n_ctx x n_parallel cells.",
+    )
+    max_queue: int = Field(
+        64, ge=0, le=100000, description="Requests waiting for a free sequence before 503 Overloaded."
+    )
     num_cpus: float = Field(
         0.6, gt=0.0, le=256.0, description="CPU share reserved in Ray; sets the thread count."
     )
@@ -74,7 +87,35 @@ class AgentConfig(_Strict):
         None, ge=1, le=256, description="Override the thread count derived from num_cpus."
     )
     max_restarts: int = Field(3, ge=-1, le=1000, description="Ray restarts after a crash (-1 = forever).")
+    few_shot: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="legion eval: training exemplars put before each item (drawn with a seed from the name).",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Custom Ray resources the agent needs, e.g. {node_b: 1} (start a node with "
+        "`ray start --resources='{\"node_b\": 4}'`): pins the agent to nodes that offer them.",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in _BUILTIN_RESOURCES:
+                raise ValueError(
+                    f"resources may not name {name!r}: set num_cpus / num_gpus for CPUs and GPUs"
+                )
+            if not _RESOURCE_NAME.match(name):
+                raise ValueError(
+                    f"resource name {name!r} must be 1-128 characters of letters, digits and _ . : / -"
+                )
+            if not 0.0001 <= amount <= 1_000_000:
+                raise ValueError(f"resources.{name} must be between 0.0001 and 1000000, got {amount}")
+        return v
 
     @field_validator("prompt_template")
     @classmethod
@@ -115,6 +156,38 @@ class ArbiterConfig(_Strict):
     )
     num_cpus: float = Field(0.05, ge=0.0, le=16.0, description="CPU share of the Arbiter actor.")
     max_concurrency: int = Field(256, ge=1, le=10000, description="Tasks one Arbiter runs at once.")
+    # Strategy parameters (see legion/arbitration.py, legion/equilibrium.py, legion/deliberation.py).
+    approval_ratio: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Approval: an agent approves answers this likely relative to its best.",
+    )
+    trust_eta: float = Field(0.1, ge=0.0, le=10.0, description="Hedge learning rate of the trust weights.")
+    trust_floor: float = Field(
+        0.05, ge=0.0, le=1.0, description="Lowest trust weight (weights average 1), so no agent is silenced."
+    )
+    trust_file: str = Field(
+        "trust.db", min_length=1, description="SQLite file of the trust weights, in data_dir."
+    )
+    equilibrium_iterations: int = Field(
+        500, ge=1, le=100000, description="piKL iterations of equilibrium ranking."
+    )
+    equilibrium_eta: float = Field(0.1, gt=0.0, le=100.0, description="piKL learning rate.")
+    equilibrium_lambda: float = Field(
+        0.1, ge=0.0, le=100.0, description="KL weight keeping each player near its initial policy."
+    )
+    equilibrium_rank_by: Literal["generator", "discriminator", "product"] = Field(
+        "product", description="Rank answers by P(y|correct), P(correct|y), or their product."
+    )
+    debate_rounds: int = Field(2, ge=1, le=10, description="Most debate rounds after the first answers.")
+    conflict_margin: float = Field(
+        0.25, ge=0.0, le=1.0, description="Conflict: a lead in vote share below this is a split vote."
+    )
+    conflict_resolver: Literal["equilibrium", "debate"] = Field(
+        "equilibrium", description="The further round a split vote triggers."
+    )
+    decompose_max_subtasks: int = Field(4, ge=2, le=16, description="Most subtasks a planner may make.")
 
 
 class ServeConfig(_Strict):
@@ -131,6 +204,11 @@ class ServeConfig(_Strict):
         64, ge=1, le=100000, description="Requests one replica accepts before Serve queues."
     )
     ingress_num_cpus: float = Field(0.05, ge=0.0, le=64.0, description="CPU share of a replica.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where Serve runs HTTP proxies: every node (behind a load balancer), the head only, "
+        "or none (handles only).",
+    )
     max_task_chars: int = Field(8000, ge=1, le=1_000_000, description="Longest task accepted.")
     max_tokens_limit: int = Field(512, ge=1, le=4096, description="Largest max_tokens accepted.")
     max_messages: int = Field(64, ge=1, le=10000, description="Most chat messages in one request.")
@@ -211,6 +289,110 @@ class RagConfig(_Strict):
         return self
 
 
+class PlacementConfig(_Strict):
+    """Where the agents' actors land on a multi-node cluster (see ``actors.agent_placement``).
+
+    Without a group, each agent is scheduled on its own: ``DEFAULT`` is Ray's scheduler (fill
+    the local node first), ``SPREAD`` spreads agents over nodes; an agent on a lost node
+    restarts on any node with room. With ``group: true``, one placement group reserves every
+    agent's resources at once (all agents start or none), packed or spread over nodes.
+    """
+
+    group: bool = Field(
+        False, description="Reserve all agents' resources in one placement group (gang scheduling)."
+    )
+    strategy: Literal["DEFAULT", "SPREAD", "PACK", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "DEFAULT",
+        description="Without a group: DEFAULT or SPREAD. With a group: PACK, SPREAD, STRICT_PACK "
+        "(one node) or STRICT_SPREAD (one node per agent).",
+    )
+
+    @model_validator(mode="after")
+    def _strategy_fits_group(self) -> PlacementConfig:
+        if self.group and self.strategy == "DEFAULT":
+            raise ValueError("a placement group needs strategy PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        if not self.group and self.strategy not in ("DEFAULT", "SPREAD"):
+            raise ValueError(
+                f"strategy {self.strategy} needs a placement group: set placement.group to true, "
+                "or use DEFAULT or SPREAD"
+            )
+        return self
+
+
+class SecurityConfig(_Strict):
+    """API keys, rate limits, body limits, the injection guard, the audit log (``legion.security``)."""
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        max_length=10000,
+        description="Entries `key` or `key:scope1+scope2` (scopes read, tasks, admin; a bare key has "
+        "all), joined by those of LEGION_API_KEYS (comma-separated) and api_keys_file. Kept hashed: "
+        "once loaded each entry reads sha256:<hex>:<scopes>. Empty: no keys, every route open.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="A file of key entries, one a line (# comments); read once at start-up, its keys "
+        "join api_keys (hashed) and this field is cleared.",
+    )
+    rate_limit_per_minute: float = Field(
+        120.0, ge=0.0, le=1e6, description="Requests a minute per key (token refill); 0 = no limit."
+    )
+    rate_limit_burst: int = Field(30, ge=1, le=100000, description="Requests a key may send at once.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=1 << 30, description="Largest request body; larger is 413."
+    )
+    max_admin_body_bytes: int = Field(
+        32 * 1_048_576,
+        ge=1024,
+        le=1 << 32,
+        description="Largest body of an admin route (document uploads); larger is 413.",
+    )
+    guard_user_input: Literal["off", "flag", "block"] = Field(
+        "flag",
+        description="Known injection patterns in a task or chat: report them in the trace (flag) "
+        "or refuse the request with 422 (block).",
+    )
+    guard_documents: Literal["off", "drop"] = Field(
+        "drop",
+        description="Retrieved chunks with known injection patterns: drop them (reported in the trace).",
+    )
+    guard_patterns: list[str] = Field(
+        default_factory=list, max_length=1000, description="Extra regexes (case-insensitive) the guard flags."
+    )
+    audit: bool = Field(True, description="Write one audit row per HTTP request.")
+    audit_file: str = Field("audit.db", min_length=1, description="SQLite file, relative to data_dir.")
+    audit_max_rows: int = Field(
+        1_000_000, ge=1000, le=1_000_000_000, description="Audit rows kept; the oldest go first."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_keys(cls, data: Any) -> Any:
+        # Keys from the environment and the keys file join the configured ones, hashed at once,
+        # so no plaintext key outlives validation.
+        from legion.security import env_key_entries, normalize_key_entries, read_key_file
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        entries = list(data.get("api_keys") or []) + env_key_entries()
+        if data.get("api_keys_file"):
+            entries += read_key_file(data["api_keys_file"])
+            data["api_keys_file"] = None
+        data["api_keys"] = normalize_key_entries(str(e) for e in entries)
+        return data
+
+    @field_validator("guard_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"guard pattern {p!r} is not a valid regex: {exc}") from None
+        return v
+
+
 def _default_agents() -> list[AgentConfig]:
     # Three agents that differ in prompt and sampling, so that arbitration has something to do.
     return [
@@ -256,6 +438,11 @@ class LegionConfig(BaseSettings):
     data_dir: str = Field("~/.legion", description="Where Legion keeps its files.")
     ray_namespace: str = Field("legion", pattern=_NAME_PATTERN, description="Ray namespace.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line (LEGION_LOG_FORMAT=json)."
+    )
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> LegionConfig:

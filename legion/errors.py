@@ -16,7 +16,11 @@ class ErrorCode(StrEnum):
     UNKNOWN_STRATEGY = "unknown_strategy"
     MODEL_NOT_FOUND = "model_not_found"
     NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
     NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
     NO_CANDIDATES = "no_candidates"
     TIMEOUT = "timeout"
     CONFIG = "invalid_config"
@@ -30,7 +34,11 @@ _HTTP_STATUS = {
     ErrorCode.UNKNOWN_STRATEGY: 422,
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.NOT_READY: 503,
+    ErrorCode.OVERLOADED: 503,
     ErrorCode.NO_CANDIDATES: 503,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.CONFIG: 500,
@@ -96,3 +104,17 @@ class NoCandidates(LegionError):
 
 class ModelLoadError(LegionError):
     code = ErrorCode.MODEL_LOAD
+
+
+class Unauthorized(LegionError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(LegionError):
+    code = ErrorCode.FORBIDDEN
+
+
+class RateLimited(LegionError):
+    """``details["retry_after_s"]`` says when to retry; the ingress sends it as ``Retry-After``."""
+
+    code = ErrorCode.RATE_LIMITED

@@ -19,6 +19,9 @@ class GenerateRequest(BaseModel):
     temperature: float | None = None
     seed: int | None = None
     context: str = ""  # extra quoted material placed before the task (history, documents)
+    n: int = 1  # samples of the same prompt (generate_n); decoded together, prompt evaluated once
+    timeout_s: float | None = None  # past this the agent stops decoding and returns what it has
+    request_id: str | None = None  # the HTTP request's X-Request-Id, for the agent's log lines
 
 
 class Generation(BaseModel):
@@ -82,6 +85,9 @@ class RetrievalInfo(BaseModel):
     used: bool
     collection: str
     reason: str | None = None
+    dropped: list[dict[str, Any]] = Field(
+        default_factory=list, description="Chunks the injection guard kept out of the prompts."
+    )
 
 
 class TaskResult(BaseModel):
@@ -106,11 +112,6 @@ class AgentStats(BaseModel):
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    busy_s: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.busy_s if self.busy_s > 0 else 0.0
 
 
 class AgentHealth(BaseModel):
@@ -129,6 +130,7 @@ class TaskRequest(BaseModel):
     strategy: str
     max_tokens: int | None = None
     context: str = ""
+    request_id: str | None = None  # the HTTP request's X-Request-Id; the Arbiter passes it on
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).
