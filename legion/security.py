@@ -1,0 +1,408 @@
+"""API keys, their scopes, and the HTTP layer that enforces Legion's security policy.
+
+Keys exist only as SHA-256 hashes once the config is loaded (in memory, in the Serve
+deployment's arguments, in ``legion config``); a client proves a key with
+``Authorization: Bearer <key>``. ``SecurityMiddleware`` is a plain ASGI middleware: it
+authenticates, checks the route's scope, applies the per-key rate limit and the body-size
+limit, and commits the audit record before the response leaves the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from legion.audit import AuditEntry, AuditLog
+from legion.errors import ConfigError, ErrorCode, Forbidden, LegionError, Unauthorized
+from legion.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from legion.config import LegionConfig
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("read", "tasks", "admin")
+"""``read``: GET routes; ``tasks``: asking (tasks, chat); ``admin``: every other write (ingest, cache)."""
+
+API_KEYS_ENV = "LEGION_API_KEYS"
+MIN_KEY_CHARS = 16
+_HASH_PREFIX = "sha256:"
+_PUBLIC_PATHS = frozenset({"/healthz"})
+_TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions"})
+_MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ------------------------------------------------------------------------------------ keys
+def hash_key(key: str) -> str:
+    """The stored form of a key: its SHA-256 in hex (keys are random, so no salt is needed)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id(digest: str) -> str:
+    """A key's name in logs and the audit log: a prefix of its hash, never the key."""
+    return f"key-{digest[:10]}"
+
+
+def _parse_scopes(text: str) -> frozenset[str]:
+    scopes = frozenset(s.strip() for s in text.split("+") if s.strip())
+    unknown = sorted(scopes - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(
+            f"unknown scope {', '.join(unknown) or '(empty)'} in an API key entry; "
+            f"scopes are {', '.join(SCOPES)}, joined with + (key:read+tasks)"
+        )
+    return scopes
+
+
+def _parse_entry(entry: str) -> tuple[str, frozenset[str]]:
+    """``(hash, scopes)`` of one entry; the error messages never repeat the key."""
+    entry = entry.strip()
+    if entry.startswith(_HASH_PREFIX):
+        digest, _, scopes = entry[len(_HASH_PREFIX) :].partition(":")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("a hashed API key entry must be sha256:<64 hex digits>[:scopes]")
+        return digest, _parse_scopes(scopes) if scopes else frozenset(SCOPES)
+    key, sep, scopes = entry.rpartition(":")
+    if not sep:
+        key, scopes = entry, ""
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"API keys must be at least {MIN_KEY_CHARS} characters; make one with {_MAKE_KEY}")
+    if any(c.isspace() for c in key) or "," in key:
+        raise ValueError("API keys may not hold spaces or commas")
+    return hash_key(key), _parse_scopes(scopes) if scopes else frozenset(SCOPES)
+
+
+def normalize_key_entries(entries: Iterable[str]) -> list[str]:
+    """Entries ``key``, ``key:scope1+scope2`` or ``sha256:<hex>[:scopes]`` → hashed entries.
+
+    A bare key has every scope. The same key listed twice gets the union of its scopes.
+    Raises ``ValueError`` (without the key in the message) on a bad entry.
+    """
+    merged: dict[str, set[str]] = {}
+    for entry in entries:
+        if not entry.strip():
+            continue
+        digest, scopes = _parse_entry(entry)
+        merged.setdefault(digest, set()).update(scopes)
+    return [f"{_HASH_PREFIX}{d}:{'+'.join(s for s in SCOPES if s in sc)}" for d, sc in merged.items()]
+
+
+def env_key_entries() -> list[str]:
+    """The entries of ``$LEGION_API_KEYS`` (comma-separated)."""
+    return [e for e in os.environ.get(API_KEYS_ENV, "").split(",") if e.strip()]
+
+
+def read_key_file(path: str | os.PathLike) -> list[str]:
+    """The entries of a keys file: one per line, blank lines and ``#`` comments skipped."""
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file {p}: {exc.strerror or exc}") from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: the key's id and scopes (``anonymous`` when no keys are configured)."""
+
+    key_id: str
+    scopes: frozenset[str]
+
+
+ANONYMOUS = Principal("anonymous", frozenset(SCOPES))
+
+
+class KeyStore:
+    """The configured keys, by hash; checks a request's ``Authorization`` header and scope."""
+
+    def __init__(self, entries: Iterable[str]):
+        self._keys: dict[str, Principal] = {}
+        for entry in normalize_key_entries(entries):
+            digest, scopes = _parse_entry(entry)
+            self._keys[digest] = Principal(key_id(digest), scopes)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The key's principal; ``ANONYMOUS`` without configured keys; ``Unauthorized`` otherwise."""
+        if not self._keys:
+            return ANONYMOUS
+        if not authorization:
+            raise Unauthorized("this server needs an API key: send the header 'Authorization: Bearer <key>'")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+        digest = hash_key(token.strip())
+        for known, principal in self._keys.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        raise Unauthorized("the API key is not valid: check it, or ask the operator for one")
+
+    @staticmethod
+    def authorize(principal: Principal, scope: str | None, method: str, path: str) -> None:
+        if scope is not None and scope not in principal.scopes:
+            raise Forbidden(
+                f"{principal.key_id} lacks the '{scope}' scope that {method} {path} needs; "
+                f"use a key with it (its scopes: {'+'.join(sorted(principal.scopes))})",
+                details={"needed_scope": scope},
+            )
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a route needs (``None``: public). Routes not listed here need ``admin``."""
+    if path in _PUBLIC_PATHS:
+        return None
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "read"
+    if method == "POST" and path in _TASK_ROUTES:
+        return "tasks"
+    return "admin"
+
+
+# ------------------------------------------------------------------------ bind address
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, keys_enabled: bool, insecure: bool) -> None:
+    """Refuse a non-loopback bind without API keys unless the operator said ``--insecure``."""
+    if keys_enabled or insecure or is_loopback(host):
+        return
+    raise ConfigError(
+        f"refusing to serve on {host} without API keys: anyone who reaches it could use it. "
+        f"Set {API_KEYS_ENV} (or security.api_keys_file), or pass --insecure to serve it open"
+    )
+
+
+# ---------------------------------------------------------------------- request policy
+class SecurityPolicy:
+    """One replica's checks: keys and scopes, the per-key rate limit, body size, audit log."""
+
+    def __init__(self, cfg: LegionConfig):
+        sec = cfg.security
+        self.keys = KeyStore(sec.api_keys)
+        self.limiter = (
+            RateLimiter(sec.rate_limit_per_minute, sec.rate_limit_burst)
+            if self.keys.enabled and sec.rate_limit_per_minute > 0
+            else None
+        )
+        self.max_body_bytes = sec.max_body_bytes
+        self.max_admin_body_bytes = sec.max_admin_body_bytes
+        self.audit = (
+            AuditLog(cfg.data_path / sec.audit_file, max_rows=sec.audit_max_rows) if sec.audit else None
+        )
+
+    def body_limit(self, method: str, path: str) -> int:
+        """Largest body accepted: admin routes (document uploads) have their own, larger limit."""
+        return self.max_admin_body_bytes if required_scope(method, path) == "admin" else self.max_body_bytes
+
+    def authenticate(self, method: str, path: str, authorization: str | None) -> Principal:
+        """Who sends the request (``ANONYMOUS`` on a public route or without keys)."""
+        if required_scope(method, path) is None:
+            return ANONYMOUS
+        return self.keys.authenticate(authorization)
+
+    def authorize(self, principal: Principal, method: str, path: str) -> None:
+        """The route's scope, then the key's rate limit; raises ``Forbidden`` or ``RateLimited``."""
+        scope = required_scope(method, path)
+        if scope is None:
+            return
+        self.keys.authorize(principal, scope, method, path)
+        if self.limiter is not None:
+            self.limiter.check(principal.key_id)
+
+
+def task_hash(body: bytes) -> str | None:
+    """SHA-256 of the request's task (``task``, or the last user message of a chat), if any."""
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    text = data.get("task")
+    if not isinstance(text, str):
+        text = None
+        messages = data.get("messages")
+        if isinstance(messages, list):
+            for m in reversed(messages):
+                if isinstance(m, dict) and m.get("role") == "user":
+                    c = m.get("content")
+                    if isinstance(c, list):
+                        c = "".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+                    text = c if isinstance(c, str) else None
+                    break
+    if text is None:
+        return None
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class SecurityMiddleware:
+    """ASGI middleware applying a ``SecurityPolicy`` to every HTTP request.
+
+    ``policy`` returns the policy of the replica serving the request (``None`` disables the
+    checks); ``error_response`` turns a ``LegionError`` into an ASGI response, so the error
+    shape stays defined in one place. Each response carries ``X-Request-Id``, the id of its
+    audit record; ``X-Legion-Degraded: audit`` says the record could not be written yet.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        policy: Callable[[], SecurityPolicy | None],
+        error_response: Callable[[LegionError], ASGIApp],
+    ):
+        self.app = app
+        self._resolve = policy
+        self._policy: SecurityPolicy | None = None
+        self._resolved = False
+        self._error_response = error_response
+
+    def _current(self) -> SecurityPolicy | None:
+        if not self._resolved:
+            self._policy = self._resolve()
+            self._resolved = True
+        return self._policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self._current()
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        method = scope["method"]
+        path = _route_path(scope)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = uuid.uuid4().hex
+        record = {"key_id": None, "task_hash": None}
+        started = False
+
+        async def audit(status: int) -> bool:
+            # Committed before the response leaves: a client never holds an unaudited answer.
+            if policy.audit is None:
+                return True
+            entry = AuditEntry(
+                ts=time.time(),
+                request_id=request_id,
+                key_id=record["key_id"],
+                client=(scope.get("client") or ("", 0))[0] or None,
+                method=method,
+                route=path,
+                status=status,
+                task_hash=record["task_hash"],
+                latency_ms=round((time.perf_counter() - t0) * 1000, 2),
+            )
+            return await asyncio.to_thread(policy.audit.record, entry)
+
+        async def send_audited(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                extra = [(b"x-request-id", request_id.encode())]
+                if not await audit(int(message["status"])):
+                    extra.append((b"x-legion-degraded", b"audit"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            principal = policy.authenticate(method, path, headers.get("authorization"))
+            record["key_id"] = principal.key_id
+            policy.authorize(principal, method, path)
+            limit = policy.body_limit(method, path)
+            body = await self._read_body(receive, headers, limit)
+        except LegionError as exc:
+            await self._error_response(exc)(scope, receive, send_audited)
+            return
+        except _BodyTooLarge:
+            exc = LegionError(
+                f"the request body is over the limit of {limit} bytes: send less",
+                code=ErrorCode.PAYLOAD_TOO_LARGE,
+                details={"max_body_bytes": limit},
+            )
+            await self._error_response(exc)(scope, receive, send_audited)
+            return
+        if body is None:  # the client went away before sending its body
+            return
+        record["task_hash"] = task_hash(body)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send_audited)
+        except Exception:
+            if not started:  # the outer error handler answers 500; the audit log says so too
+                started = True
+                await audit(500)
+            raise
+
+    @staticmethod
+    async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes | None:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _route_path(scope: Scope) -> str:
+    # The path inside the app, without the route prefix Serve mounts it under.
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root) :] or "/"
+    return path
