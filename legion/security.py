@@ -277,8 +277,9 @@ class SecurityMiddleware:
 
     ``policy`` returns the policy of the replica serving the request (``None`` disables the
     checks); ``error_response`` turns a ``LegionError`` into an ASGI response, so the error
-    shape stays defined in one place. Each response carries ``X-Request-Id``, the id of its
-    audit record; ``X-Legion-Degraded: audit`` says the record could not be written yet.
+    shape stays defined in one place. The audit record's id is the request's ``X-Request-Id``
+    (one is made and returned when the request has none); ``X-Legion-Degraded: audit`` says
+    the record could not be written yet.
     """
 
     def __init__(
@@ -311,7 +312,9 @@ class SecurityMiddleware:
         method = scope["method"]
         path = _route_path(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        request_id = uuid.uuid4().hex
+        # Serve's proxy forwards the client's X-Request-Id or one it made, and returns it.
+        given = headers.get("x-request-id")
+        request_id = given[:128] if given else uuid.uuid4().hex
         record = {"key_id": None, "task_hash": None}
         started = False
 
@@ -336,7 +339,7 @@ class SecurityMiddleware:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 started = True
-                extra = [(b"x-request-id", request_id.encode())]
+                extra = [] if given else [(b"x-request-id", request_id.encode())]
                 if not await audit(int(message["status"])):
                     extra.append((b"x-legion-degraded", b"audit"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
