@@ -2,7 +2,9 @@
 
 An async actor, so one Arbiter serves many tasks at once. A slow or dead agent never blocks
 the answer: the Arbiter waits at most ``agent_timeout_s`` and answers from what arrived,
-naming the missing agents in the trace.
+naming the missing agents in the trace. Multi-round strategies (debate, decomposition,
+conflict resolution) call the agents again through ``_Session``; every round is traced.
+After each task the agents' trust weights take one Hedge step (agreement with the decision).
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from legion.arbitration import get_strategy, normalize_answer
+from legion.agent import build_prompt
+from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
 from legion.errors import LegionError
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
+from legion.trust import TrustStore, agreement_losses
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +39,157 @@ def _agent_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Session:
+    """One task's access to the agents (``legion.deliberation.Session``), with its trace."""
+
+    def __init__(self, arbiter: ArbiterActor, req: TaskRequest, weights: Mapping[str, float] | None):
+        self._arb = arbiter
+        self.req = req
+        self.task = req.task
+        self.settings = arbiter.cfg.arbiter
+        self.roles = {a.name: a.role for a in arbiter.cfg.agents}
+        self.weights = weights
+        self.t0 = time.perf_counter()
+        self.events: list[TraceEvent] = []
+        self.first: list[Candidate] | None = None
+        self.latest: list[Candidate] = []
+        self.missing: set[str] = set()
+
+    def now_ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 2)
+
+    def trace(self, step: str, **data: Any) -> None:
+        self.events.append(TraceEvent(step=step, at_ms=self.now_ms(), data=data))
+
+    def request(self, task: str, context: str = "") -> GenerateRequest:
+        ctx = "\n\n".join(x for x in (self.req.context.strip(), context.strip()) if x)
+        return GenerateRequest(
+            task=task, max_tokens=self.req.max_tokens, context=ctx, request_id=self.req.request_id
+        )
+
+    async def fanout(self) -> list[Candidate]:
+        if self.first is None:
+            gen = self.request(self.task)
+            self.first = await self._gather({a: gen for a in self.roles}, "fanout", trace_each=True)
+            self.missing = {c.agent for c in self.first if not c.ok}
+        return self.first
+
+    async def ask(self, requests: Mapping[str, GenerateRequest], step: str) -> list[Candidate]:
+        return await self._gather(requests, step, trace_each=False)
+
+    async def _gather(
+        self, requests: Mapping[str, GenerateRequest], step: str, trace_each: bool
+    ) -> list[Candidate]:
+        refs: dict[str, ray.ObjectRef] = {}
+        out: dict[str, Candidate] = {}
+        for name, gen in requests.items():
+            try:
+                refs[name] = self._arb._agent(name).generate.remote(gen)
+            except ValueError as exc:  # the named actor is gone
+                out[name] = Candidate(agent=name, role=self.roles[name], error=str(exc))
+        self.trace(
+            step,
+            agents=list(refs),
+            **({} if trace_each else {"tasks": {a: r.task for a, r in requests.items()}}),
+        )
+
+        async def collect(name: str, ref: ray.ObjectRef) -> Candidate:
+            try:
+                gen = await ref
+                return Candidate(
+                    agent=name,
+                    role=self.roles[name],
+                    text=gen.text.strip(),
+                    normalized=normalize_answer(gen.text),
+                    score=round(gen.mean_logprob, 4),
+                    prompt_tokens=gen.prompt_tokens,
+                    completion_tokens=gen.completion_tokens,
+                    latency_ms=self.now_ms(),
+                )
+            except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                return Candidate(
+                    agent=name, role=self.roles[name], error=_agent_error(exc), latency_ms=self.now_ms()
+                )
+
+        timeout = self.settings.agent_timeout_s
+        tasks = {asyncio.ensure_future(collect(n, r)): n for n, r in refs.items()}
+        done, pending = (await asyncio.wait(tasks, timeout=timeout)) if tasks else (set(), set())
+        for t in done:
+            c = t.result()
+            out[c.agent] = c
+        for t in pending:
+            name = tasks[t]
+            t.cancel()
+            ray.cancel(refs[name])
+            out[name] = Candidate(
+                agent=name,
+                role=self.roles[name],
+                error=f"no answer within agent_timeout_s={timeout}",
+                latency_ms=self.now_ms(),
+            )
+        ordered = [out[n] for n in requests]
+        for c in ordered:
+            if trace_each or not c.ok:
+                self.events.append(
+                    TraceEvent(
+                        step="candidate" if c.ok else "agent_failed",
+                        at_ms=c.latency_ms,
+                        data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
+                        if c.ok
+                        else {"agent": c.agent, "error": c.error, "during": step},
+                    )
+                )
+            else:
+                self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
+        self.latest = ordered
+        return ordered
+
+    async def option_scores(self, candidates: Sequence[Candidate]) -> OptionScores | None:
+        """Every answering agent's log-likelihood of every distinct answer, given its own prompt
+        for the task, and given the same prompt without the question (for calibration)."""
+        ok = [c for c in candidates if c.ok and c.normalized]
+        options: dict[str, str] = {}
+        for c in ok:
+            options.setdefault(c.normalized, c.text.splitlines()[0].strip() if c.text.strip() else c.text)
+        if not options:
+            return None
+        keys, texts = list(options), list(options.values())
+        conts = [" " + t for t in texts]
+        agents = [a for a in self.cfg_agents() if a.name not in self.missing]
+        refs = {}
+        for a in agents:
+            h = self._arb._agent(a.name)
+            prompt = build_prompt(a, self.task, self.req.context)
+            empty = build_prompt(a, "N/A")
+            refs[a.name] = (h.score.remote(prompt, conts), h.score.remote(empty, conts))
+        scores = OptionScores(options=keys, texts=texts, n_bytes=[len(c.encode()) for c in conts])
+        t0 = self.now_ms()
+        for name, (r_task, r_prior) in refs.items():
+            try:
+                task_s, prior_s = await asyncio.wait_for(
+                    asyncio.gather(r_task, r_prior), timeout=self.settings.agent_timeout_s
+                )
+            except (RayTaskError, RayActorError, GetTimeoutError, TimeoutError) as exc:
+                self.trace("agent_failed", agent=name, error=_agent_error(exc), during="scoring")
+                continue
+            scores.loglik[name] = [s.logprob for s in task_s]
+            scores.prior[name] = [s.logprob for s in prior_s]
+            scores.n_tokens[name] = [s.n_tokens for s in task_s]
+        self.trace("scores", scoring_ms=round(self.now_ms() - t0, 2), **scores.trace())
+        return scores if scores.loglik else None
+
+    def cfg_agents(self):
+        return self._arb.cfg.agents
+
+
 class ArbiterActor:
     def __init__(self, config: dict, agent_actor_names: dict[str, str], namespace: str):
         self.cfg = LegionConfig(**config)
         self._names = agent_actor_names
         self._namespace = namespace
         self._handles: dict[str, ray.actor.ActorHandle] = {}
+        a = self.cfg.arbiter
+        self._trust = TrustStore(self.cfg.data_path / a.trust_file, eta=a.trust_eta, floor=a.trust_floor)
 
     def _agent(self, name: str):
         h = self._handles.get(name)
@@ -48,101 +199,69 @@ class ArbiterActor:
         return h
 
     async def run(self, req: TaskRequest) -> TaskResult:
-        """Answer one task: fan out, collect within the timeout, decide, trace."""
-        strategy = get_strategy(req.strategy)  # fails fast on an unknown name
-        t0 = time.perf_counter()
-
-        def now_ms() -> float:
-            return round((time.perf_counter() - t0) * 1000, 2)
-
-        trace: list[TraceEvent] = []
-        roles = {a.name: a.role for a in self.cfg.agents}
-        gen_req = GenerateRequest(task=req.task, max_tokens=req.max_tokens, context=req.context)
-        refs: dict[str, ray.ObjectRef] = {}
-        candidates: dict[str, Candidate] = {}
-        for name in roles:
-            try:
-                refs[name] = self._agent(name).generate.remote(gen_req)
-            except ValueError as exc:  # the named actor is gone
-                candidates[name] = Candidate(agent=name, role=roles[name], error=str(exc))
-        trace.append(TraceEvent(step="fanout", at_ms=now_ms(), data={"agents": list(refs)}))
-
-        async def collect(name: str, ref: ray.ObjectRef) -> Candidate:
-            try:
-                gen = await ref
-                return Candidate(
-                    agent=name,
-                    role=roles[name],
-                    text=gen.text.strip(),
-                    normalized=normalize_answer(gen.text),
-                    score=round(gen.mean_logprob, 4),
-                    prompt_tokens=gen.prompt_tokens,
-                    completion_tokens=gen.completion_tokens,
-                    latency_ms=now_ms(),
-                )
-            except (RayTaskError, RayActorError, GetTimeoutError) as exc:
-                return Candidate(agent=name, role=roles[name], error=_agent_error(exc), latency_ms=now_ms())
-
-        tasks = {asyncio.ensure_future(collect(n, r)): n for n, r in refs.items()}
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=self.cfg.arbiter.agent_timeout_s)
+        """Answer one task: fan out, collect within the timeout, decide (calling the agents
+        again for multi-round strategies), trace, and update the trust weights."""
+        strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
+        names = [a.name for a in self.cfg.agents]
+        weights = await asyncio.to_thread(self._trust.weights, names) if strategy.uses_trust else None
+        s = _Session(self, req, weights)
+        if weights is not None:
+            s.trace("trust", weights={a: round(w, 4) for a, w in weights.items()})
+        if hasattr(strategy, "deliberate"):
+            decision = await strategy.deliberate(s)
         else:
-            done, pending = set(), set()
-        for t in done:
-            c = t.result()
-            candidates[c.agent] = c
-        for t in pending:
-            name = tasks[t]
-            t.cancel()
-            ray.cancel(refs[name])
-            candidates[name] = Candidate(
-                agent=name,
-                role=roles[name],
-                error=f"no answer within agent_timeout_s={self.cfg.arbiter.agent_timeout_s}",
-                latency_ms=now_ms(),
-            )
-        ordered = [candidates[n] for n in roles]
-        for c in ordered:
-            trace.append(
-                TraceEvent(
-                    step="candidate" if c.ok else "agent_failed",
-                    at_ms=c.latency_ms,
-                    data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
-                    if c.ok
-                    else {"agent": c.agent, "error": c.error},
-                )
-            )
-        missing = [c.agent for c in ordered if not c.ok]
-        decision = strategy.decide(ordered)
-        trace.append(
-            TraceEvent(
-                step="decision",
-                at_ms=now_ms(),
-                data={
-                    "strategy": strategy.name,
-                    "winner": decision.answer_key,
-                    "votes": decision.votes,
-                    "ranking": decision.ranking,
-                    **decision.details,
-                },
-            )
+            cands = await s.fanout()
+            scores = None
+            if getattr(strategy, "needs_scores", False) and len({c.normalized for c in cands if c.ok}) > 1:
+                scores = await s.option_scores(cands)
+            decision = strategy.decide(cands, weights, scores)
+        s.trace(
+            "decision",
+            strategy=strategy.name,
+            winner=decision.answer_key,
+            votes=decision.votes,
+            ranking=decision.ranking,
+            **decision.details,
         )
+        first = s.first or s.latest
+        if first and decision.answer_key:
+            losses = agreement_losses(
+                {c.agent: (c.normalized if c.ok else None) for c in first}, decision.answer_key
+            )
+            try:
+                await asyncio.to_thread(self._trust.update, names, losses)
+            except Exception:  # a trust update must never cost the answer
+                log.exception("trust update failed")
+        candidates = s.latest if s.first is None else s.first
+        missing = sorted({c.agent for c in (s.first or []) if not c.ok})
         return TaskResult(
             id=req.id,
             answer=decision.answer,
             strategy=strategy.name,
-            candidates=ordered,
+            candidates=candidates,
             votes=decision.votes,
-            latency_ms=now_ms(),
+            latency_ms=s.now_ms(),
             missing_agents=missing,
-            trace=trace,
+            trace=s.events,
         )
 
     async def agents(self) -> list[dict]:
-        """Each agent's config, health and stats (health ``None`` if it did not answer)."""
+        """Each agent's config, health, stats and trust weight (health ``None`` if it did not answer)."""
+        names = [a.name for a in self.cfg.agents]
+        try:
+            trust = await asyncio.to_thread(self._trust.records, names)
+        except Exception:
+            log.exception("could not read the trust weights")
+            trust = {}
         out = []
         for a in self.cfg.agents:
             entry = {"name": a.name, "role": a.role, "config": a.model_dump(mode="json")}
+            t = trust.get(a.name)
+            entry["trust"] = (
+                {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
+                if t
+                else None
+            )
             try:
                 h = self._agent(a.name)
                 health, stats = await asyncio.wait_for(

@@ -11,6 +11,7 @@ by the equilibrium policies. ``EquilibriumRanking`` is the strategy built on ``s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -101,20 +102,46 @@ def solve(
     d1 = np.asarray(d1, dtype=np.float64)
     if g1.shape != d1.shape or g1.ndim != 2 or g1.shape[0] != 2:
         raise ValueError(f"g1 and d1 must both be [2, m] arrays, got {g1.shape} and {d1.shape}")
-    log_g1 = np.log(np.clip(g1, _EPS, None))
-    log_d1 = np.log(np.clip(d1, _EPS, None))
-    g, d = g1.copy(), d1.copy()
-    sum_g = np.zeros_like(g)
-    sum_d = np.zeros_like(d)
+    # Plain floats, not numpy: with a handful of answers numpy's per-call overhead would
+    # cost three times the arithmetic (measured side by side).
+    m = g1.shape[1]
+    log_g1 = np.log(np.clip(g1, _EPS, None)).tolist()
+    log_d1 = np.log(np.clip(d1, _EPS, None)).tolist()
+    g, d = g1.tolist(), d1.tolist()
+    sum_g = [[0.0] * m, [0.0] * m]
+    sum_d = [[0.0] * m, [0.0] * m]
     residual = 0.0
+    exp = math.exp
     for t in range(1, iterations + 1):
-        sum_g += g
-        sum_d += d
-        temp = 1.0 / (eta * t)
-        g_new = _softmax((sum_d / (2 * t) + lam * log_g1) / (temp + lam), axis=1)
-        d_new = _softmax((sum_g / (2 * t) + lam * log_d1) / (temp + lam), axis=0)
-        residual = float(np.abs(g_new - g).sum() + np.abs(d_new - d).sum())
+        for v in (CORRECT, INCORRECT):
+            gv, dv, sgv, sdv = g[v], d[v], sum_g[v], sum_d[v]
+            for y in range(m):
+                sgv[y] += gv[y]
+                sdv[y] += dv[y]
+        scale = 1.0 / (1.0 / (eta * t) + lam)
+        half = 0.5 / t
+        g_new = []
+        for v in (CORRECT, INCORRECT):
+            x = [(sum_d[v][y] * half + lam * log_g1[v][y]) * scale for y in range(m)]
+            top = max(x)
+            e = [exp(a - top) for a in x]
+            z = sum(e)
+            g_new.append([a / z for a in e])
+        d_c, d_i = [], []
+        for y in range(m):
+            a = (sum_g[CORRECT][y] * half + lam * log_d1[CORRECT][y]) * scale
+            b = (sum_g[INCORRECT][y] * half + lam * log_d1[INCORRECT][y]) * scale
+            top = max(a, b)
+            ea, eb = exp(a - top), exp(b - top)
+            d_c.append(ea / (ea + eb))
+            d_i.append(eb / (ea + eb))
+        d_new = [d_c, d_i]
+        if t == iterations:
+            residual = sum(abs(a - b) for v in (0, 1) for a, b in zip(g_new[v], g[v], strict=True)) + sum(
+                abs(a - b) for v in (0, 1) for a, b in zip(d_new[v], d[v], strict=True)
+            )
         g, d = g_new, d_new
+    g, d = np.asarray(g), np.asarray(d)
     return Equilibrium(g, d, iterations, residual, time.perf_counter() - t0)
 
 
@@ -143,11 +170,21 @@ class EquilibriumRanking:
     needs_scores = True
     uses_trust = True
 
-    def __init__(self, iterations: int = 500, eta: float = 0.1, lam: float = 0.1, rank_by: str = "product"):
+    def __init__(
+        self,
+        iterations: int = 500,
+        eta: float = 0.1,
+        lam: float = 0.1,
+        rank_by: str = "product",
+        discriminator: str = "length",
+    ):
+        if discriminator not in ("length", "pmi"):
+            raise ValueError(f"discriminator must be length or pmi, got {discriminator!r}")
         self.iterations = iterations
         self.eta = eta
         self.lam = lam
         self.rank_by = rank_by
+        self.discriminator = discriminator
 
     def configure(self, settings: Any) -> EquilibriumRanking:
         """A copy with the parameters of ``settings`` (an ``ArbiterConfig``)."""
@@ -156,7 +193,23 @@ class EquilibriumRanking:
             getattr(settings, "equilibrium_eta", self.eta),
             getattr(settings, "equilibrium_lambda", self.lam),
             getattr(settings, "equilibrium_rank_by", self.rank_by),
+            getattr(settings, "equilibrium_discriminator", self.discriminator),
         )
+
+    def _judged(self, scores: OptionScores, agent: str, idx: list[int]) -> np.ndarray | None:
+        # The discriminator's view of each answer: its likelihood judged apart from how long
+        # or how common it is (the generator's raw likelihood favours short, frequent text).
+        ll = np.asarray(scores.loglik[agent], dtype=np.float64)[idx]
+        if self.discriminator == "pmi":
+            if agent not in scores.prior:
+                return None
+            return ll - np.asarray(scores.prior[agent], dtype=np.float64)[idx]
+        if not scores.n_bytes:
+            return None
+        # Per-byte log-likelihood, rescaled to the options' mean length so that its spread
+        # is comparable to the raw log-likelihood's.
+        nb = np.maximum(np.asarray(scores.n_bytes, dtype=np.float64)[idx], 1.0)
+        return ll / nb * nb.mean()
 
     def initial_policies(
         self, keys: list[str], groups: dict[str, list[Candidate]], weights, scores: OptionScores | None
@@ -165,17 +218,9 @@ class EquilibriumRanking:
             idx = [scores.options.index(k) for k in keys]
             gen_logits = {a: np.asarray(v, dtype=np.float64)[idx] for a, v in scores.loglik.items()}
             p_gen = _pool(gen_logits, weights)
-            if scores.prior:
-                disc_logits = {
-                    a: gen_logits[a] - np.asarray(scores.prior[a], dtype=np.float64)[idx]
-                    for a in gen_logits
-                    if a in scores.prior
-                }
-                p_disc = _pool(disc_logits, weights) if disc_logits else p_gen
-                source = "loglik+pmi"
-            else:
-                p_disc = p_gen
-                source = "loglik"
+            judged = {a: j for a in gen_logits if (j := self._judged(scores, a, idx)) is not None}
+            p_disc = _pool(judged, weights) if judged else p_gen
+            source = f"loglik+{self.discriminator}" if judged else "loglik"
             return initial_generator(p_gen), initial_discriminator(p_disc), source
         # Candidates only: vote shares for the generator, answer confidence for the discriminator.
         share = np.array(

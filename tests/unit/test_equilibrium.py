@@ -58,13 +58,32 @@ def test_strategy_ranks_from_option_scores_and_calibration():
         prior={"a": [-1.0, -6.0], "b": [-1.0, -6.0]},
     )
     cands = [cand("a", "the"), cand("b", "water")]
-    d = EquilibriumRanking(iterations=500).decide(cands, None, scores)
+    d = EquilibriumRanking(iterations=500, discriminator="pmi").decide(cands, None, scores)
     assert d.answer_key == "water"
     assert d.details["init"] == "loglik+pmi"
     assert d.details["iterations"] == 500 and d.details["solver_ms"] >= 0
     # Without the prior the generator's preference stands.
     plain = OptionScores(options=scores.options, texts=scores.texts, loglik=scores.loglik)
-    assert EquilibriumRanking(iterations=500).decide(cands, None, plain).answer_key == "the"
+    assert (
+        EquilibriumRanking(iterations=500, discriminator="pmi").decide(cands, None, plain).answer_key == "the"
+    )
+
+
+def test_length_discriminator_corrects_the_bias_for_short_answers():
+    # The short answer wins on raw likelihood only because it is short: per byte, the long
+    # answer is far more likely.
+    scores = OptionScores(
+        options=["ice", "liquid water at room temperature"],
+        texts=["ice", "liquid water at room temperature"],
+        loglik={"a": [-6.0, -8.0], "b": [-6.5, -8.2]},
+        n_bytes=[4, 33],
+    )
+    cands = [cand("a", "ice"), cand("b", "ice")]
+    d = EquilibriumRanking(iterations=500, discriminator="length").decide(cands, None, scores)
+    assert d.details["init"] == "loglik+length"
+    assert d.answer_key == "liquid water at room temperature"
+    gen_only = EquilibriumRanking(iterations=500, rank_by="generator", lam=100.0).decide(cands, None, scores)
+    assert gen_only.answer_key == "ice"
 
 
 def test_strategy_single_candidate_and_failures():
