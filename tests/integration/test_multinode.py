@@ -11,6 +11,7 @@ joins later. A second test runs the placement-group path on the session's cluste
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -95,10 +96,25 @@ def _agents(client: httpx.Client) -> dict[str, dict]:
     return {a["name"]: a["health"] for a in client.get("/v1/agents").json()["agents"]}
 
 
-def _task(client: httpx.Client) -> dict:
-    r = client.post("/v1/tasks", json={"task": "What is the capital of France?", "max_tokens": 8})
+def _task(client: httpx.Client, request_id: str | None = None) -> dict:
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    body = {"task": "What is the capital of France?", "max_tokens": 8}
+    r = client.post("/v1/tasks", json=body, headers=headers)
     assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == (request_id or r.headers["x-request-id"]) != ""
     return r.json()
+
+
+def _json_lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # Ray's own lines
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def test_two_nodes_place_agents_and_survive_losing_one(tmp_path):
@@ -144,7 +160,8 @@ data_dir: {tmp_path / "data"}
         legion_log = (tmp_path / "legion.log").open("w")
         legion = subprocess.Popen(
             [sys.executable, "-m", "legion.cli", "serve", "--config", str(cfg), "--no-dashboard"],
-            env={**env, "RAY_ADDRESS": address},
+            # JSON logs: every process's lines reach this process's stdout (Ray forwards them).
+            env={**env, "RAY_ADDRESS": address, "LEGION_LOG_FORMAT": "json"},
             stdout=legion_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -169,13 +186,20 @@ data_dir: {tmp_path / "data"}
             assert head_node and b_node and head_node != b_node, health
             assert health["gamma"]["node_id"] == b_node, health  # no room left on the head
 
-            first = _task(client)
+            first = _task(client, request_id="multinode-first-1")
             assert first["missing_agents"] == [], first
-            assert {c["agent"] for c in first["candidates"] if not c.get("error")} == {
-                "alpha",
-                "beta",
-                "gamma",
-            }
+            answered = {c["agent"] for c in first["candidates"] if not c.get("error")}
+            assert answered == {"alpha", "beta", "gamma"}, first
+
+            # The request id went ingress -> Arbiter -> every agent, on both nodes, and each
+            # logged it in a JSON line.
+            def tagged() -> set[str]:
+                lines = _json_lines(tmp_path / "legion.log")
+                return {r.get("agent") for r in lines if r.get("request_id") == "multinode-first-1"}
+
+            _wait_for("the agents' JSON log lines", lambda: {"alpha", "beta", "gamma"} <= tagged(), 60)
+            bad = client.post("/v1/tasks", json={"task": "hi"}, headers={"X-Request-Id": "a b"})
+            assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
 
             node_b.stop()
             log.info("node B stopped")
