@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import ray
 
+from legion import metrics
 from legion.agent import Agent
 from legion.config import AgentConfig
 from legion.logging_setup import configure_logging, log_context
@@ -25,6 +27,16 @@ class AgentActor:
     def __init__(self, config: dict):
         configure_logging()  # this worker process's log format (LEGION_LOG_FORMAT)
         self._agent = Agent(AgentConfig(**config))
+        # Metrics are tagged with the replica's actor name, so replicas of one agent differ.
+        self._tag = ray.get_runtime_context().get_actor_name() or self._agent.cfg.name
+        threading.Thread(target=self._report_engine, name="metrics", daemon=True).start()
+
+    def _report_engine(self) -> None:
+        while True:
+            stats = self._agent.stats().get("engine")
+            if stats:
+                metrics.engine_state(self._tag, stats)
+            time.sleep(2.0)
 
     def _logged(self, req: GenerateRequest, call):
         # Every line logged while generating carries the HTTP request's id and this agent's name.
@@ -36,10 +48,12 @@ class AgentActor:
         return out
 
     def generate(self, req: GenerateRequest, load_timeout_s: float = 120.0) -> Generation:
-        return self._logged(req, lambda: self._agent.generate(req, timeout_s=load_timeout_s))
+        return self.generate_n(req.model_copy(update={"n": 1}), load_timeout_s)[0]
 
     def generate_n(self, req: GenerateRequest, load_timeout_s: float = 120.0) -> list[Generation]:
-        return self._logged(req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s))
+        gens = self._logged(req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s))
+        metrics.tokens_generated(self._tag, sum(g.completion_tokens for g in gens))
+        return gens
 
     def score(self, context: str, continuations: list[str], load_timeout_s: float = 120.0):
         return self._agent.score(context, continuations, timeout_s=load_timeout_s)

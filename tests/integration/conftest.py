@@ -59,7 +59,7 @@ def legion_config(tmp_path_factory):
                 },
             ],
             "serve": {"app_name": TEST_APP, "port": _free_port(), "max_replicas": 1, "max_tokens_limit": 64},
-            "arbiter": {"agent_timeout_s": 60},
+            "arbiter": {"agent_timeout_s": 300},
             "data_dir": str(tmp_path_factory.mktemp("legion-data")),
         }
     )
