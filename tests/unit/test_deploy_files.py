@@ -184,7 +184,9 @@ def test_checklist_names_a_command_for_every_seed_item():
         assert item in text, item
     assert "100" in text and "HTTPS" in text
     # Every repository path a command mentions exists.
-    for path in set(re.findall(r"\b((?:deploy|tests|\.ci)/[\w./-]+\.(?:sh|py|yaml|md)|\.ci/run)\b", text)):
+    for path in set(
+        re.findall(r"\b((?:deploy|tests|loadtests|\.ci)/[\w./-]+\.(?:sh|py|yaml|md)|\.ci/run)\b", text)
+    ):
         assert (ROOT / path).exists(), path
 
 
