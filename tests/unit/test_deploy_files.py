@@ -115,6 +115,7 @@ def test_rayservice_has_a_head_and_an_autoscaled_gpu_group():
     key = Path(env["LEGION_CONFIG"]["value"]).relative_to(mount).as_posix()
     assert yaml.safe_load(configmap["data"][key]) == _yaml(DEPLOY / "legion-gpu.yaml")
     config_from_dict(yaml.safe_load(configmap["data"][key]))
+    assert env["LEGION_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "legion-api-keys"
 
 
 # -------------------------------------------------------------------------------- Docker
