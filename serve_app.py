@@ -10,18 +10,19 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.serve import Application
 
 from actors import start_arbiter
 from actors.retriever import start_retriever
-from legion import __version__
+from legion import __version__, metrics
 from legion.api import (
     ChatBody,
     DocumentsBody,
@@ -37,9 +38,12 @@ from legion.api import (
 )
 from legion.cache import ResultCache
 from legion.config import LegionConfig, load_config
-from legion.errors import ErrorCode, LegionError
+from legion.errors import ErrorCode, InvalidRequest, LegionError
+from legion.guard import InjectionGuard
 from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
+from legion.logging_setup import configure_logging, current_request_id, log_context, valid_request_id
 from legion.messages import RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
+from legion.security import SecurityMiddleware, SecurityPolicy
 from legion.vectorstore import StoreUnavailable, quote_chunks, store_location
 
 log = logging.getLogger("legion.serve")
@@ -51,17 +55,41 @@ api = FastAPI(
 )
 
 
-def _error(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None
+) -> JSONResponse:
     # OpenAI's error shape, so the official client surfaces ``message``.
     body = {"error": {"message": message, "type": code, "code": code, "param": None}}
     if details:
         body["error"]["details"] = details
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _legion_response(exc: LegionError) -> JSONResponse:
+    headers = {}
+    if "retry_after_s" in exc.details:
+        headers["Retry-After"] = str(exc.details["retry_after_s"])
+    if exc.code == ErrorCode.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error(exc.http_status, exc.code.value, exc.message, exc.details, headers)
 
 
 @api.exception_handler(LegionError)
 async def _legion_error(_: Request, exc: LegionError) -> JSONResponse:
-    return _error(exc.http_status, exc.code.value, exc.message, exc.details)
+    return _legion_response(exc)
+
+
+@api.exception_handler(RayActorError)
+async def _actor_unavailable(_: Request, exc: RayActorError) -> JSONResponse:
+    # The Arbiter or a retriever restarting (they come back by themselves): a 503, never a 500.
+    log.warning("actor unavailable: %s", type(exc).__name__)
+    return _legion_response(
+        LegionError(
+            "a Legion actor is restarting; retry shortly",
+            code=ErrorCode.NOT_READY,
+            details={"retry_after_s": 5},
+        )
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -74,6 +102,47 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         lines.append(f"{loc}: {e.get('msg')}")
     return _error(422, ErrorCode.INVALID_REQUEST.value, "; ".join(lines), {"errors": lines})
+
+
+@api.middleware("http")
+async def _request_log(request: Request, call_next):
+    """Tag everything logged for this request with its id, route and latency.
+
+    The id is the client's ``X-Request-Id`` if it sent a valid one, else the one Serve's proxy
+    generated; the proxy returns it in the response's ``X-Request-Id`` header.
+    """
+    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+    if not valid_request_id(rid):
+        return _error(
+            400,
+            ErrorCode.INVALID_REQUEST.value,
+            "X-Request-Id must be 1-128 characters of letters, digits and . _ : = / + -; "
+            "send a different one or none (the server then makes one)",
+        )
+    t0 = time.perf_counter()
+    with log_context(request_id=rid, route=request.url.path):
+        response = await call_next(request)
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        # The route's template (not the raw path), so session ids do not become metric labels.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.request_done(route, response.status_code, ms / 1000)
+        log.info(
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={"status": response.status_code, "latency_ms": ms},
+        )
+    return response
+
+
+def _replica_security() -> SecurityPolicy | None:
+    # The policy of the replica serving the request, built from its config in its __init__.
+    return getattr(serve.get_replica_context().servable_object, "security", None)
+
+
+# Outermost: keys, scopes, rate and body limits, and the audit record of every request.
+api.add_middleware(SecurityMiddleware, policy=_replica_security, error_response=_legion_response)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -93,6 +162,7 @@ class _Prepared:
     sources: list[Source] = field(default_factory=list)
     retrieval: RetrievalInfo | None = None
     context: dict = field(default_factory=dict)  # what went into the agents' context, for the trace
+    flags: list[dict] = field(default_factory=list)  # injection patterns found in the user's text
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -102,6 +172,9 @@ class LegionIngress:
 
     def __init__(self, config: dict):
         self.cfg = LegionConfig(**config)
+        configure_logging(self.cfg.log_level, self.cfg.log_format)
+        self.security = SecurityPolicy(self.cfg)  # applied by SecurityMiddleware
+        self.guard = InjectionGuard(self.cfg.security.guard_patterns)
         self.arbiter = start_arbiter(self.cfg)
         # State lives outside the replica: SQLite files shared by every replica, one retriever actor.
         self.cache = ResultCache.from_config(self.cfg) if self.cfg.cache.enabled else None
@@ -111,18 +184,37 @@ class LegionIngress:
             self._retriever_actor()
 
     async def _run(self, req):
-        try:
-            return await self.arbiter.run.remote(req)
-        except RayTaskError as exc:
-            cause = _unwrap(exc)
-            if isinstance(cause, LegionError):
-                raise cause from None
-            raise
-        except RayActorError:
-            raise LegionError(
-                "the Arbiter restarted while handling this request; retry it",
-                code=ErrorCode.NOT_READY,
-            ) from None
+        req.request_id = req.request_id or current_request_id()  # on to the Arbiter and the agents
+        req.timeout_s = req.timeout_s or self.cfg.serve.request_timeout_s
+        # A task the Arbiter lost by dying, or sent while it restarts, goes again (running a task
+        # twice is harmless) until it answers or restart_wait_s passes; a gone Arbiter is re-created.
+        wait_s = min(self.cfg.arbiter.restart_wait_s, req.timeout_s or self.cfg.arbiter.restart_wait_s)
+        deadline = time.monotonic() + wait_s
+        lost = 0
+        while True:
+            try:
+                result = await self.arbiter.run.remote(req)
+                if lost:
+                    event = TraceEvent(step="arbiter_restarted", at_ms=0.0, data={"resent": lost})
+                    result.trace.insert(0, event)
+                return result
+            except RayTaskError as exc:
+                cause = _unwrap(exc)
+                if isinstance(cause, LegionError):
+                    raise cause from None
+                raise
+            except RayActorError as exc:
+                if time.monotonic() >= deadline:
+                    raise LegionError(
+                        f"the Arbiter is restarting and was not back within {wait_s:g} s; retry shortly",
+                        code=ErrorCode.NOT_READY,
+                        details={"retry_after_s": 5},
+                    ) from None
+                log.warning("Arbiter unavailable (%s); sending task %s again", type(exc).__name__, req.id)
+                lost += 1
+                if isinstance(exc, ActorDiedError):
+                    self.arbiter = start_arbiter(self.cfg)
+                await asyncio.sleep(0.5)
 
     def _retriever_actor(self):
         if self._retriever is None:
@@ -140,8 +232,29 @@ class LegionIngress:
         except (RayActorError, RayTaskError) as exc:
             reason = f"the retriever actor failed ({type(exc).__name__}); it restarts, retry later"
             return "", [], RetrievalInfo(used=False, collection=collection, reason=reason)
-        quoted, sources = quote_chunks(got.chunks, self.cfg.rag.max_context_chars)
-        return quoted, sources, got.info
+        chunks, info = got.chunks, got.info
+        if self.cfg.security.guard_documents == "drop":  # chunks carrying injections never reach a prompt
+            screen = self.guard.screen_chunks(chunks, lambda c: c.text)
+            chunks = screen.kept
+            dropped = [
+                {"file": c.source, "chunk": c.chunk, "patterns": [f.pattern for f in found]}
+                for c, found in screen.dropped
+            ]
+            info = info.model_copy(update={"dropped": dropped}) if dropped else info
+        quoted, sources = quote_chunks(chunks, self.cfg.rag.max_context_chars)
+        return quoted, sources, info
+
+    def _screen_input(self, req: TaskRequest) -> list[dict]:
+        """Known injection patterns in the user's text: refused (guard ``block``) or reported."""
+        mode = self.cfg.security.guard_user_input
+        found = [] if mode == "off" else self.guard.scan_all([req.task, req.context])
+        if found and mode == "block":
+            raise InvalidRequest(
+                "the request reads like a prompt-injection attempt "
+                f"({', '.join(f.pattern for f in found)}); rephrase it as a plain question",
+                details={"guard": [f.to_dict() for f in found]},
+            )
+        return [f.to_dict() for f in found]
 
     async def _prepare(
         self,
@@ -153,7 +266,7 @@ class LegionIngress:
         turns: int = 0,
     ) -> _Prepared:
         """Retrieval into the context first (the cache key covers the context), then the lookup."""
-        prep = _Prepared(req=req)
+        prep = _Prepared(req=req, flags=self._screen_input(req))
         if self.cfg.rag.enabled if use_rag is None else use_rag:
             name = collection or self.cfg.rag.collection
             quoted, prep.sources, prep.retrieval = await self._retrieve(req.task, name)
@@ -170,6 +283,7 @@ class LegionIngress:
                 prep.key = None
                 return prep
             prep.cache = "hit" if prep.hit is not None else "miss"
+            metrics.cache_lookup(prep.hit is not None)
         return prep
 
     async def _complete(self, prep: _Prepared) -> TaskResult:
@@ -187,6 +301,10 @@ class LegionIngress:
             if prep.context:
                 result.trace.insert(0, TraceEvent(step="context", at_ms=0.0, data=prep.context))
         result.sources, result.retrieval = prep.sources, prep.retrieval
+        dropped = prep.retrieval.dropped if prep.retrieval is not None else []
+        if prep.flags or dropped:
+            guard = {"user_input": prep.flags, "dropped_chunks": dropped}
+            result.trace.insert(0, TraceEvent(step="guard", at_ms=0.0, data=guard))
         complete = not result.missing_agents and (prep.retrieval is None or prep.retrieval.used)
         if prep.hit is None and prep.key is not None and complete:
             try:
@@ -326,10 +444,13 @@ def build_app(config: LegionConfig) -> Application:
         LegionIngress,
         name="LegionIngress",
         max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
         autoscaling_config={
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
         },
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
     )

@@ -18,10 +18,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.pool import AgentPool
+from legion import metrics
 from legion.agent import build_prompt
 from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
-from legion.errors import LegionError
+from legion.errors import ErrorCode, LegionError
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
 from legion.trust import TrustStore, agreement_losses
 
@@ -54,6 +56,7 @@ class _Session:
         self.first: list[Candidate] | None = None
         self.latest: list[Candidate] = []
         self.missing: set[str] = set()
+        self.rounds = 0  # rounds of agent calls, for the metrics
 
     def now_ms(self) -> float:
         return round((time.perf_counter() - self.t0) * 1000, 2)
@@ -64,8 +67,18 @@ class _Session:
     def request(self, task: str, context: str = "") -> GenerateRequest:
         ctx = "\n\n".join(x for x in (self.req.context.strip(), context.strip()) if x)
         return GenerateRequest(
-            task=task, max_tokens=self.req.max_tokens, context=ctx, request_id=self.req.request_id
+            task=task,
+            max_tokens=self.req.max_tokens,
+            context=ctx,
+            request_id=self.req.request_id,
+            timeout_s=self.remaining_s(),
         )
+
+    def remaining_s(self) -> float | None:
+        """What is left of the task's ``timeout_s`` (None: no deadline)."""
+        if self.req.timeout_s is None:
+            return None
+        return max(0.0, self.req.timeout_s - (time.perf_counter() - self.t0))
 
     async def fanout(self) -> list[Candidate]:
         if self.first is None:
@@ -80,6 +93,7 @@ class _Session:
     async def _gather(
         self, requests: Mapping[str, GenerateRequest], step: str, trace_each: bool
     ) -> list[Candidate]:
+        self.rounds += 1
         refs: dict[str, ray.ObjectRef] = {}
         out: dict[str, Candidate] = {}
         for name, gen in requests.items():
@@ -107,8 +121,13 @@ class _Session:
                     latency_ms=self.now_ms(),
                 )
             except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                cause = getattr(exc, "cause", None)
                 return Candidate(
-                    agent=name, role=self.roles[name], error=_agent_error(exc), latency_ms=self.now_ms()
+                    agent=name,
+                    role=self.roles[name],
+                    error=_agent_error(exc),
+                    error_code=cause.code.value if isinstance(cause, LegionError) else None,
+                    latency_ms=self.now_ms(),
                 )
 
         timeout = self.settings.agent_timeout_s
@@ -187,34 +206,87 @@ class ArbiterActor:
         self.cfg = LegionConfig(**config)
         self._names = agent_actor_names
         self._namespace = namespace
-        self._handles: dict[str, ray.actor.ActorHandle] = {}
+        # One pool of replicas per agent; every ingress replica reaches them through this Arbiter.
+        self._pools = {
+            a.name: AgentPool(self.cfg, a, agent_actor_names[a.name], namespace) for a in self.cfg.agents
+        }
+        self._autoscaler: asyncio.Task | None = None
         a = self.cfg.arbiter
         self._trust = TrustStore(self.cfg.data_path / a.trust_file, eta=a.trust_eta, floor=a.trust_floor)
 
-    def _agent(self, name: str):
-        h = self._handles.get(name)
-        if h is None:
-            h = ray.get_actor(self._names[name], namespace=self._namespace)
-            self._handles[name] = h
-        return h
+    def _agent(self, name: str) -> AgentPool:
+        """The agent's pool; it takes calls like an actor handle (``.generate.remote(req)``)."""
+        self._ensure_autoscaler()
+        return self._pools[name]
+
+    def _ensure_autoscaler(self) -> None:
+        if self._autoscaler is None or self._autoscaler.done():
+            self._autoscaler = asyncio.get_running_loop().create_task(self._autoscale_loop())
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.arbiter.autoscale_interval_s)
+            for name, pool in self._pools.items():
+                try:
+                    await asyncio.to_thread(pool.autoscale)
+                    metrics.pool_size(name, pool.size)
+                except Exception:  # autoscaling must never take the Arbiter down
+                    log.exception("autoscaling agent %s failed", name)
+
+    def _overloaded(self, detail: str) -> LegionError:
+        return LegionError(
+            f"every agent is saturated ({detail}); retry after the Retry-After delay",
+            code=ErrorCode.OVERLOADED,
+            details={"retry_after_s": 2},
+        )
 
     async def run(self, req: TaskRequest) -> TaskResult:
         """Answer one task: fan out, collect within the timeout, decide (calling the agents
-        again for multi-round strategies), trace, and update the trust weights."""
+        again for multi-round strategies), trace, and update the trust weights.
+
+        Raises OVERLOADED (503) when every agent's pool is full, and TIMEOUT (504, with the
+        trace so far in ``details``) when ``req.timeout_s`` runs out."""
         strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
+        if all(self._agent(n).saturated() for n in self._pools):
+            raise self._overloaded("every pool has its sequences and queue full")
+        if req.timeout_s is None:
+            return await self._run(req, strategy)
+        holder: dict = {}
+        try:
+            return await asyncio.wait_for(self._run(req, strategy, holder), timeout=req.timeout_s)
+        except TimeoutError:
+            s = holder.get("session")
+            trace = [e.model_dump() for e in s.events] if s else []
+            raise LegionError(
+                f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
+                "Retry with a smaller max_tokens or a simpler strategy",
+                code=ErrorCode.TIMEOUT,
+                details={"trace": trace},
+            ) from None
+
+    async def _run(self, req: TaskRequest, strategy, holder: dict | None = None) -> TaskResult:
         names = [a.name for a in self.cfg.agents]
         weights = await asyncio.to_thread(self._trust.weights, names) if strategy.uses_trust else None
         s = _Session(self, req, weights)
+        if holder is not None:
+            holder["session"] = s
         if weights is not None:
             s.trace("trust", weights={a: round(w, 4) for a, w in weights.items()})
         if hasattr(strategy, "deliberate"):
             decision = await strategy.deliberate(s)
         else:
             cands = await s.fanout()
+            if cands and all(c.error_code == ErrorCode.OVERLOADED.value for c in cands):
+                raise self._overloaded("every agent's queue is full")
             scores = None
             if getattr(strategy, "needs_scores", False) and len({c.normalized for c in cands if c.ok}) > 1:
                 scores = await s.option_scores(cands)
             decision = strategy.decide(cands, weights, scores)
+        first_ok = [c for c in (s.first or s.latest) if c.ok]
+        agreement = (
+            sum(c.normalized == decision.answer_key for c in first_ok) / len(first_ok) if first_ok else None
+        )
+        metrics.arbitration(strategy.name, s.rounds, agreement)
         s.trace(
             "decision",
             strategy=strategy.name,
@@ -255,7 +327,12 @@ class ArbiterActor:
             trust = {}
         out = []
         for a in self.cfg.agents:
-            entry = {"name": a.name, "role": a.role, "config": a.model_dump(mode="json")}
+            entry = {
+                "name": a.name,
+                "role": a.role,
+                "config": a.model_dump(mode="json"),
+                "pool": self._pools[a.name].info(),
+            }
             t = trust.get(a.name)
             entry["trust"] = (
                 {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}

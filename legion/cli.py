@@ -14,29 +14,44 @@ from legion.errors import LegionError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from legion.config import load_config
+    from legion.logging_setup import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
+
+    cfg = load_config(args.config)
+    configure_logging(cfg.log_level, cfg.log_format)
+    # Ray workers (ingress, Arbiter, agents) take the log settings from their environment: this
+    # one for a local cluster, the job's runtime_env for a cluster at RAY_ADDRESS. JSON lines
+    # forwarded to this stdout must not get Ray's "(pid=...)" prefix, read when ray is imported.
+    log_env = {LOG_FORMAT_ENV: cfg.log_format, LOG_LEVEL_ENV: cfg.log_level}
+    os.environ.update(log_env)
+    if cfg.log_format == "json":
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+
     import ray
     from ray import serve
 
     from actors import stop_actors
-    from legion.config import load_config
     from serve_app import build_app
 
-    cfg = load_config(args.config)
     host = args.host or cfg.serve.host
     port = args.port or cfg.serve.port
     cfg.serve.host, cfg.serve.port = host, port
+    http_options, scheme = _http_options(args, cfg, host, port)
     address = os.environ.get("RAY_ADDRESS")
     ctx = ray.init(
         address=address,
         namespace=cfg.ray_namespace,
         include_dashboard=args.dashboard,
         logging_level=logging.WARNING,
+        runtime_env={"env_vars": log_env},
     )
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options, proxy_location=cfg.serve.proxy_location)
     print(f"Legion: starting {len(cfg.agents)} agents ({', '.join(a.name for a in cfg.agents)}) ...")
     serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
-    url = f"http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+    url = f"{scheme}://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
     print(f"Legion: serving at {url}  (health: {url}/healthz, API docs: {url}/docs)")
+    if cfg.security.api_keys:
+        print(f"  {len(cfg.security.api_keys)} API keys: send 'Authorization: Bearer <key>'")
     dash = getattr(ctx, "dashboard_url", None)
     if dash:
         print(f"Ray dashboard: http://{dash}")
@@ -65,6 +80,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_options(args: argparse.Namespace, cfg, host: str, port: int) -> tuple[dict, str]:
+    """Serve's HTTP options (TLS when both files are given) and the URL scheme; refuses an open
+    non-loopback bind (no API keys) unless --insecure."""
+    from legion.errors import ConfigError
+    from legion.security import check_bind
+
+    check_bind(host, bool(cfg.security.api_keys), args.insecure)
+    options = {"host": host, "port": port}
+    if not (args.ssl_certfile or args.ssl_keyfile):
+        return options, "http"
+    if not (args.ssl_certfile and args.ssl_keyfile):
+        raise ConfigError("--ssl-certfile and --ssl-keyfile go together: pass both")
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path} does not exist")
+    options.update(
+        ssl_certfile=os.path.abspath(args.ssl_certfile), ssl_keyfile=os.path.abspath(args.ssl_keyfile)
+    )
+    return options, "https"
+
+
 def _ask(args: argparse.Namespace) -> int:
     import httpx
 
@@ -73,7 +109,14 @@ def _ask(args: argparse.Namespace) -> int:
         body["strategy"] = args.strategy
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
-    r = httpx.post(f"{args.url.rstrip('/')}/v1/tasks", json=body, timeout=args.timeout)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    r = httpx.post(
+        f"{args.url.rstrip('/')}/v1/tasks",
+        json=body,
+        headers=headers,
+        timeout=args.timeout,
+        verify=args.cacert or True,
+    )
     data = r.json()
     if r.status_code != 200:
         print(f"error {r.status_code}: {data.get('error', {}).get('message', data)}", file=sys.stderr)
@@ -105,7 +148,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from legion.ingest import ingest_local, upload
 
     if args.url:
-        report = upload(args.paths, args.url, args.collection)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+        report = upload(args.paths, args.url, args.collection, headers=headers)
     else:
         from legion.config import load_config
 
@@ -138,6 +182,41 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from legion.evaluate import run_eval_cli
+
+    if args.limit is not None and args.limit < 1:
+        print("legion: --limit must be at least 1", file=sys.stderr)
+        return 2
+    return run_eval_cli(args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from legion.audit import AuditLog
+    from legion.config import load_config
+
+    cfg = load_config(args.config)
+    log = AuditLog(cfg.data_path / cfg.security.audit_file)
+    entries = log.tail(args.n)
+    if args.json:
+        for e in entries:
+            print(json.dumps(e.__dict__))
+        return 0
+    if not entries:
+        print(f"no audit records in {log.path} yet")
+        return 0
+    for e in entries:
+        when = datetime.fromtimestamp(e.ts).isoformat(timespec="seconds")
+        task = (e.task_hash or "-")[:12]
+        print(
+            f"{when}  {e.status}  {e.method:<6} {e.route:<24} {e.key_id or '-':<14} "
+            f"{e.latency_ms:>9.1f} ms  task {task}  {e.client or '-'}  {e.request_id}"
+        )
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from legion.config import load_config
 
@@ -162,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not start the Ray dashboard (local cluster only)",
     )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback address without API keys (anyone who reaches it can use it)",
+    )
+    s.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile, serve HTTPS")
+    s.add_argument("--ssl-keyfile", help="TLS private key (PEM) of --ssl-certfile")
     s.set_defaults(func=_serve)
 
     a = sub.add_parser("ask", help="ask a running Legion a question")
@@ -171,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-tokens", type=int)
     a.add_argument("--timeout", type=float, default=300.0)
     a.add_argument("--json", action="store_true", help="print the whole response")
+    a.add_argument(
+        "--api-key", default=os.environ.get("LEGION_API_KEY"), help="API key (default: $LEGION_API_KEY)"
+    )
+    a.add_argument("--cacert", help="CA certificate (PEM) to trust for an HTTPS --url")
     a.set_defaults(func=_ask)
 
     b = sub.add_parser("bench", help="measure tokens/s (bare vs actor) and HTTP overhead")
@@ -193,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--url", help="upload to this running Legion (POST /v1/documents) instead of writing the store"
     )
+    i.add_argument(
+        "--api-key",
+        default=os.environ.get("LEGION_API_KEY"),
+        help="with --url: API key (default: $LEGION_API_KEY)",
+    )
     i.add_argument("--config", help="YAML config (where the store is, chunk sizes)")
     i.set_defaults(func=_ingest)
 
@@ -201,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", help="YAML config (where the cache file is)")
     k.add_argument("--json", action="store_true", help="print stats as JSON")
     k.set_defaults(func=_cache)
+
+    e = sub.add_parser("eval", help="multiple-choice accuracy of every strategy and every single agent")
+    e.add_argument("--data", required=True, help="JSONL items: context, choices, answer (index)")
+    e.add_argument("--limit", type=int, help="only the first N items (file order)")
+    e.add_argument("--strategies", help="comma-separated strategies (default: every one that scores choices)")
+    e.add_argument("--agents", help="comma-separated agent names (default: every configured agent)")
+    e.add_argument("--shots", help="training JSONL for few-shot exemplars (default: *_train beside --data)")
+    e.add_argument("--config", help="YAML config whose agents are evaluated")
+    e.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the in-process engines")
+    e.add_argument("--json", action="store_true", help='print {strategy: {"accuracy", "n", "seconds"}}')
+    e.add_argument("--out", help="also write the results (with the config used) to this JSON file")
+    e.add_argument("--scores", help="JSONL cache of scored choices: reused when present, extended otherwise")
+    e.add_argument("--plot", help="write an SVG of accuracy against the number of agents (first k agents)")
+    e.set_defaults(func=_eval)
+
+    au = sub.add_parser("audit", help="show the audit log (one record per HTTP request)")
+    au.add_argument("action", choices=["tail"])
+    au.add_argument("-n", type=int, default=20, help="how many records, newest last")
+    au.add_argument("--config", help="YAML config (where the audit file is)")
+    au.add_argument("--json", action="store_true", help="one JSON object per record")
+    au.set_defaults(func=_audit)
 
     c = sub.add_parser("config", help="print the effective configuration")
     c.add_argument("--config")

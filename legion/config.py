@@ -74,6 +74,23 @@ class AgentConfig(_Strict):
     max_queue: int = Field(
         64, ge=0, le=100000, description="Requests waiting for a free sequence before 503 Overloaded."
     )
+    min_replicas: int = Field(1, ge=1, le=1000, description="Autoscaling: fewest replicas of this agent.")
+    max_replicas: int = Field(
+        2, ge=1, le=1000, description="Autoscaling: most replicas (each takes num_cpus/num_gpus)."
+    )
+    target_in_flight: float | None = Field(
+        None,
+        gt=0.0,
+        le=100000.0,
+        description="Autoscaling: calls in flight per replica above which the pool grows "
+        "(default n_parallel, a full batch).",
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0.0, le=3600.0, description="Load lasting this long adds a replica."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0.0, le=86400.0, description="Idleness lasting this long removes a replica."
+    )
     num_cpus: float = Field(
         0.6, gt=0.0, le=256.0, description="CPU share reserved in Ray; sets the thread count."
     )
@@ -141,6 +158,18 @@ class AgentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> AgentConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    @property
+    def in_flight_target(self) -> float:
+        return self.target_in_flight if self.target_in_flight is not None else float(self.n_parallel)
+
     @property
     def threads(self) -> int:
         """llama.cpp threads: from this agent's CPU share, never from the host's core count."""
@@ -156,6 +185,20 @@ class ArbiterConfig(_Strict):
     )
     num_cpus: float = Field(0.05, ge=0.0, le=16.0, description="CPU share of the Arbiter actor.")
     max_concurrency: int = Field(256, ge=1, le=10000, description="Tasks one Arbiter runs at once.")
+    restart_wait_s: float = Field(
+        30.0,
+        ge=0.0,
+        le=3600.0,
+        description="How long the ingress re-sends a task while the Arbiter restarts before a 503.",
+    )
+    autoscale_interval_s: float = Field(
+        2.0, gt=0.0, le=600.0, description="How often the Arbiter reviews each agent pool's size."
+    )
+    scale_beyond_cluster: bool = Field(
+        False,
+        description="Add replicas even when the cluster has no free CPU/GPU for them (they wait "
+        "pending, which is what makes Ray's autoscaler add a node); off on a fixed cluster.",
+    )
     # Strategy parameters (see legion/arbitration.py, legion/equilibrium.py, legion/deliberation.py).
     approval_ratio: float = Field(
         0.5,
@@ -180,6 +223,11 @@ class ArbiterConfig(_Strict):
     equilibrium_rank_by: Literal["generator", "discriminator", "product"] = Field(
         "product", description="Rank answers by P(y|correct), P(correct|y), or their product."
     )
+    equilibrium_discriminator: Literal["length", "pmi"] = Field(
+        "length",
+        description="Discriminator's start: per-byte likelihood (length) or likelihood over the "
+        "question-free likelihood (pmi).",
+    )
     debate_rounds: int = Field(2, ge=1, le=10, description="Most debate rounds after the first answers.")
     conflict_margin: float = Field(
         0.25, ge=0.0, le=1.0, description="Conflict: a lead in vote share below this is a split vote."
@@ -202,6 +250,25 @@ class ServeConfig(_Strict):
     )
     max_ongoing_requests: int = Field(
         64, ge=1, le=100000, description="Requests one replica accepts before Serve queues."
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        le=1000000,
+        description="Requests Serve queues for the ingress before answering 503 (-1 = no bound).",
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0.0, le=3600.0, description="Autoscaling: load lasting this adds a replica."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0.0, le=86400.0, description="Autoscaling: idleness lasting this removes a replica."
+    )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        le=86400.0,
+        description="A task's whole budget; past it the answer is 504 with the trace so far, and "
+        "the agents stop decoding it.",
     )
     ingress_num_cpus: float = Field(0.05, ge=0.0, le=64.0, description="CPU share of a replica.")
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(

@@ -335,7 +335,8 @@ class LlamaEngine:
         with self._cv:
             if self._closed:
                 raise LegionError("the engine is shut down", code=ErrorCode.NOT_READY)
-            if len(self._queue) >= self.max_queue:
+            # Waiting means beyond what free sequences can start now; max_queue bounds that.
+            if len(self._queue) >= self.max_queue + len(self._free_seqs):
                 self._counters["rejected"] += 1
                 raise Overloaded(
                     f"the agent's queue is full ({self.max_queue} waiting); retry shortly",

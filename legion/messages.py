@@ -47,6 +47,7 @@ class Candidate(BaseModel):
     completion_tokens: int = 0
     latency_ms: float = 0.0
     error: str | None = None
+    error_code: str | None = None  # the ErrorCode value when the agent refused with a LegionError
 
     @property
     def ok(self) -> bool:
@@ -131,6 +132,7 @@ class TaskRequest(BaseModel):
     max_tokens: int | None = None
     context: str = ""
     request_id: str | None = None  # the HTTP request's X-Request-Id; the Arbiter passes it on
+    timeout_s: float | None = None  # the whole task's budget; past it the Arbiter answers 504
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

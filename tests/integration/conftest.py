@@ -27,7 +27,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private throwaway cluster
-    ray.init(include_dashboard=False, logging_level="WARNING", namespace="legiontests")
+    # Four logical CPUs on a 2-core machine: room for the extra apps some tests start. Agents
+    # take their thread counts from their own num_cpus, so this changes placement, not threads.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", namespace="legiontests")
     yield ray
     from ray import serve
 
