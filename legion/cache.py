@@ -43,6 +43,10 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('hits', 0), ('misses', 0);
 """
 
 _SPACES = re.compile(r"\s+")
+# Fields of a TaskRequest that identify or bound one request but do not change its answer.
+# Every other field is in the key, so a field added later can cost hits but never give a
+# wrong one.
+_NOT_IN_KEY = frozenset({"id", "request_id", "timeout_s"})
 
 
 def normalize_task(task: str) -> str:
@@ -82,8 +86,8 @@ class ResultCache:
 
     @staticmethod
     def key(req: TaskRequest, cfg: LegionConfig) -> str:
-        """The cache key of ``req`` as ``cfg``'s agents would answer it (its id does not count)."""
-        request = req.model_dump(mode="json", exclude={"id"})
+        """The cache key of ``req`` as ``cfg``'s agents would answer it (its ids do not count)."""
+        request = req.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
         request["task"] = normalize_task(req.task)
         material = {
             "request": request,

@@ -54,6 +54,7 @@ def _result(answer: str) -> TaskResult:
 def test_key_ignores_spacing_case_and_id_but_not_what_changes_the_answer(cfg):
     base = ResultCache.key(_req("What is  2+2?"), cfg)
     assert ResultCache.key(_req("  what is 2+2? ", id="task-2"), cfg) == base
+    assert ResultCache.key(_req("What is 2+2?", request_id="r-9", timeout_s=5.0), cfg) == base
     assert normalize_task("\uff37hat\tIS 2+2?") == "what is 2+2?"  # fullwidth W, a tab
     different = [
         ResultCache.key(_req("What is 2+3?"), cfg),
