@@ -15,15 +15,19 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors import start_arbiter
 from actors.retriever import start_retriever
 from legion import __version__, metrics
 from legion.api import (
+    ERROR_RESPONSES,
     ChatBody,
     DocumentsBody,
     TaskBody,
@@ -52,6 +56,7 @@ api = FastAPI(
     title="Legion",
     version=__version__,
     description="Multi-agent LLM service: agents on llama.cpp in Ray actors, arbitrated answers.",
+    responses=ERROR_RESPONSES,
 )
 
 
@@ -86,6 +91,55 @@ async def _actor_unavailable(_: Request, exc: RayActorError) -> JSONResponse:
     return _legion_response(
         LegionError(
             "a Legion actor is restarting; retry shortly",
+            code=ErrorCode.NOT_READY,
+            details={"retry_after_s": 5},
+        )
+    )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own errors (an unreadable body, an unknown route, a wrong method) in Legion's shape.
+    messages = {
+        400: "the request body could not be read: send UTF-8 JSON",
+        404: f"no route {request.url.path}: see /docs for the API",
+        405: f"{request.method} is not allowed on {request.url.path}: see /docs for the API",
+    }
+    code = {400: "invalid_json", 404: ErrorCode.NOT_FOUND.value}.get(exc.status_code, "invalid_request")
+    return _error(exc.status_code, code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, plus bearer authentication where this replica has API keys."""
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title,
+            version=api.version,
+            description=api.description,
+            routes=api.routes,
+        )
+        policy = _replica_security()
+        if policy is not None and policy.keys.enabled:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key."}
+            }
+            schema["security"] = [{"bearerAuth": []}]
+            for op in schema["paths"].get("/healthz", {}).values():
+                op["security"] = []  # open, for load balancers
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+@api.exception_handler(sqlite3.Error)
+async def _store_unavailable(_: Request, exc: sqlite3.Error) -> JSONResponse:
+    # A route that reads a SQLite store (sessions, cache stats) while its file is broken or locked.
+    log.error("SQLite store unavailable: %s", exc)
+    return _legion_response(
+        LegionError(
+            "Legion's state store is unavailable right now; retry shortly",
             code=ErrorCode.NOT_READY,
             details={"retry_after_s": 5},
         )
@@ -138,7 +192,10 @@ async def _request_log(request: Request, call_next):
 
 def _replica_security() -> SecurityPolicy | None:
     # The policy of the replica serving the request, built from its config in its __init__.
-    return getattr(serve.get_replica_context().servable_object, "security", None)
+    try:
+        return getattr(serve.get_replica_context().servable_object, "security", None)
+    except RayServeException:  # outside a replica: nothing to enforce
+        return None
 
 
 # Outermost: keys, scopes, rate and body limits, and the audit record of every request.
@@ -178,6 +235,7 @@ class LegionIngress:
         self.arbiter = start_arbiter(self.cfg)
         # State lives outside the replica: SQLite files shared by every replica, one retriever actor.
         self.cache = ResultCache.from_config(self.cfg) if self.cfg.cache.enabled else None
+        self._inflight: dict[str, asyncio.Future] = {}  # cache key -> the run answering it now
         self.history = ConversationStore.from_config(self.cfg) if self.cfg.history.enabled else None
         self._retriever = None
         if self.cfg.rag.enabled:  # load the embedding model before the first task needs it
@@ -297,7 +355,7 @@ class LegionIngress:
                 }
             )
         else:
-            result = await self._run(prep.req)
+            result = await (self._run_once(prep) if prep.key is not None else self._run(prep.req))
             if prep.context:
                 result.trace.insert(0, TraceEvent(step="context", at_ms=0.0, data=prep.context))
         result.sources, result.retrieval = prep.sources, prep.retrieval
@@ -313,6 +371,46 @@ class LegionIngress:
                 log.warning("could not store a result in the cache: %s", exc)
         return result
 
+    async def _run_once(self, prep: _Prepared) -> TaskResult:
+        """Run a cache miss on the Arbiter, once per key at a time: identical requests that
+        arrive while it runs share its answer instead of each reaching the agents."""
+        leader = self._inflight.get(prep.key)
+        if leader is not None:
+            try:
+                shared: TaskResult = await asyncio.shield(leader)
+            except asyncio.CancelledError:
+                if not leader.cancelled():
+                    raise  # this request itself was cancelled
+                return await self._run(prep.req)  # the leader's client went away: answer alone
+            result = shared.model_copy(
+                update={
+                    "id": prep.req.id,
+                    "latency_ms": round((time.perf_counter() - prep.t0) * 1000, 2),
+                    "trace": [
+                        TraceEvent(step="coalesced", at_ms=0.0, data={"with": shared.id}),
+                        *shared.trace,
+                    ],
+                },
+                deep=True,
+            )
+            prep.key = None  # the leader stores it
+            return result
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[prep.key] = future
+        try:
+            result = await self._run(prep.req)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            self._inflight.pop(prep.key, None)
+        future.set_result(result)
+        return result.model_copy(deep=True)
+
     def _session_id(self, body: ChatBody, request: Request) -> str | None:
         raw = request.headers.get("x-session-id") or body.user
         return None if raw is None else check_session_id(raw)
@@ -324,9 +422,13 @@ class LegionIngress:
         rag = self.cfg.rag.enabled if body.use_rag is None else body.use_rag
         other = len(req.context) + (self.cfg.rag.max_context_chars if rag else 0)
         budget = history_budget_chars(self.cfg, req.task, other, req.max_tokens)
-        return await asyncio.to_thread(
-            self.history.recent, session, max_turns=self.cfg.history.max_turns, max_chars=budget
-        )
+        try:
+            return await asyncio.to_thread(
+                self.history.recent, session, max_turns=self.cfg.history.max_turns, max_chars=budget
+            )
+        except sqlite3.Error as exc:  # a broken history file must not stop answers
+            log.warning("conversation history unavailable, answering without it: %s", exc)
+            return []
 
     async def _remember(self, session: str | None, req: TaskRequest, result: TaskResult) -> None:
         if session is None or self.history is None:
@@ -340,7 +442,7 @@ class LegionIngress:
         except sqlite3.Error as exc:
             log.error("could not store the turns of session %s: %s", session, exc)
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses={503: {"description": "Not every agent has loaded: each agent's state."}})
     async def healthz(self) -> JSONResponse:
         agents = await self.arbiter.agents.remote()
         ready = all(a["health"]["loaded"] for a in agents)
@@ -371,7 +473,10 @@ class LegionIngress:
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "legion"} for m in model_ids()],
         }
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions",
+        responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+    )
     async def chat(self, body: ChatBody, request: Request):
         session = self._session_id(body, request)
         req = chat_request(body, self.cfg)

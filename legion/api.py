@@ -20,6 +20,38 @@ from legion.messages import Document, TaskRequest, TaskResult
 MODEL_PREFIX = "legion"
 
 
+class ErrorInfo(BaseModel):
+    message: str = Field(..., description="What went wrong and what to change.")
+    type: str = Field(..., description="The error code again (OpenAI's field name).")
+    code: str = Field(..., description="A stable error code, e.g. invalid_request, rate_limited.")
+    param: str | None = None
+    details: dict[str, Any] | None = Field(None, description="Data to act on: allowed values, limits.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response, in OpenAI's shape so the official client shows ``message``."""
+
+    error: ErrorInfo
+
+
+def _documented(text: str) -> dict:
+    return {"model": ErrorBody, "description": text}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("Malformed JSON or an unreadable body."),
+    401: _documented("No API key, or an unknown one (when the server has keys)."),
+    403: _documented("The API key lacks the scope this route needs."),
+    404: _documented("Unknown model, session or route."),
+    413: _documented("The body, the task or the conversation is over its limit."),
+    422: _documented("A field is missing or out of range; the message names it."),
+    429: _documented("Over the key's rate limit; see Retry-After."),
+    503: _documented("Agents loading, saturated or restarting; see Retry-After where given."),
+    504: _documented("The request ran past its timeout; the trace says what was done."),
+}
+"""The error responses every route documents in the OpenAPI schema."""
+
+
 class TaskBody(BaseModel):
     """``POST /v1/tasks``."""
 

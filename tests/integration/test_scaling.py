@@ -148,3 +148,27 @@ def test_pool_grows_under_load_and_shrinks_when_idle(scale_app):
         time.sleep(0.5)
     events = httpx.get(f"{scale_app}/v1/agents", timeout=60).json()["agents"][0]["pool"]["scale_events"]
     assert [e["action"] for e in events][-2:] == ["up", "down"]
+
+
+def test_identical_concurrent_requests_reach_the_agents_once(client, legion_url):
+    def requests_done() -> dict[str, int]:
+        return {a["name"]: a["stats"]["requests"] for a in client.get("/v1/agents").json()["agents"]}
+
+    before = requests_done()
+    task = f"What is the colour of snow? ({time.time_ns()})"  # new to the cache
+    out: list[httpx.Response] = []
+
+    def ask() -> None:
+        with httpx.Client(base_url=legion_url, timeout=300) as c:
+            out.append(c.post("/v1/tasks", json={"task": task, "max_tokens": 8}))
+
+    threads = [threading.Thread(target=ask) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in out] == [200] * 5
+    assert len({r.json()["answer"] for r in out}) == 1
+    assert len({r.json()["id"] for r in out}) == 5
+    after = requests_done()
+    assert all(after[name] - before[name] == 1 for name in before), (before, after)
