@@ -246,10 +246,19 @@ class ServeConfig(_Strict):
     min_replicas: int = Field(1, ge=0, le=1000, description="Autoscaling: fewest ingress replicas.")
     max_replicas: int = Field(2, ge=1, le=1000, description="Autoscaling: most ingress replicas.")
     target_ongoing_requests: float = Field(
-        8.0, gt=0.0, le=10000.0, description="Autoscaling: in-flight requests per replica to aim for."
+        64.0,
+        gt=0.0,
+        le=10000.0,
+        description="Autoscaling: in-flight requests per replica to aim for. An ingress request "
+        "mostly awaits the agents, so a replica carries many.",
     )
     max_ongoing_requests: int = Field(
-        64, ge=1, le=100000, description="Requests one replica accepts before Serve queues."
+        1000,
+        ge=1,
+        le=100000,
+        description="Requests one replica accepts before Serve queues. Keep it high: a low cap lets "
+        "slow uncached tasks hold every slot while cache hits wait behind them; the agent pools "
+        "do the load shedding (503 with Retry-After).",
     )
     max_queued_requests: int = Field(
         256,
