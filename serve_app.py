@@ -11,12 +11,16 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.serve import Application
@@ -31,12 +35,14 @@ from legion.api import (
     ChatBody,
     DocumentsBody,
     TaskBody,
+    candidate_response,
     chat_chunks,
     chat_request,
     chat_response,
     client_keeps_history,
     documents_request,
     model_ids,
+    sse_event,
     task_request,
     task_response,
 )
@@ -46,7 +52,7 @@ from legion.errors import ErrorCode, InvalidRequest, LegionError
 from legion.guard import InjectionGuard
 from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
 from legion.logging_setup import configure_logging, current_request_id, log_context, valid_request_id
-from legion.messages import RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
+from legion.messages import Candidate, RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
 from legion.security import SecurityMiddleware, SecurityPolicy
 from legion.vectorstore import StoreUnavailable, quote_chunks, store_location
 
@@ -190,6 +196,18 @@ async def _request_log(request: Request, call_next):
     return response
 
 
+# The web console (legion/ui): static files that call the public API above; no build step.
+UI_DIR = Path(__file__).resolve().parent / "legion" / "ui"
+
+
+@api.get("/ui", include_in_schema=False)
+async def _ui_index() -> RedirectResponse:
+    return RedirectResponse("ui/")  # relative, so it holds under any route prefix
+
+
+api.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+
 def _replica_security() -> SecurityPolicy | None:
     # The policy of the replica serving the request, built from its config in its __init__.
     try:
@@ -241,7 +259,8 @@ class LegionIngress:
         if self.cfg.rag.enabled:  # load the embedding model before the first task needs it
             self._retriever_actor()
 
-    async def _run(self, req):
+    async def _run(self, req, on_event: Callable[[Candidate | TraceEvent], None] | None = None):
+        """The Arbiter's answer; with ``on_event``, its candidates and trace events as they happen."""
         req.request_id = req.request_id or current_request_id()  # on to the Arbiter and the agents
         req.timeout_s = req.timeout_s or self.cfg.serve.request_timeout_s
         # A task the Arbiter lost by dying, or sent while it restarts, goes again (running a task
@@ -251,7 +270,10 @@ class LegionIngress:
         lost = 0
         while True:
             try:
-                result = await self.arbiter.run.remote(req)
+                if on_event is None:
+                    result = await self.arbiter.run.remote(req)
+                else:
+                    result = await self._run_streamed(req, on_event)
                 if lost:
                     event = TraceEvent(step="arbiter_restarted", at_ms=0.0, data={"resent": lost})
                     result.trace.insert(0, event)
@@ -273,6 +295,19 @@ class LegionIngress:
                 if isinstance(exc, ActorDiedError):
                     self.arbiter = start_arbiter(self.cfg)
                 await asyncio.sleep(0.5)
+
+    async def _run_streamed(self, req, on_event: Callable[[Candidate | TraceEvent], None]) -> TaskResult:
+        gen = self.arbiter.run_stream.options(num_returns="streaming").remote(req)
+        try:
+            async for ref in gen:
+                item = await ref
+                if isinstance(item, TaskResult):
+                    return item
+                on_event(item)
+        except asyncio.CancelledError:
+            ray.cancel(gen)  # the client went away: the Arbiter stops the agents' work
+            raise
+        raise RuntimeError("the Arbiter's stream ended without a result")
 
     def _retriever_actor(self):
         if self._retriever is None:
@@ -344,8 +379,11 @@ class LegionIngress:
             metrics.cache_lookup(prep.hit is not None)
         return prep
 
-    async def _complete(self, prep: _Prepared) -> TaskResult:
-        """The cached result, or the Arbiter's (stored when every agent answered)."""
+    async def _complete(
+        self, prep: _Prepared, on_event: Callable[[Candidate | TraceEvent], None] | None = None
+    ) -> TaskResult:
+        """The cached result, or the Arbiter's (stored when every agent answered); ``on_event``
+        gets the Arbiter's candidates and trace events as they happen (none on a cache hit)."""
         if prep.hit is not None:
             result = prep.hit.model_copy(
                 update={
@@ -355,7 +393,9 @@ class LegionIngress:
                 }
             )
         else:
-            result = await (self._run_once(prep) if prep.key is not None else self._run(prep.req))
+            result = await (
+                self._run_once(prep, on_event) if prep.key is not None else self._run(prep.req, on_event)
+            )
             if prep.context:
                 result.trace.insert(0, TraceEvent(step="context", at_ms=0.0, data=prep.context))
         result.sources, result.retrieval = prep.sources, prep.retrieval
@@ -371,7 +411,9 @@ class LegionIngress:
                 log.warning("could not store a result in the cache: %s", exc)
         return result
 
-    async def _run_once(self, prep: _Prepared) -> TaskResult:
+    async def _run_once(
+        self, prep: _Prepared, on_event: Callable[[Candidate | TraceEvent], None] | None = None
+    ) -> TaskResult:
         """Run a cache miss on the Arbiter, once per key at a time: identical requests that
         arrive while it runs share its answer instead of each reaching the agents."""
         leader = self._inflight.get(prep.key)
@@ -381,7 +423,7 @@ class LegionIngress:
             except asyncio.CancelledError:
                 if not leader.cancelled():
                     raise  # this request itself was cancelled
-                return await self._run(prep.req)  # the leader's client went away: answer alone
+                return await self._run(prep.req, on_event)  # the leader's client went away: answer alone
             result = shared.model_copy(
                 update={
                     "id": prep.req.id,
@@ -398,7 +440,7 @@ class LegionIngress:
         future = asyncio.get_running_loop().create_future()
         self._inflight[prep.key] = future
         try:
-            result = await self._run(prep.req)
+            result = await self._run(prep.req, on_event)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -452,15 +494,57 @@ class LegionIngress:
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @api.post("/v1/tasks")
+    @api.post(
+        "/v1/tasks",
+        responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+    )
     async def tasks(self, body: TaskBody, response: Response) -> dict:
         req = task_request(body, self.cfg)
         prep = await self._prepare(
             req, use_cache=body.cache, use_rag=body.use_rag, collection=body.collection
         )
+        if body.stream:
+            return StreamingResponse(
+                self._task_events(prep),
+                media_type="text/event-stream",
+                headers={"X-Legion-Cache": prep.cache},
+            )
         result = await self._complete(prep)
         response.headers["X-Legion-Cache"] = prep.cache
         return task_response(result)
+
+    async def _task_events(self, prep: _Prepared) -> AsyncIterator[str]:
+        """``/v1/tasks`` as server-sent events: ``candidate`` (each fan-out answer as it arrives),
+        ``trace`` (every other step), ``result`` (the JSON of ``/v1/tasks``), then ``done``; a
+        failure is an ``error`` event (``{"error": {"code", "message"}}``) before ``done``."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_event(item: Candidate | TraceEvent) -> None:
+            if isinstance(item, Candidate):
+                queue.put_nowait(sse_event("candidate", candidate_response(item)))
+            else:
+                queue.put_nowait(sse_event("trace", item.model_dump()))
+
+        work = asyncio.ensure_future(self._complete(prep, on_event))
+        work.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+            try:
+                yield sse_event("result", task_response(work.result()))
+            except (RayTaskError, RayActorError) as exc:
+                cause = _unwrap(exc)
+                if not isinstance(cause, LegionError):
+                    log.warning("streamed task failed: %s", type(cause).__name__)
+                    cause = LegionError(
+                        "a Legion actor failed or is restarting; retry shortly", code=ErrorCode.NOT_READY
+                    )
+                yield sse_event("error", {"error": cause.to_dict()})
+            except LegionError as exc:
+                yield sse_event("error", {"error": exc.to_dict()})
+            yield sse_event("done", {})
+        finally:
+            work.cancel()  # the client went away mid-stream
 
     @api.get("/v1/agents")
     async def agents(self) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -44,8 +44,16 @@ def _agent_error(exc: BaseException) -> str:
 class _Session:
     """One task's access to the agents (``legion.deliberation.Session``), with its trace."""
 
-    def __init__(self, arbiter: ArbiterActor, req: TaskRequest, weights: Mapping[str, float] | None):
+    def __init__(
+        self,
+        arbiter: ArbiterActor,
+        req: TaskRequest,
+        weights: Mapping[str, float] | None,
+        sink: asyncio.Queue | None = None,
+    ):
         self._arb = arbiter
+        # ``run_stream``'s queue: fan-out candidates as they arrive, every other trace event.
+        self.sink = sink
         self.req = req
         self.task = req.task
         self.settings = arbiter.cfg.arbiter
@@ -62,7 +70,16 @@ class _Session:
         return round((time.perf_counter() - self.t0) * 1000, 2)
 
     def trace(self, step: str, **data: Any) -> None:
-        self.events.append(TraceEvent(step=step, at_ms=self.now_ms(), data=data))
+        self._record(TraceEvent(step=step, at_ms=self.now_ms(), data=data))
+
+    def _record(self, event: TraceEvent, streamed: bool = False) -> None:
+        self.events.append(event)
+        if self.sink is not None and not streamed:
+            self.sink.put_nowait(event)
+
+    def _stream(self, candidate: Candidate) -> None:
+        if self.sink is not None:
+            self.sink.put_nowait(candidate)
 
     def request(self, task: str, context: str = "") -> GenerateRequest:
         ctx = "\n\n".join(x for x in (self.req.context.strip(), context.strip()) if x)
@@ -107,7 +124,16 @@ class _Session:
             **({} if trace_each else {"tasks": {a: r.task for a, r in requests.items()}}),
         )
 
+        streamed: set[str] = set()
+
         async def collect(name: str, ref: ray.ObjectRef) -> Candidate:
+            c = await answer(name, ref)
+            if trace_each:  # a fan-out candidate goes to the stream the moment it arrives
+                streamed.add(name)
+                self._stream(c)
+            return c
+
+        async def answer(name: str, ref: ray.ObjectRef) -> Candidate:
             try:
                 gen = await ref
                 return Candidate(
@@ -148,15 +174,18 @@ class _Session:
             )
         ordered = [out[n] for n in requests]
         for c in ordered:
+            if trace_each and c.agent not in streamed:  # gone, or timed out
+                self._stream(c)
             if trace_each or not c.ok:
-                self.events.append(
+                self._record(
                     TraceEvent(
                         step="candidate" if c.ok else "agent_failed",
                         at_ms=c.latency_ms,
                         data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
                         if c.ok
                         else {"agent": c.agent, "error": c.error, "during": step},
-                    )
+                    ),
+                    streamed=trace_each,
                 )
             else:
                 self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
@@ -246,14 +275,31 @@ class ArbiterActor:
 
         Raises OVERLOADED (503) when every agent's pool is full, and TIMEOUT (504, with the
         trace so far in ``details``) when ``req.timeout_s`` runs out."""
+        return await self._answer(req)
+
+    async def run_stream(self, req: TaskRequest) -> AsyncIterator[Candidate | TraceEvent | TaskResult]:
+        """``run`` as a Ray streaming generator (``.options(num_returns="streaming")``): each
+        fan-out ``Candidate`` as it arrives, every other ``TraceEvent`` as it is recorded, then
+        the ``TaskResult``. Errors are ``run``'s, raised after the items already yielded."""
+        queue: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._answer(req, queue))
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after the task's last item
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            yield task.result()
+        finally:
+            task.cancel()  # the caller went away (or cancelled): stop the agents' work too
+
+    async def _answer(self, req: TaskRequest, sink: asyncio.Queue | None = None) -> TaskResult:
         strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
         if all(self._agent(n).saturated() for n in self._pools):
             raise self._overloaded("every pool has its sequences and queue full")
         if req.timeout_s is None:
-            return await self._run(req, strategy)
+            return await self._run(req, strategy, sink=sink)
         holder: dict = {}
         try:
-            return await asyncio.wait_for(self._run(req, strategy, holder), timeout=req.timeout_s)
+            return await asyncio.wait_for(self._run(req, strategy, holder, sink), timeout=req.timeout_s)
         except TimeoutError:
             s = holder.get("session")
             trace = [e.model_dump() for e in s.events] if s else []
@@ -264,10 +310,12 @@ class ArbiterActor:
                 details={"trace": trace},
             ) from None
 
-    async def _run(self, req: TaskRequest, strategy, holder: dict | None = None) -> TaskResult:
+    async def _run(
+        self, req: TaskRequest, strategy, holder: dict | None = None, sink: asyncio.Queue | None = None
+    ) -> TaskResult:
         names = [a.name for a in self.cfg.agents]
         weights = await asyncio.to_thread(self._trust.weights, names) if strategy.uses_trust else None
-        s = _Session(self, req, weights)
+        s = _Session(self, req, weights, sink)
         if holder is not None:
             holder["session"] = s
         if weights is not None:

@@ -6,6 +6,7 @@ The ingress turns a body into a ``TaskRequest``; every rule a client can break r
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from legion.arbitration import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.errors import ErrorCode, InvalidRequest, LegionError
-from legion.messages import Document, TaskRequest, TaskResult
+from legion.messages import Candidate, Document, TaskRequest, TaskResult
 
 MODEL_PREFIX = "legion"
 
@@ -66,6 +67,11 @@ class TaskBody(BaseModel):
         None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
         description="Qdrant collection (default: rag.collection).",
+    )
+    stream: bool = Field(
+        False,
+        description="Answer as server-sent events: candidate and trace events as the agents work, "
+        "then result (this response's JSON), then done; a failure is an error event.",
     )
 
 
@@ -220,22 +226,29 @@ def chat_request(
     )
 
 
+def candidate_response(c: Candidate) -> dict:
+    """One agent's answer as ``/v1/tasks`` shows it (also a ``candidate`` event of its stream)."""
+    return {
+        "agent": c.agent,
+        "role": c.role,
+        "text": c.text,
+        "score": c.score,
+        "latency_ms": c.latency_ms,
+        **({"error": c.error} if c.error else {}),
+    }
+
+
+def sse_event(event: str, data: dict) -> str:
+    """One server-sent event of the ``/v1/tasks`` stream."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
 def task_response(result: TaskResult) -> dict:
     return {
         "id": result.id,
         "answer": result.answer,
         "strategy": result.strategy,
-        "candidates": [
-            {
-                "agent": c.agent,
-                "role": c.role,
-                "text": c.text,
-                "score": c.score,
-                "latency_ms": c.latency_ms,
-                **({"error": c.error} if c.error else {}),
-            }
-            for c in result.candidates
-        ],
+        "candidates": [candidate_response(c) for c in result.candidates],
         "votes": result.votes,
         "latency_ms": result.latency_ms,
         "missing_agents": result.missing_agents,

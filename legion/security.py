@@ -175,6 +175,8 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a route needs (``None``: public). Routes not listed here need ``admin``."""
     if path in _PUBLIC_PATHS:
         return None
+    if method in ("GET", "HEAD") and (path == "/ui" or path.startswith("/ui/")):
+        return None  # the web console's static files; the page sends the key with its API calls
     if method in ("GET", "HEAD", "OPTIONS"):
         return "read"
     if method == "POST" and path in _TASK_ROUTES:

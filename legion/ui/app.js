@@ -1,0 +1,429 @@
+// Legion's web console: the public API only (/v1/models, /v1/agents, /v1/cache, and
+// POST /v1/tasks with "stream": true as server-sent events). Charts are plain SVG.
+// An API key, when the server needs one, lives in this tab's sessionStorage and nowhere else.
+"use strict";
+
+const BASE = new URL("..", window.location.href); // the app's root, under any route prefix
+const KEY_SLOT = "legion.apiKey";
+const RECENT_SLOT = "legion.recent";
+const RECENT_MAX = 20;
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const $ = (id) => document.getElementById(id);
+let apiKey = sessionStorage.getItem(KEY_SLOT) || "";
+let agentsTimer = null;
+let lastAgents = [];
+
+// ------------------------------------------------------------------ HTTP
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(err.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = err.code || err.type || "";
+  }
+}
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (apiKey) h["Authorization"] = `Bearer ${apiKey}`;
+  return h;
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = headers(opts.headers);
+  const r = await fetch(new URL(path, BASE), opts);
+  if (r.status === 401) askForKey();
+  if (!r.ok) {
+    let body = null;
+    try { body = await r.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(r.status, body);
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------ API key
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("key-input").focus();
+  setStatus(message || "This server needs an API key: enter one above (it stays in this tab).", true);
+}
+
+$("key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  apiKey = $("key-input").value.trim();
+  $("key-input").value = "";
+  if (apiKey) sessionStorage.setItem(KEY_SLOT, apiKey);
+  $("key-form").hidden = true;
+  $("key-forget").hidden = !apiKey;
+  setStatus("");
+  refreshAll();
+});
+
+$("key-forget").addEventListener("click", () => {
+  apiKey = "";
+  sessionStorage.removeItem(KEY_SLOT);
+  $("key-forget").hidden = true;
+});
+
+// ------------------------------------------------------------------ small DOM helpers
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", !!isError);
+}
+
+function fmt(x, digits) {
+  return typeof x === "number" ? x.toFixed(digits === undefined ? 2 : digits) : "–";
+}
+
+// ------------------------------------------------------------------ charts (plain SVG)
+// A horizontal bar chart: one bar per [label, value]; `highlight` names the winning label.
+function barChart(title, entries, opts) {
+  const o = Object.assign({ highlight: null, digits: 2, width: 440 }, opts || {});
+  const wrap = el("figure", { class: "bar-chart" }, el("figcaption", {}, title));
+  const rowH = 24, labelW = 130, valueW = 60;
+  const height = entries.length * rowH + 4;
+  const plotW = o.width - labelW - valueW;
+  const values = entries.map(([, v]) => v);
+  const lo = Math.min(0, ...values), hi = Math.max(0, ...values);
+  const span = hi - lo || 1;
+  const x0 = labelW + ((0 - lo) / span) * plotW;
+  const chart = svg("svg", { width: o.width, height, viewBox: `0 0 ${o.width} ${height}`, role: "img" });
+  const caption = svg("title");
+  caption.textContent = title;
+  chart.append(caption);
+  entries.forEach(([label, value], i) => {
+    const y = i * rowH + 2;
+    const x1 = labelW + ((value - lo) / span) * plotW;
+    const name = svg("text", { x: labelW - 6, y: y + rowH * 0.65, "text-anchor": "end", class: "label" });
+    name.textContent = label.length > 18 ? label.slice(0, 17) + "…" : label || "(empty)";
+    const full = svg("title");
+    full.textContent = `${label}: ${value}`;
+    const bar = svg("rect", {
+      x: Math.min(x0, x1), y: y + 3, width: Math.max(1, Math.abs(x1 - x0)), height: rowH - 8,
+      class: "bar" + (label === o.highlight ? " winner" : ""), "data-label": label, "data-value": value,
+    });
+    bar.append(full);
+    const num = svg("text", { x: labelW + plotW + 6, y: y + rowH * 0.65, class: "value" });
+    num.textContent = fmt(value, o.digits);
+    chart.append(name, bar, num);
+  });
+  chart.append(svg("line", { x1: x0, x2: x0, y1: 0, y2: height, class: "axis" }));
+  wrap.append(chart);
+  return wrap;
+}
+
+// Grouped bars: for each label, one bar per series ([name, values aligned with labels]).
+function groupedChart(title, labels, series, highlight) {
+  const wrap = el("figure", { class: "bar-chart" }, el("figcaption", {}, title));
+  const width = 440, labelW = 130, barH = 9, gap = 10;
+  const groupH = series.length * barH + gap;
+  const height = labels.length * groupH + 22;
+  const plotW = width - labelW - 20;
+  const hi = Math.max(1e-9, ...series.flatMap(([, vs]) => vs));
+  const chart = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
+  labels.forEach((label, i) => {
+    const y = i * groupH + 2;
+    const name = svg("text", { x: labelW - 6, y: y + groupH / 2, "text-anchor": "end", class: "label" });
+    name.textContent = label.length > 18 ? label.slice(0, 17) + "…" : label;
+    chart.append(name);
+    series.forEach(([sname, vs], j) => {
+      const bar = svg("rect", {
+        x: labelW, y: y + j * barH, width: Math.max(1, (vs[i] / hi) * plotW), height: barH - 1,
+        class: `bar series-${j}` + (label === highlight ? " winner" : ""),
+      });
+      const t = svg("title");
+      t.textContent = `${sname} · ${label}: ${fmt(vs[i], 4)}`;
+      bar.append(t);
+      chart.append(bar);
+    });
+  });
+  series.forEach(([sname], j) => {
+    const x = labelW + j * 75;
+    chart.append(svg("rect", { x, y: height - 14, width: 10, height: 10, class: `bar series-${j}` }));
+    const t = svg("text", { x: x + 14, y: height - 5, class: "legend" });
+    t.textContent = sname;
+    chart.append(t);
+  });
+  wrap.append(chart);
+  return wrap;
+}
+
+// ------------------------------------------------------------------ task stream
+function candidateCard(c) {
+  const ok = !c.error;
+  return el(
+    "article",
+    { class: "candidate" + (ok ? "" : " failed"), "data-agent": c.agent },
+    el("header", {}, el("strong", {}, c.agent), " ", el("span", { class: "role" }, c.role || "")),
+    el("p", { class: "text" }, ok ? c.text || "(empty answer)" : c.error),
+    el("footer", { class: "muted small" },
+      `score ${fmt(c.score, 3)} · ${fmt(c.latency_ms, 0)} ms`),
+  );
+}
+
+function showCandidate(c) {
+  const box = $("candidates");
+  const old = box.querySelector(`[data-agent="${CSS.escape(c.agent)}"]`);
+  const card = candidateCard(c);
+  if (old) old.replaceWith(card); else box.append(card);
+}
+
+function traceItem(ev) {
+  const data = JSON.stringify(ev.data);
+  return el("li", {},
+    el("span", { class: "step" }, ev.step), " ",
+    el("span", { class: "muted small" }, `${fmt(ev.at_ms, 0)} ms`), " ",
+    el("code", {}, data.length > 300 ? data.slice(0, 299) + "…" : data));
+}
+
+// Parses a fetch body of server-sent events; calls onEvent(name, data) for each one.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      let name = "message";
+      const lines = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) lines.push(line.slice(5).trimStart());
+      }
+      if (lines.length) onEvent(name, JSON.parse(lines.join("\n")));
+    }
+  }
+}
+
+function clearResult() {
+  $("candidates").replaceChildren();
+  $("trace").replaceChildren();
+  for (const id of ["votes-chart", "equilibrium-chart", "debate", "trust-chart"]) $(id).replaceChildren();
+  $("decision-strategy").textContent = "";
+  $("answer-box").hidden = true;
+}
+
+$("task-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const task = $("task-input").value.trim();
+  if (!task) return;
+  const body = { task, stream: true, cache: $("use-cache").checked };
+  if ($("strategy").value) body.strategy = $("strategy").value;
+  if ($("max-tokens").value) body.max_tokens = Number($("max-tokens").value);
+  if ($("use-rag").checked) body.use_rag = true;
+  clearResult();
+  $("run").disabled = true;
+  setStatus("Asking the agents…");
+  const t0 = performance.now();
+  let result = null;
+  try {
+    const r = await api("v1/tasks", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(body),
+    });
+    await readEvents(r, (name, data) => {
+      if (name === "candidate") {
+        showCandidate(data);
+        setStatus(`${$("candidates").children.length} candidate(s) in, ${fmt(performance.now() - t0, 0)} ms…`);
+      } else if (name === "trace") {
+        $("trace").append(traceItem(data));
+        if (data.step === "debate_round") setStatus(`debate round ${data.data.round}…`);
+      } else if (name === "result") {
+        result = data;
+      } else if (name === "error") {
+        throw new ApiError(0, data);
+      }
+    });
+    if (!result) throw new Error("the stream ended without a result");
+    showResult(result);
+    remember(task, result);
+    setStatus(`Done in ${fmt(result.latency_ms, 0)} ms${result.cached ? " (from the cache)" : ""}.`);
+  } catch (err) {
+    setStatus(err.status === 401 ? "This server needs an API key: enter one above." : `Error: ${err.message}`, true);
+  } finally {
+    $("run").disabled = false;
+    loadAgents();
+    loadCacheStats();
+  }
+});
+
+// ------------------------------------------------------------------ the decision
+function showResult(result) {
+  $("answer").textContent = result.answer || "(no answer)";
+  $("answer-meta").textContent =
+    `${result.strategy} · ${fmt(result.latency_ms, 0)} ms` +
+    (result.cached ? " · cached" : "") +
+    (result.missing_agents.length ? ` · missing: ${result.missing_agents.join(", ")}` : "");
+  $("answer-box").hidden = false;
+  $("candidates").replaceChildren(...result.candidates.map(candidateCard));
+  $("trace").replaceChildren(...result.trace.map(traceItem));
+  $("decision-strategy").textContent = result.strategy;
+  const decision = result.trace.find((e) => e.step === "decision");
+  const winner = decision ? decision.data.winner : null;
+  const votes = Object.entries(result.votes || {}).sort((a, b) => b[1] - a[1]);
+  const isEq = decision && Array.isArray(decision.data.generator);
+  $("votes-chart").replaceChildren(
+    votes.length
+      ? barChart(isEq ? "Equilibrium ranking score per answer" : "Votes per answer", votes,
+        { highlight: winner, digits: isEq ? 3 : 2 })
+      : el("p", { class: "muted" }, "No votes (every agent abstained)."));
+  $("equilibrium-chart").replaceChildren();
+  if (isEq) {
+    const labels = Object.keys(result.votes);
+    const d = decision.data;
+    $("equilibrium-chart").append(groupedChart(
+      "Consensus game: P(correct) policies, initial and at equilibrium", labels,
+      [["generator₀", d.generator_init], ["discrim.₀", d.discriminator_init],
+        ["generator", d.generator], ["discriminator", d.discriminator]], winner));
+  }
+  showDebate(result);
+  showTrust(result);
+}
+
+function showDebate(result) {
+  const rounds = result.trace.filter((e) => e.step === "debate_round");
+  const box = $("debate");
+  box.replaceChildren();
+  if (!rounds.length) return;
+  const agents = result.candidates.map((c) => c.agent);
+  const first = Object.fromEntries(result.candidates.map((c) => [c.agent, c.error ? "(failed)" : c.text]));
+  const head = el("tr", {}, el("th", {}, "agent"), el("th", {}, "first answer"),
+    ...rounds.map((r) => el("th", {}, `round ${r.data.round}${r.data.agreed ? " ✓" : ""}`)));
+  const rows = agents.map((a) => el("tr", {}, el("td", {}, a), el("td", {}, first[a] || ""),
+    ...rounds.map((r) => el("td", {}, (r.data.answers || {})[a] || ""))));
+  box.append(el("figure", { class: "debate" }, el("figcaption", {}, "Debate rounds side by side"),
+    el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))));
+}
+
+function showTrust(result) {
+  const traced = result && result.trace.find((e) => e.step === "trust");
+  let entries;
+  if (traced) entries = Object.entries(traced.data.weights);
+  else entries = lastAgents.filter((a) => a.trust).map((a) => [a.name, a.trust.weight]);
+  $("trust-chart").replaceChildren();
+  if (entries.length) {
+    $("trust-chart").append(barChart(traced ? "Trust weights used for this task" : "Trust weights (now)",
+      entries, { digits: 3 }));
+  }
+}
+
+// ------------------------------------------------------------------ recent tasks (this tab)
+function recent() {
+  try { return JSON.parse(sessionStorage.getItem(RECENT_SLOT) || "[]"); } catch (_) { return []; }
+}
+
+function remember(task, result) {
+  const list = [{ task, at: new Date().toISOString(), result }, ...recent()].slice(0, RECENT_MAX);
+  try {
+    sessionStorage.setItem(RECENT_SLOT, JSON.stringify(list));
+  } catch (_) {
+    sessionStorage.setItem(RECENT_SLOT, JSON.stringify(list.slice(0, 3))); // over the quota
+  }
+  showRecent();
+}
+
+function showRecent() {
+  $("recent").replaceChildren(...recent().map((item) => {
+    const li = el("li", {},
+      el("button", { type: "button", class: "link" }, item.task), " → ",
+      el("strong", {}, item.result.answer || "(no answer)"), " ",
+      el("span", { class: "muted small" },
+        `${item.result.strategy}${item.result.cached ? " · cached" : ""} · ${new Date(item.at).toLocaleTimeString()}`));
+    li.querySelector("button").addEventListener("click", () => {
+      $("task-input").value = item.task;
+      showResult(item.result);
+      setStatus("Showing a recent task (its stored answer and trace).");
+    });
+    return li;
+  }));
+}
+
+async function loadCacheStats() {
+  try {
+    const s = await (await api("v1/cache")).json();
+    $("cache-stats").textContent = s.enabled
+      ? `Result cache: ${s.entries} entries, hit rate ${fmt(100 * s.hit_rate, 0)}%`
+      : "Result cache: off";
+  } catch (_) {
+    $("cache-stats").textContent = "";
+  }
+}
+
+// ------------------------------------------------------------------ agents and models
+async function loadAgents() {
+  try {
+    const agents = (await (await api("v1/agents")).json()).agents;
+    lastAgents = agents;
+    $("agents").querySelector("tbody").replaceChildren(...agents.map((a) => {
+      const h = a.health || {};
+      const s = a.stats || {};
+      const replicas = (a.pool && a.pool.replicas) || [];
+      const inFlight = replicas.reduce((n, r) => n + (r.in_flight || 0), 0);
+      const state = h.loaded ? "loaded" : h.error ? "down" : "loading";
+      return el("tr", { "data-agent": a.name },
+        el("td", {}, a.name), el("td", {}, a.role),
+        el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),
+        el("td", {}, inFlight), el("td", {}, replicas.length),
+        el("td", {}, fmt(s.tokens_per_s, 1)), el("td", {}, s.requests === undefined ? "–" : s.requests),
+        el("td", {}, a.trust ? fmt(a.trust.weight, 3) : "–"));
+    }));
+    $("agents-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    if (!$("trust-chart").children.length) showTrust(null);
+  } catch (err) {
+    $("agents-updated").textContent = `(${err.message})`;
+  }
+}
+
+async function loadModels() {
+  try {
+    const models = (await (await api("v1/models")).json()).data;
+    const select = $("strategy");
+    select.replaceChildren(el("option", { value: "" }, "default"));
+    for (const m of models) {
+      const name = m.id.includes(":") ? m.id.split(":")[1] : null;
+      if (name) select.append(el("option", { value: name }, name));
+    }
+  } catch (err) {
+    if (err.status !== 401) setStatus(`Could not list the strategies: ${err.message}`, true);
+  }
+}
+
+function refreshAll() {
+  loadModels();
+  loadAgents();
+  loadCacheStats();
+  if (agentsTimer === null) agentsTimer = setInterval(loadAgents, 3000);
+}
+
+// The Ray dashboard listens on its own port of the head node (8265 unless configured);
+// ?dashboard=URL points the link elsewhere.
+const dash = new URLSearchParams(window.location.search).get("dashboard") ||
+  `${window.location.protocol}//${window.location.hostname}:8265`;
+$("dashboard-link").href = dash;
+$("key-forget").hidden = !apiKey;
+showRecent();
+refreshAll();
