@@ -75,6 +75,10 @@ def test_keys_scopes_limits_and_audit_over_http(secure, tmp_path):
     assert call("GET", "/v1/models", headers=_key("not-a-key-0123456789abcdef")).status_code == 401
 
     assert call("GET", "/v1/models", headers=_key(READER)).status_code == 200
+    schema = call("GET", "/openapi.json", headers=_key(READER)).json()  # documents the bearer keys
+    assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert schema["security"] == [{"bearerAuth": []}] and schema["paths"]["/healthz"]["get"]["security"] == []
+    assert set(schema["paths"]["/v1/tasks"]["post"]["responses"]) >= {"401", "403", "413", "422", "429"}
     r = call("POST", "/v1/tasks", json={"task": "hi"}, headers=_key(READER))
     assert r.status_code == 403 and r.json()["error"]["details"]["needed_scope"] == "tasks"
     r = call("POST", "/v1/documents", json={"documents": []}, headers=_key(ASKER))
