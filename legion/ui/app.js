@@ -133,7 +133,7 @@ function barChart(title, entries, opts) {
 // Grouped bars: for each label, one bar per series ([name, values aligned with labels]).
 function groupedChart(title, labels, series, highlight) {
   const wrap = el("figure", { class: "bar-chart" }, el("figcaption", {}, title));
-  const width = 440, labelW = 130, barH = 9, gap = 10;
+  const width = 520, labelW = 130, barH = 9, gap = 10;
   const groupH = series.length * barH + gap;
   const height = labels.length * groupH + 22;
   const plotW = width - labelW - 20;
@@ -156,7 +156,7 @@ function groupedChart(title, labels, series, highlight) {
     });
   });
   series.forEach(([sname], j) => {
-    const x = labelW + j * 75;
+    const x = labelW + j * 95;
     chart.append(svg("rect", { x, y: height - 14, width: 10, height: 10, class: `bar series-${j}` }));
     const t = svg("text", { x: x + 14, y: height - 5, class: "legend" });
     t.textContent = sname;

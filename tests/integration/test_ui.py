@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -140,3 +141,51 @@ def test_console_in_a_real_browser(legion_url, legion_config, tmp_path):
     assert errors == []
     REPO_OUTPUT.mkdir(exist_ok=True)
     shutil.copy(shot, REPO_OUTPUT / "ui.png")
+
+
+KEY = "ui-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_url(legion_url, legion_config):
+    """A second app with API keys under /keyed; the same app name, so the same Arbiter and agents."""
+    from ray import serve
+
+    from legion.config import config_from_dict
+    from serve_app import build_app
+
+    data = legion_config.model_dump(mode="json")
+    data["serve"]["ingress_num_cpus"] = 0  # the session's agents hold the cores
+    data["security"] = {"api_keys": [KEY], "audit_file": "ui-audit.db"}
+    serve.run(build_app(config_from_dict(data)), name="legionui", route_prefix="/keyed")
+    url = f"{legion_url}/keyed"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the keyed app never became healthy"
+        time.sleep(0.5)
+    yield url
+    serve.delete("legionui")
+
+
+def test_console_asks_for_a_key_and_keeps_it_in_the_tab(keyed_url):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    assert httpx.get(f"{keyed_url}/ui/app.js", timeout=30).status_code == 200  # public
+    assert httpx.get(f"{keyed_url}/v1/agents", timeout=30).status_code == 401
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"{keyed_url}/ui/")
+            page.wait_for_selector("#key-form:not([hidden])")
+            assert page.locator("#agents tbody tr").count() == 0
+            page.fill("#key-input", KEY)
+            page.click("#key-form button[type=submit]")
+            page.wait_for_selector("#agents tbody tr td.state.loaded")
+            page.wait_for_function("document.querySelectorAll('#strategy option').length > 1")
+            assert page.evaluate("sessionStorage.getItem('legion.apiKey')") == KEY
+            assert page.evaluate("JSON.stringify(localStorage)") == "{}"
+            assert page.context.cookies() == []
+        finally:
+            browser.close()
