@@ -542,6 +542,10 @@ class LegionIngress:
                 yield sse_event("error", {"error": cause.to_dict()})
             except LegionError as exc:
                 yield sse_event("error", {"error": exc.to_dict()})
+            except Exception:  # the stream has started: a 500 can no longer be sent
+                log.exception("streamed task failed")
+                err = LegionError("the task failed inside Legion; retry it", code=ErrorCode.INTERNAL)
+                yield sse_event("error", {"error": err.to_dict()})
             yield sse_event("done", {})
         finally:
             work.cancel()  # the client went away mid-stream

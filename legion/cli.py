@@ -59,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
             "  Ray 2.60 requires its auth token: the dashboard asks for the token in "
             "~/.ray/auth_token; CLI tools need RAY_AUTH_MODE=token."
         )
+    link = f"?dashboard=http://{dash}" if dash else ""  # the console's link to the Ray dashboard
+    print(f"Legion console: {url}/ui/{link}")
     print("Press Ctrl+C to stop.")
     stop = {"now": False}
 

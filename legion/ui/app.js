@@ -421,9 +421,10 @@ function refreshAll() {
 
 // The Ray dashboard listens on its own port of the head node (8265 unless configured);
 // ?dashboard=URL points the link elsewhere.
-const dash = new URLSearchParams(window.location.search).get("dashboard") ||
-  `${window.location.protocol}//${window.location.hostname}:8265`;
-$("dashboard-link").href = dash;
+const asked = new URLSearchParams(window.location.search).get("dashboard") || "";
+$("dashboard-link").href = /^https?:\/\//.test(asked) // only web links, never javascript:
+  ? asked
+  : `${window.location.protocol}//${window.location.hostname}:8265`;
 $("key-forget").hidden = !apiKey;
 showRecent();
 refreshAll();

@@ -148,7 +148,8 @@ KEY = "ui-test-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def keyed_url(legion_url, legion_config):
-    """A second app with API keys under /keyed; the same app name, so the same Arbiter and agents."""
+    """A second app with API keys and a tiny task timeout under /keyed; the same app name, so the
+    same Arbiter and agents."""
     from ray import serve
 
     from legion.config import config_from_dict
@@ -157,6 +158,7 @@ def keyed_url(legion_url, legion_config):
     data = legion_config.model_dump(mode="json")
     data["serve"]["ingress_num_cpus"] = 0  # the session's agents hold the cores
     data["security"] = {"api_keys": [KEY], "audit_file": "ui-audit.db"}
+    data["serve"]["request_timeout_s"] = 0.05  # every task here runs out of time: an error event
     serve.run(build_app(config_from_dict(data)), name="legionui", route_prefix="/keyed")
     url = f"{legion_url}/keyed"
     deadline = time.monotonic() + 120
@@ -189,3 +191,13 @@ def test_console_asks_for_a_key_and_keeps_it_in_the_tab(keyed_url):
             assert page.context.cookies() == []
         finally:
             browser.close()
+
+
+def test_task_stream_reports_a_failure_as_an_error_event(keyed_url):
+    with httpx.Client(base_url=keyed_url, timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        r, events = _events(c, {"task": f"Name a fruit ({uuid.uuid4().hex[:8]}).", "cache": False})
+    assert r.status_code == 200  # the stream had started when the task ran out of time
+    names = [n for n, _ in events]
+    assert names[-2:] == ["error", "done"] and "result" not in names, names
+    error = events[-2][1]["error"]
+    assert error["code"] == "timeout" and "timeout" in error["message"]
