@@ -305,6 +305,7 @@ def run_bench(args: argparse.Namespace) -> int:
         _progress(f"{k} agent(s): actors ...")
         actor = _actor_tokens_per_s(model_path, k, share, args.rounds, args.max_tokens)
         ratios[str(k)] = round(actor / bare, 3)
+        _progress(f"{k} agent(s): bare {bare:.1f} tok/s, actors {actor:.1f} tok/s, ratio {ratios[str(k)]}")
         detail[str(k)] = {
             "bare_tokens_per_s": round(bare, 1),
             "actor_tokens_per_s": round(actor, 1),
