@@ -218,10 +218,10 @@ class ArbiterConfig(_Strict):
     )
     equilibrium_eta: float = Field(0.1, gt=0.0, le=100.0, description="piKL learning rate.")
     equilibrium_lambda: float = Field(
-        0.1, ge=0.0, le=100.0, description="KL weight keeping each player near its initial policy."
+        1.0, ge=0.0, le=100.0, description="KL weight keeping each player near its initial policy."
     )
     equilibrium_rank_by: Literal["generator", "discriminator", "product"] = Field(
-        "product", description="Rank answers by P(y|correct), P(correct|y), or their product."
+        "generator", description="Rank answers by P(y|correct), P(correct|y), or their product."
     )
     equilibrium_discriminator: Literal["length", "pmi"] = Field(
         "length",

@@ -159,11 +159,12 @@ class EquilibriumRanking:
     """Rank the candidate answers by the Consensus Game's regularised equilibrium.
 
     With option scores (every agent's log-likelihood of every distinct answer), the generator
-    starts from the agents' pooled P(y | question) and the discriminator from their pooled
-    calibrated P(correct | y): the likelihood of y given the question divided by its
-    likelihood without it (pointwise mutual information), so that answers that are merely
-    common words do not win. Without option scores it falls back to the vote shares and the
-    candidates' own mean log-likelihoods.
+    starts from the agents' pooled P(y | question) (a weighted mean of log-probabilities, the
+    weights being trust weights when given) and the discriminator from their pooled
+    P(correct | y) judged apart from length (``discriminator="length"``: per-byte
+    likelihood) or from how common the answer is anyway (``"pmi"``: the likelihood over the
+    likelihood after a question-free prompt). Without option scores it falls back to the
+    vote shares and the candidates' own mean log-likelihoods.
     """
 
     name = "equilibrium"
@@ -174,8 +175,8 @@ class EquilibriumRanking:
         self,
         iterations: int = 500,
         eta: float = 0.1,
-        lam: float = 0.1,
-        rank_by: str = "product",
+        lam: float = 1.0,
+        rank_by: str = "generator",
         discriminator: str = "length",
     ):
         if discriminator not in ("length", "pmi"):

@@ -135,9 +135,11 @@ class ScoreCache:
         if self.path.is_file():
             with self.path.open(encoding="utf-8") as f:
                 for line in f:
-                    if line.strip():
+                    try:
                         row = json.loads(line)
                         self._rows[row["key"]] = row
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line cut short by an interrupted run: scored again
         self._out = self.path.open("a", encoding="utf-8")
 
     @staticmethod
@@ -171,6 +173,7 @@ class Scorer:
     engines: dict[str, Any] = field(default_factory=dict)
     cache: ScoreCache | None = None
     n_threads: int = 2
+    _bundled: str | None = None
 
     @classmethod
     def load(
@@ -189,10 +192,18 @@ class Scorer:
             self.engines[path] = LlamaEngine(path, n_ctx=max(n_ctx, 2048), n_threads=self.n_threads)
         return self.engines[path]
 
-    def _score(self, a: AgentConfig, context: str, conts: list[str]) -> tuple[list[float], list[int], float]:
-        from legion.engine import bundled_model_path
+    def _model(self, a: AgentConfig) -> str:
+        # Resolved once: locating the bundled model checks its files (half a second).
+        if a.model_path:
+            return a.model_path
+        if self._bundled is None:
+            from legion.engine import bundled_model_path
 
-        path = a.model_path or bundled_model_path()
+            self._bundled = bundled_model_path()
+        return self._bundled
+
+    def _score(self, a: AgentConfig, context: str, conts: list[str]) -> tuple[list[float], list[int], float]:
+        path = self._model(a)
         key = ScoreCache.key(path, context, conts)
         hit = self.cache.get(key) if self.cache is not None else None
         if hit is not None:

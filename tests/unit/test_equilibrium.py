@@ -79,7 +79,9 @@ def test_length_discriminator_corrects_the_bias_for_short_answers():
         n_bytes=[4, 33],
     )
     cands = [cand("a", "ice"), cand("b", "ice")]
-    d = EquilibriumRanking(iterations=500, discriminator="length").decide(cands, None, scores)
+    d = EquilibriumRanking(iterations=500, lam=0.1, rank_by="product", discriminator="length").decide(
+        cands, None, scores
+    )
     assert d.details["init"] == "loglik+length"
     assert d.answer_key == "liquid water at room temperature"
     gen_only = EquilibriumRanking(iterations=500, rank_by="generator", lam=100.0).decide(cands, None, scores)
