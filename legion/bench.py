@@ -313,15 +313,16 @@ def run_bench(args: argparse.Namespace) -> int:
         }
     result["actor_vs_bare_tokens_per_s_ratio"] = ratios
     result["tokens_per_s"] = detail
+    _progress("HTTP /v1/tasks against a direct ArbiterActor call ...")
+    http = _http_overhead(args.http_requests, cores)
+    result.update(http)
+    _progress(f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms")
     _progress("batching: one agent under 8 concurrent requests, 8 samples of one prompt ...")
     batching = _batching(model_path, cores, args.max_tokens)
     result["batching"] = batching
     for key in ("batched_vs_llama_server_ratio", "fanout8_vs_single_time_ratio"):
         if key in batching:
             result[key] = batching[key]
-    _progress("HTTP /v1/tasks against a direct ArbiterActor call ...")
-    http = _http_overhead(args.http_requests, cores)
-    result.update(http)
     if args.json:
         print(json.dumps(result))
         return 0
