@@ -162,13 +162,15 @@ class Load:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.n = 0
+        # Weighted so that thousands of requests fit in minutes on a small machine: a novel task
+        # costs every agent a generation, the rest are cheap but cross the same layers.
         self.mix = [
-            (30, self.novel_task),
-            (20, self.repeated_task),
-            (10, self.chat),
+            (15, self.novel_task),
+            (25, self.repeated_task),
+            (5, self.chat),
             (5, self.stream_chat),
-            (15, self.read),
-            (10, self.health),
+            (25, self.read),
+            (15, self.health),
             (10, self.invalid),
         ]
 
@@ -227,15 +229,16 @@ class Load:
 
 
 def run_load(load: Load, total: int, concurrency: int, sampler: MemorySampler | None, warmup: int) -> Counter:
+    """Send ``total`` requests; stops early once 50 in a row fail to connect (the server is gone)."""
     statuses: Counter = Counter()
     lock = threading.Lock()
-    issued = {"n": 0}
+    issued = {"n": 0, "dead_streak": 0}
 
     def worker() -> None:
         with httpx.Client(headers=load.headers, timeout=300) as c:
             while True:
                 with lock:
-                    if issued["n"] >= total:
+                    if issued["n"] >= total or issued["dead_streak"] >= 50:
                         return
                     issued["n"] += 1
                 kind, n = load.pick()
@@ -244,6 +247,7 @@ def run_load(load: Load, total: int, concurrency: int, sampler: MemorySampler | 
                 except httpx.HTTPError:
                     status = 0
                 with lock:
+                    issued["dead_streak"] = issued["dead_streak"] + 1 if status == 0 else 0
                     statuses[status] += 1
                     done = sum(statuses.values())
                     if sampler is not None:
@@ -329,6 +333,7 @@ def main() -> int:
     p.add_argument("--tolerance-mib", type=float, default=20.0, help="growth below this is not a leak")
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--samples-out", help="also write every RSS sample to this CSV file")
     args = p.parse_args()
 
     proc, workdir = None, None
@@ -353,6 +358,12 @@ def main() -> int:
         sampler.stop.set()
         sampler.join()
         rows = growth_report(sampler, agents_by_pid, args.tolerance_mib)
+        if args.samples_out:
+            with open(args.samples_out, "w") as f:
+                f.write("process,pid,requests_done,rss_mib\n")
+                for pid, points in sampler.samples.items():
+                    name = _label(sampler.titles[pid], pid, agents_by_pid)
+                    f.writelines(f"{name},{pid},{n},{mib:.2f}\n" for n, mib in points)
     finally:
         if proc is not None:
             stop_server(proc)
