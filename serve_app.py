@@ -90,17 +90,16 @@ async def _legion_error(_: Request, exc: LegionError) -> JSONResponse:
     return _legion_response(exc)
 
 
+def _retry_shortly(message: str) -> JSONResponse:
+    """503 with Retry-After: a part that comes back by itself is unavailable right now."""
+    return _legion_response(LegionError(message, code=ErrorCode.NOT_READY, details={"retry_after_s": 5}))
+
+
 @api.exception_handler(RayActorError)
 async def _actor_unavailable(_: Request, exc: RayActorError) -> JSONResponse:
     # The Arbiter or a retriever restarting (they come back by themselves): a 503, never a 500.
     log.warning("actor unavailable: %s", type(exc).__name__)
-    return _legion_response(
-        LegionError(
-            "a Legion actor is restarting; retry shortly",
-            code=ErrorCode.NOT_READY,
-            details={"retry_after_s": 5},
-        )
-    )
+    return _retry_shortly("a Legion actor is restarting; retry shortly")
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -143,13 +142,7 @@ api.openapi = _openapi
 async def _store_unavailable(_: Request, exc: sqlite3.Error) -> JSONResponse:
     # A route that reads a SQLite store (sessions, cache stats) while its file is broken or locked.
     log.error("SQLite store unavailable: %s", exc)
-    return _legion_response(
-        LegionError(
-            "Legion's state store is unavailable right now; retry shortly",
-            code=ErrorCode.NOT_READY,
-            details={"retry_after_s": 5},
-        )
-    )
+    return _retry_shortly("Legion's state store is unavailable right now; retry shortly")
 
 
 @api.exception_handler(RequestValidationError)

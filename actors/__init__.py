@@ -99,8 +99,13 @@ def agent_placement(cfg: LegionConfig, agent: AgentConfig) -> dict:
     return opts
 
 
-def start_agent(cfg: LegionConfig, agent: AgentConfig, *, name: str | None = None):
-    """Create (or find) the named, detached actor for ``agent``; it loads its model itself."""
+def start_agent(cfg: LegionConfig, agent: AgentConfig, *, name: str | None = None, extra: bool = False):
+    """Create (or find) the named, detached actor for ``agent``; it loads its model itself.
+
+    ``extra`` marks a replica an agent pool adds: it keeps the agent's custom resources but not
+    its placement-group bundle, which the first replica holds.
+    """
+    placement = ({"resources": dict(agent.resources)} if agent.resources else {}) if extra else None
     return (
         ray.remote(AgentActor)
         .options(
@@ -114,7 +119,7 @@ def start_agent(cfg: LegionConfig, agent: AgentConfig, *, name: str | None = Non
             max_task_retries=0,
             # Every waiting call holds a thread: running sequences, the queue, and health checks.
             max_concurrency=agent.n_parallel + agent.max_queue + 4,
-            **agent_placement(cfg, agent),
+            **(agent_placement(cfg, agent) if placement is None else placement),
         )
         .remote(agent.model_dump(mode="json"))
     )

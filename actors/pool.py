@@ -155,26 +155,11 @@ class AgentPool:
         return None
 
     def _add(self, index: int) -> None:
-        from actors.agent import AgentActor
+        from actors import start_agent  # actors/__init__ imports this module
 
         a = self.agent
         name = f"{self._first_name}-{index}"
-        handle = (
-            ray.remote(AgentActor)
-            .options(
-                name=name,
-                namespace=self._namespace,
-                get_if_exists=True,
-                lifetime="detached",
-                num_cpus=a.num_cpus,
-                num_gpus=a.num_gpus,
-                resources=dict(a.resources) or None,
-                max_restarts=a.max_restarts,
-                max_task_retries=0,
-                max_concurrency=a.n_parallel + a.max_queue + 4,
-            )
-            .remote(a.model_dump(mode="json"))
-        )
+        handle = start_agent(self.cfg, a, name=name, extra=True)
         replica = _Replica(name, handle, ready=False)
 
         def loaded(_):

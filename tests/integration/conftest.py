@@ -7,13 +7,26 @@ tests drive it with httpx and the ``openai`` client.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 
 import httpx
 import pytest
 
 TEST_APP = "legiontest"
+
+
+def stop_serve(proc) -> str:
+    """Stop a ``legion serve`` subprocess as Ctrl+C would (SIGKILL after 120 s); its output."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+    return log
 
 
 def _free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import _free_port, stop_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,12 +80,7 @@ def test_legion_serve_and_ask_end_to_end(tmp_path):
         )
         assert bad.returncode == 1 and "unknown strategy" in bad.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            log, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
+        log = stop_serve(proc)
     assert f"serving at {url}" in log
     assert proc.returncode == 0, log
 

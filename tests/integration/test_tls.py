@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import _free_port, stop_serve
 
 KEY = "tls-test-key-0123456789abcdef"
 LEGION = [sys.executable, "-m", "legion.cli"]
@@ -152,12 +151,7 @@ def test_https_with_keys_end_to_end(tmp_path):
         )
         assert denied.returncode == 1 and "error 401" in denied.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            log, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
+        log = stop_serve(proc)
     assert f"serving at {url}" in log
     assert "1 API keys" in log and KEY not in log
     assert proc.returncode == 0, log
