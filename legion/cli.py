@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--max-tokens", type=int, default=48, help="tokens per generation")
     b.add_argument("--rounds", type=int, default=3, help="generations per agent per measure")
+    b.add_argument(
+        "--repeats", type=int, default=3, help="bare/actor measures alternated per number of agents"
+    )
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
     b.add_argument(
         "--rag",

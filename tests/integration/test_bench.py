@@ -1,0 +1,40 @@
+"""`legion bench --json` runs every stage on the real model and prints the keys the README names.
+
+Smallest settings (one 4-token generation per measure): this checks that the benchmark works
+and reports what it claims to, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.integration.conftest import _free_port
+
+
+def test_bench_prints_every_ratio_as_json():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", LEGION_BENCH_PORT=str(_free_port()))
+    cmd = [sys.executable, "-m", "legion.cli", "bench", "--json", "--rounds", "1", "--repeats", "1"]
+    cmd += ["--max-tokens", "4", "--http-requests", "2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ratios = result["actor_vs_bare_tokens_per_s_ratio"]
+    assert set(ratios) == {"1", "2", "3"} and all(r > 0 for r in ratios.values())
+    for k in ("1", "2", "3"):
+        d = result["tokens_per_s"][k]
+        assert d["bare_tokens_per_s"] > 0 and d["actor_tokens_per_s"] > 0 and d["pairs"] == 1
+    assert result["requests"] == 2
+    assert result["http_p50_ms"] > 0 and result["direct_p50_ms"] > 0 and result["serve_noop_post_ms_p50"] > 0
+    assert isinstance(result["http_overhead_ms_p50"], float)
+    b = result["batching"]
+    assert b["concurrency"] == 8 and b["agent_tokens_per_s"] > 0
+    assert result["fanout8_vs_single_time_ratio"] == b["fanout8_vs_single_time_ratio"] > 0
+    # The llama-server comparison is there exactly when llama-server is installed.
+    if "llama_server_tokens_per_s" in b:
+        assert result["batched_vs_llama_server_ratio"] == b["batched_vs_llama_server_ratio"] > 0
+    else:
+        assert "not installed" in b["llama_server"] and "batched_vs_llama_server_ratio" not in result
