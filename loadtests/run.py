@@ -4,8 +4,9 @@
     python loadtests/run.py --url http://127.0.0.1:8000 --users 200 ...   (an already running Legion)
 
 Writes ``<out>/locust_stats.csv`` (and the other Locust CSVs) and ``<out>/locust.html``, then
-prints one line: users, requests, failures, shed (503 with Retry-After), req/s and
-p50/p95/p99 per route. Exits 1 if any request failed (shed requests are not failures).
+prints one line: users, requests, failures, shed (503 with Retry-After), req/s,
+p50/p95/p99 per route, and the tokens the agents generated per second meanwhile. Exits 1 if
+any request failed (shed requests are not failures).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float = 60
             pass
         time.sleep(1)
     raise SystemExit(f"{url} never became healthy")
+
+
+def agent_tokens(url: str) -> int:
+    """Completion tokens the agents have generated so far (``GET /v1/agents``; each agent's
+    primary replica: replicas a pool added under load are not in this count)."""
+    import httpx
+
+    key = os.environ.get("LEGION_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    agents = httpx.get(f"{url}/v1/agents", headers=headers, timeout=60).raise_for_status().json()["agents"]
+    return sum((a.get("stats") or {}).get("completion_tokens", 0) for a in agents)
 
 
 def summarize(stats_csv: Path, users: int) -> tuple[str, int]:
@@ -97,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             "--host", url, "--csv", str(out / "locust"), "--html", str(out / "locust.html"),
             "--only-summary", "--exit-code-on-error", "0",
         ]  # fmt: skip
+        tokens0, t0 = agent_tokens(url), time.monotonic()
         subprocess.run(locust, check=True, env=os.environ.copy())
+        tokens, seconds = agent_tokens(url) - tokens0, time.monotonic() - t0
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -106,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
     line, failures = summarize(out / "locust_stats.csv", args.users)
-    print(line)
+    # The uncached work, in the unit of `legion bench`: tokens the agents generated per second.
+    print(f"{line} agent_tokens={tokens} agent_tokens/s={tokens / seconds:.1f}")
     return 1 if failures else 0
 
 

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_short_locust_run_has_no_failures(legion_url, tmp_path):
     sys.path.insert(0, str(ROOT / "loadtests"))
-    from run import summarize
+    from run import agent_tokens, summarize
 
+    before = agent_tokens(legion_url)
     out = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
          "-u", "8", "-r", "4", "-t", "15s", "--host", legion_url, "--csv", str(tmp_path / "locust"),
@@ -26,6 +27,7 @@ def test_short_locust_run_has_no_failures(legion_url, tmp_path):
     assert failures == 0, line
     requests = int(line.split("requests=")[1].split()[0])
     assert requests > 0, line
+    assert agent_tokens(legion_url) > before  # novel tasks reached the agents and were counted
     # Every kind of request in the mix was exercised.
     for route in ("/v1/tasks (repeated)", "/v1/chat/completions (stream)"):
         assert route in line, line
