@@ -29,6 +29,21 @@ def stop_serve(proc) -> str:
     return log
 
 
+def wait_healthy(url: str, limit_s: float = 300, *, transport_errors_ok: bool = False) -> None:
+    """Poll ``url``/healthz until 200; fail after ``limit_s``. With ``transport_errors_ok`` a
+    refused or dropped connection (a proxy restarting) counts as not healthy yet."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                return
+        except httpx.TransportError:
+            if not transport_errors_ok:
+                raise
+        assert time.monotonic() < deadline, f"{url} never became healthy"
+        time.sleep(0.5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

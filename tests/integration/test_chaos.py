@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from legion.audit import AuditLog
+from tests.integration.conftest import wait_healthy
 
 pytestmark = pytest.mark.chaos
 
@@ -54,7 +55,7 @@ def chaos(legion_url, legion_config):
     cfg = config_from_dict(data)
     serve.run(build_app(cfg), name=CHAOS_APP, route_prefix=PREFIX)
     url = f"{legion_url}{PREFIX}"
-    _wait_healthy(url)
+    wait_healthy(url, transport_errors_ok=True)
     yield url, cfg, AuditLog(cfg.data_path / "chaos-audit.db")
     from actors import stop_actors
 
@@ -62,18 +63,6 @@ def chaos(legion_url, legion_config):
     stop_actors(cfg)
     for a in _named(f"{CHAOS_APP}-agent-"):  # pool replicas too
         ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
-
-
-def _wait_healthy(url: str, limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never became healthy"
-        time.sleep(0.5)
 
 
 def _named(prefix: str) -> list[dict]:
@@ -168,7 +157,7 @@ def test_random_agent_kills_every_task_answered_or_clear(chaos):
     assert len(kills) >= 3 and len(responses) >= len(kills)
     assert missing >= 1  # kills landed on work in flight, and the answers came without those agents
     _assert_audited(audit, responses)
-    _wait_healthy(url)  # every agent restarted, reloaded its model and rejoined
+    wait_healthy(url, transport_errors_ok=True)  # every agent restarted, reloaded its model and rejoined
     r = _ask(url, 10_000)
     assert r.status_code == 200 and r.json()["missing_agents"] == []
 

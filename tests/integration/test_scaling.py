@@ -13,7 +13,7 @@ from ray.exceptions import RayTaskError
 
 from legion.api import new_id
 from legion.messages import GenerateRequest, TaskRequest
-from tests.integration.conftest import TEST_APP
+from tests.integration.conftest import TEST_APP, wait_healthy
 
 SCALE_APP = "legionscale"
 
@@ -86,10 +86,7 @@ def scale_app(legion_url, legion_config):
     )
     serve.run(build_app(cfg), name=SCALE_APP, route_prefix=f"/{SCALE_APP}")
     url = f"{legion_url}/{SCALE_APP}"
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the scaling app never became healthy"
-        time.sleep(0.5)
+    wait_healthy(url, 300)
     yield url
     serve.delete(SCALE_APP)
     stop_actors(cfg)

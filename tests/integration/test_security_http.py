@@ -18,6 +18,7 @@ import pytest
 
 from legion.audit import AuditLog
 from legion.security import hash_key
+from tests.integration.conftest import wait_healthy
 
 ADMIN = "it-admin-key-0123456789abcdef"
 READER = "it-reader-key-0123456789abcdef"
@@ -47,10 +48,7 @@ def secure(legion_url, legion_config):
     cfg = config_from_dict(data)
     serve.run(build_app(cfg), name=SECURE_APP, route_prefix=PREFIX)
     url = f"{legion_url}{PREFIX}"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the secure app never became healthy"
-        time.sleep(0.5)
+    wait_healthy(url, 120)
     yield url, AuditLog(cfg.data_path / "secure-audit.db"), cfg
     serve.delete(SECURE_APP)
 

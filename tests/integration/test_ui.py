@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.integration.conftest import wait_healthy
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -161,10 +162,7 @@ def keyed_url(legion_url, legion_config):
     data["serve"]["request_timeout_s"] = 0.05  # every task here runs out of time: an error event
     serve.run(build_app(config_from_dict(data)), name="legionui", route_prefix="/keyed")
     url = f"{legion_url}/keyed"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the keyed app never became healthy"
-        time.sleep(0.5)
+    wait_healthy(url, 120)
     yield url
     serve.delete("legionui")
 
