@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,13 +36,42 @@ def connect(path: str | os.PathLike) -> tuple[sqlite3.Connection, threading.RLoc
         conn = sqlite3.connect(
             p, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
         )
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            _use_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            raise
         found = (conn, threading.RLock())
         _connections[key] = found
         return found
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, retrying while another process holds it.
+
+    Changing the journal mode takes an exclusive lock, and SQLite can answer "database is
+    locked" at once there instead of waiting out the busy timeout (seen with several processes
+    opening a new file together: one in a few hundred failed). WAL is a property of the file,
+    so once any process has switched it the pragma is a read that returns "wal".
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            transient = "locked" in str(e) or "busy" in str(e)
+            if not transient or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            continue
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"SQLite kept journal mode {mode!r} instead of WAL")
+        return
 
 
 @contextmanager
