@@ -6,9 +6,9 @@
 2. End-to-end latency of ``POST /v1/tasks`` against a direct ``ArbiterActor.run`` call,
    interleaved, on the same tasks; the HTTP overhead is the median of the paired differences.
    Beside it, a no-op POST through Serve's proxy: the part of that overhead any Serve app pays.
-3. Batching: one agent under 8 concurrent requests, 8 samples of one prompt against one, and
-   ``llama-server -np 8`` on the same model and threads when it is installed
-   (``scripts/build_llama_server.sh``).
+3. Batching: one agent under 8 concurrent requests against ``llama-server -np 8`` on the same
+   model and threads when it is installed (``scripts/build_llama_server.sh``), alternated in
+   ``--repeats`` pairs (median of the pair ratios), and 8 samples of one prompt against one.
 """
 
 from __future__ import annotations
@@ -162,72 +162,67 @@ def _find_llama_server() -> str | None:
     return str(beside) if beside.is_file() else None
 
 
-def _llama_server_tokens_per_s(
-    binary: str, model_path: str, threads: int, n_ctx: int, max_tokens: int, concurrency: int
-) -> float:
-    """Aggregate decode tokens/s of ``llama-server -np concurrency`` under as many requests."""
-    import socket
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
+class _LlamaServer:
+    """``llama-server -np concurrency`` on the model, started once and measured on demand."""
 
-    import httpx
+    def __init__(self, binary: str, model_path: str, threads: int, n_ctx: int, concurrency: int):
+        import socket
+        import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        binary,
-        "-m",
-        model_path,
-        "-np",
-        str(concurrency),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-        "-c",
-        str(n_ctx * concurrency),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
+        import httpx
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # -np N without --kv-unified: one KV stream per slot, as the engine uses.
+        cmd = [binary, "-m", model_path, "-np", str(concurrency), "-t", str(threads), "-tb", str(threads)]
+        cmd += ["-c", str(n_ctx * concurrency), "--host", "127.0.0.1", "--port", str(port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        self.concurrency = concurrency
         for _ in range(600):
             try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with code {self.proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.2)
 
-        def one(i: int) -> int:
-            body = {
-                "prompt": _PROMPTS[i % len(_PROMPTS)],
-                "n_predict": max_tokens,
-                "temperature": 0.7,
-                "seed": 7 + i,
-                "ignore_eos": True,
-                "cache_prompt": False,
-            }
-            r = httpx.post(f"{url}/completion", json=body, timeout=600)
-            r.raise_for_status()
-            return int(r.json()["tokens_predicted"])
+    def _one(self, i: int, max_tokens: int) -> int:
+        import httpx
 
-        one(0)  # warm-up
+        body = {
+            "prompt": _PROMPTS[i % len(_PROMPTS)],
+            "n_predict": max_tokens,
+            "temperature": 0.7,
+            "seed": 7 + i,
+            "ignore_eos": True,
+            "cache_prompt": False,
+        }
+        r = httpx.post(f"{self.url}/completion", json=body, timeout=600)
+        r.raise_for_status()
+        return int(r.json()["tokens_predicted"])
+
+    def tokens_per_s(self, max_tokens: int) -> float:
+        """Aggregate decode tokens/s under ``concurrency`` requests at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as ex:
-            total = sum(ex.map(one, range(concurrency)))
+        with ThreadPoolExecutor(self.concurrency) as ex:
+            total = sum(ex.map(lambda i: self._one(i, max_tokens), range(self.concurrency)))
         return total / (time.perf_counter() - t0)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
-def _batching(model_path: str, cores: float, max_tokens: int, concurrency: int = 8) -> dict:
-    """One agent actor on all the cores: 8 concurrent requests, and 8 samples of one prompt."""
+def _batching(model_path: str, cores: float, max_tokens: int, repeats: int, concurrency: int = 8) -> dict:
+    """One agent actor on all the cores: 8 concurrent requests against ``llama-server -np 8``
+    (alternating, ``repeats`` pairs, both started and idle while the other runs), and 8
+    samples of one prompt against one."""
     import ray
 
     from actors.agent import AgentActor
@@ -246,37 +241,60 @@ def _batching(model_path: str, cores: float, max_tokens: int, concurrency: int =
     ray.get(actor.wait_loaded.remote())
     ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[0], max_tokens=4)))
     out: dict = {"concurrency": concurrency, "threads": cfg.threads}
-    t0 = time.perf_counter()
-    gens = ray.get(
-        [
-            actor.generate.remote(GenerateRequest(task=_PROMPTS[i % len(_PROMPTS)], seed=7 + i))
-            for i in range(concurrency)
-        ]
-    )
-    out["agent_tokens_per_s"] = round(sum(g.completion_tokens for g in gens) / (time.perf_counter() - t0), 1)
-    # Fan-out: N samples of one prompt against one sample, same prompt and length.
-    single_s, fan_s = [], []
-    for _ in range(3):
+
+    def agent_tokens_per_s() -> float:
         t0 = time.perf_counter()
-        ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[1])))
-        single_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ray.get(actor.generate_n.remote(GenerateRequest(task=_PROMPTS[1], n=concurrency)))
-        fan_s.append(time.perf_counter() - t0)
-    out["single_sample_s"] = round(statistics.median(single_s), 3)
-    out[f"fanout{concurrency}_s"] = round(statistics.median(fan_s), 3)
-    out[f"fanout{concurrency}_vs_single_time_ratio"] = round(
-        statistics.median(fan_s) / statistics.median(single_s), 3
-    )
-    ray.kill(actor)
-    binary = _find_llama_server()
-    if binary is None:
-        out["llama_server"] = "not installed (scripts/build_llama_server.sh builds it)"
-        return out
-    _progress(f"llama-server -np {concurrency} -t {cfg.threads} ...")
-    server = _llama_server_tokens_per_s(binary, model_path, cfg.threads, cfg.n_ctx, max_tokens, concurrency)
-    out["llama_server_tokens_per_s"] = round(server, 1)
-    out["batched_vs_llama_server_ratio"] = round(out["agent_tokens_per_s"] / server, 3)
+        gens = ray.get(
+            [
+                actor.generate.remote(GenerateRequest(task=_PROMPTS[i % len(_PROMPTS)], seed=7 + i))
+                for i in range(concurrency)
+            ]
+        )
+        return sum(g.completion_tokens for g in gens) / (time.perf_counter() - t0)
+
+    try:
+        # Fan-out: N samples of one prompt against one sample, same prompt and length.
+        single_s, fan_s = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[1])))
+            single_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ray.get(actor.generate_n.remote(GenerateRequest(task=_PROMPTS[1], n=concurrency)))
+            fan_s.append(time.perf_counter() - t0)
+        out["single_sample_s"] = round(statistics.median(single_s), 3)
+        out[f"fanout{concurrency}_s"] = round(statistics.median(fan_s), 3)
+        out[f"fanout{concurrency}_vs_single_time_ratio"] = round(
+            statistics.median(fan_s) / statistics.median(single_s), 3
+        )
+        binary = _find_llama_server()
+        if binary is None:
+            out["agent_tokens_per_s"] = round(agent_tokens_per_s(), 1)
+            out["llama_server"] = "not installed (scripts/build_llama_server.sh builds it)"
+            return out
+        _progress(f"llama-server -np {concurrency} -t {cfg.threads}, alternating with the agent ...")
+        server = _LlamaServer(binary, model_path, cfg.threads, cfg.n_ctx, concurrency)
+        try:
+            server._one(0, 4)  # warm-up
+            agent, theirs = [], []
+            for r in range(repeats):
+                # The order alternates: whichever runs second in a pair must not be favoured.
+                if r % 2 == 0:
+                    agent.append(agent_tokens_per_s())
+                    theirs.append(server.tokens_per_s(max_tokens))
+                else:
+                    theirs.append(server.tokens_per_s(max_tokens))
+                    agent.append(agent_tokens_per_s())
+        finally:
+            server.close()
+    finally:
+        ray.kill(actor)
+    out["pairs"] = repeats
+    out["agent_tokens_per_s"] = round(statistics.median(agent), 1)
+    out["llama_server_tokens_per_s"] = round(statistics.median(theirs), 1)
+    ratios = [a / b for a, b in zip(agent, theirs, strict=True)]
+    out["pair_ratios"] = [round(r, 3) for r in ratios]
+    out["batched_vs_llama_server_ratio"] = round(statistics.median(ratios), 3)
     return out
 
 
@@ -401,7 +419,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"a no-op POST through Serve alone p50 {http['serve_noop_post_ms_p50']} ms"
     )
     _progress("batching: one agent under 8 concurrent requests, 8 samples of one prompt ...")
-    batching = _batching(model_path, cores, args.max_tokens)
+    batching = _batching(model_path, cores, args.max_tokens, args.repeats)
     result["batching"] = batching
     for key in ("batched_vs_llama_server_ratio", "fanout8_vs_single_time_ratio"):
         if key in batching:
