@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,10 +183,11 @@ class LlamaEngine:
         cparams.n_threads_batch = n_threads
         # One KV stream per sequence, as llama-server uses with -np N. In one unified cache a
         # sequence's cells interleave with its neighbours' and reuse their freed cells out of
-        # order, which changes the attention's summation order: a greedy text then depended on
-        # what else was running (seen in test_sequences_join_and_leave_mid_flight). With a
-        # stream each, a sequence decodes the same whatever runs beside it; the price is that
-        # sharing a prompt copies its stream (7 copies of a 2048-cell stream: ~50 ms here).
+        # order, which changes the attention's summation order: a greedy text then changed
+        # with what else was running (test_sequences_join_and_leave_mid_flight failed). A
+        # stream keeps a sequence's cells in order. (The CPU kernels can still round a row
+        # differently in another batch shape; that flips a greedy token only at a near-tie.)
+        # The price: sharing a prompt copies its stream (7 copies of 2048 cells: ~50 ms here).
         cparams.kv_unified = False
         cparams.swa_full = True  # keep sliding-window layers whole so seq_cp copies them too
         cparams.no_perf = True
@@ -221,6 +222,7 @@ class LlamaEngine:
             "busy_s": 0.0,
         }
         self._active_seqs = 0
+        self._pool = None if n_threads < 2 else ThreadPoolExecutor(n_threads, thread_name_prefix="sample")
         self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -350,6 +352,8 @@ class LlamaEngine:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=60)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._lc.llama_batch_free(self._batch)
         self._lc.llama_free(self._ctx)
         self._lc.llama_model_free(self._model)
@@ -439,6 +443,7 @@ class LlamaEngine:
     def _step(self, running: list[_Job], newcomers: list[_Job]) -> list[_Job]:
         # 1. Every sequence with logits from the last decode samples its next token.
         now = time.perf_counter()
+        picks: list[tuple[_Seq, np.ndarray]] = []
         for job in running:
             expired = job.cancelled or (job.deadline is not None and now > job.deadline)
             for s in job.seqs:
@@ -449,9 +454,17 @@ class LlamaEngine:
                     continue
                 if s.logits_index < 0:
                     continue  # its prompt is still being evaluated
-                logits = self._logits(s.logits_index)
+                picks.append((s, self._logits(s.logits_index)))
                 s.logits_index = -1
-                self._accept(s, self._sample(logits, s), logits)
+        # Sampling and each token's log-probability are NumPy passes over the vocabulary
+        # (262k for Gemma) that release the GIL, and llama.cpp's threads are idle between
+        # decodes: spread the sequences over this engine's threads.
+        if self._pool is not None and len(picks) > 1:
+            chosen = list(self._pool.map(self._pick, picks))
+        else:
+            chosen = [self._pick(p) for p in picks]
+        for (s, _), (tok, logprob) in zip(picks, chosen, strict=True):
+            self._accept(s, tok, logprob)
         still = []
         for job in running:
             if all(s.finish is not None for s in job.seqs):
@@ -602,12 +615,18 @@ class LlamaEngine:
             idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
         return int(s.rng.choice(idx, p=probs))
 
-    def _accept(self, s: _Seq, tok: int, logits: np.ndarray) -> None:
+    def _pick(self, pick: tuple[_Seq, np.ndarray]) -> tuple[int, float]:
+        """The next token of a sequence and its log-probability (any thread)."""
+        s, logits = pick
+        tok = self._sample(logits, s)
+        return tok, _log_softmax_at(logits, tok)
+
+    def _accept(self, s: _Seq, tok: int, logprob: float) -> None:
         if self._lc.llama_vocab_is_eog(self._vocab, tok):
             s.finish = "stop"
             return
         s.out_tokens.append(tok)
-        s.logprob_sum += _log_softmax_at(logits, tok)
+        s.logprob_sum += logprob
         s.out_bytes += self._piece(tok)
         text = s.out_bytes.decode("utf-8", errors="ignore")
         cut = min((i for i in (text.find(x) for x in s.params.stop if x) if i >= 0), default=-1)
