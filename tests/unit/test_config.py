@@ -1,6 +1,10 @@
 """Config validation: defaults load, bad values fail naming the field, env overrides YAML."""
 
+import os
+from pathlib import Path
+
 import pytest
+import yaml
 
 from legion.config import LegionConfig, config_from_dict, load_config
 from legion.errors import ConfigError
@@ -85,3 +89,18 @@ def test_gpu_fraction_is_valid_config():
     cfg = config_from_dict({"agents": [{"name": "g", "num_gpus": 0.25, "n_gpu_layers": -1}]})
     assert isinstance(cfg, LegionConfig)
     assert cfg.agents[0].num_gpus == 0.25
+
+
+def test_the_example_file_loads_and_shows_every_section(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("LEGION_"):
+            monkeypatch.delenv(var)
+    example = Path(__file__).resolve().parents[2] / "legion.example.yaml"
+    cfg = load_config(example)
+    assert [a.name for a in cfg.agents] == ["solver", "reasoner", "critic"]
+    # The README says the example shows every section: it must keep up with the config.
+    assert set(yaml.safe_load(example.read_text())) == set(LegionConfig.model_fields)
+    # Where the example states a value, it is the default (it documents, it does not tune).
+    defaults = LegionConfig(agents=cfg.agents, arbiter=cfg.arbiter, serve=cfg.serve)
+    for section in ("cache", "history", "rag", "placement", "security"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
