@@ -24,6 +24,7 @@ from legion.agent import build_prompt
 from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
 from legion.errors import ErrorCode, LegionError
+from legion.logging_setup import configure_logging
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
 from legion.trust import TrustStore, agreement_losses
 
@@ -233,6 +234,7 @@ class _Session:
 class ArbiterActor:
     def __init__(self, config: dict, agent_actor_names: dict[str, str], namespace: str):
         self.cfg = LegionConfig(**config)
+        configure_logging(self.cfg.log_level, self.cfg.log_format)  # this worker's log format
         self._names = agent_actor_names
         self._namespace = namespace
         # One pool of replicas per agent; every ingress replica reaches them through this Arbiter.

@@ -12,6 +12,7 @@ import math
 import ray
 
 from legion.config import LegionConfig
+from legion.logging_setup import configure_logging
 from legion.messages import Document, IngestReport, Retrieval
 from legion.vectorstore import Retriever, StoreLocation
 
@@ -21,6 +22,7 @@ class RetrieverActor:
 
     def __init__(self, config: dict, location: dict):
         cfg = LegionConfig(**config)
+        configure_logging(cfg.log_level, cfg.log_format)  # this worker's log format
         threads = max(1, math.floor(cfg.rag.num_cpus))
         self._retriever = Retriever(cfg.rag, StoreLocation(**location), threads=threads)
 
