@@ -145,6 +145,36 @@ def test_concurrent_tasks_all_answer(client, legion_url):
     assert len({r.json()["id"] for r in results}) == 6
 
 
+def test_identical_concurrent_tasks_share_one_run(client, legion_url):
+    """Identical cache misses that arrive while the first runs wait for its answer instead of
+    each reaching the agents (and a late one is a cache hit)."""
+    body = {"task": "Which planet is known as the red planet?", "max_tokens": 8}
+    before = {a["name"]: a["stats"]["requests"] for a in client.get("/v1/agents").json()["agents"]}
+    results = []
+    start = threading.Barrier(4)
+
+    def ask():
+        with httpx.Client(base_url=legion_url, timeout=300) as c:
+            start.wait()
+            results.append(c.post("/v1/tasks", json=body))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+    answers = [r.json() for r in results]
+    assert len({a["id"] for a in answers}) == 4 and len({a["answer"] for a in answers}) == 1
+    leaders = [a for a in answers if not a["cached"] and a["trace"][0]["step"] != "coalesced"]
+    followers = [a for a in answers if a["trace"][0]["step"] == "coalesced"]
+    assert len(leaders) == 1, [a["trace"][0] for a in answers]
+    assert followers and all(f["trace"][0]["data"]["with"] == leaders[0]["id"] for f in followers)
+    assert all(f["trace"][1:] == leaders[0]["trace"] for f in followers)
+    after = {a["name"]: a["stats"]["requests"] for a in client.get("/v1/agents").json()["agents"]}
+    assert all(after[name] == before[name] + 1 for name in before), (before, after)
+
+
 def test_killed_agent_does_not_block_the_answer(client, legion_url, legion_config):
     victim_name = "critic"
     victim = ray.get_actor(f"{TEST_APP}-agent-{victim_name}", namespace=legion_config.ray_namespace)
