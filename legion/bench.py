@@ -30,6 +30,18 @@ _PROMPTS = [
 ]
 
 
+def _as_agent_sees(task: str) -> str:
+    """The text an agent's engine decodes for ``task`` (the bench's agents use the template
+    ``{task}`` and no role prompt, but every prompt carries the data notice of
+    ``legion.guard``). The bare engines and llama-server get exactly this text, so every side
+    decodes the same tokens: until this, they got the shorter raw task (about 15 prompt
+    tokens against 45), which made the agents look slower than they are."""
+    from legion.agent import build_prompt
+    from legion.config import AgentConfig
+
+    return build_prompt(AgentConfig(name="bench", prompt_template="{task}"), task, "")
+
+
 def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -48,7 +60,8 @@ class _Bare:
         from legion.engine import LlamaEngine
 
         self.engines = [LlamaEngine(model_path, n_threads=threads) for _ in range(k)]
-        self.engines[0].generate(_PROMPTS[0], _params(4))  # warm-up
+        self.prompts = [_as_agent_sees(p) for p in _PROMPTS]
+        self.engines[0].generate(self.prompts[0], _params(4))  # warm-up
 
     def tokens_per_s(self, rounds: int, max_tokens: int) -> float:
         k = len(self.engines)
@@ -56,7 +69,7 @@ class _Bare:
 
         def work(i: int) -> None:
             for r in range(rounds):
-                g = self.engines[i].generate(_PROMPTS[(i + r) % len(_PROMPTS)], _params(max_tokens))
+                g = self.engines[i].generate(self.prompts[(i + r) % len(self.prompts)], _params(max_tokens))
                 counts[i] += g.completion_tokens
 
         t0 = time.perf_counter()
@@ -180,6 +193,7 @@ class _LlamaServer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         self.concurrency = concurrency
+        self.prompts = [_as_agent_sees(p) for p in _PROMPTS]
         for _ in range(600):
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
@@ -194,7 +208,7 @@ class _LlamaServer:
         import httpx
 
         body = {
-            "prompt": _PROMPTS[i % len(_PROMPTS)],
+            "prompt": self.prompts[i % len(self.prompts)],
             "n_predict": max_tokens,
             "temperature": 0.7,
             "seed": 7 + i,
