@@ -30,16 +30,26 @@ _PROMPTS = [
 ]
 
 
-def _as_agent_sees(task: str) -> str:
-    """The text an agent's engine decodes for ``task`` (the bench's agents use the template
-    ``{task}`` and no role prompt, but every prompt carries the data notice of
-    ``legion.guard``). The bare engines and llama-server get exactly this text, so every side
-    decodes the same tokens: until this, they got the shorter raw task (about 15 prompt
-    tokens against 45), which made the agents look slower than they are."""
-    from legion.agent import build_prompt
+# No stop sequences and a fixed seed: every run decodes exactly max_tokens tokens.
+_SAMPLING = {"temperature": 0.7, "seed": 7}
+
+
+def _agent_config(name: str, max_tokens: int = 48, **fields):
+    """The bench's agents: the template ``{task}``, no role prompt, the bench's sampling."""
     from legion.config import AgentConfig
 
-    return build_prompt(AgentConfig(name="bench", prompt_template="{task}"), task, "")
+    sampling = {**_SAMPLING, "stop": [], "max_tokens": max_tokens}
+    return AgentConfig(name=name, prompt_template="{task}", sampling=sampling, **fields)
+
+
+def _as_agent_sees(task: str) -> str:
+    """The text the bench's agents decode for ``task`` (every prompt carries the data notice
+    of ``legion.guard``). The bare engines and llama-server get exactly this text, so every
+    side decodes the same tokens: until this, they got the shorter raw task (about 15 prompt
+    tokens against 45), which made the agents look slower than they are."""
+    from legion.agent import build_prompt
+
+    return build_prompt(_agent_config("bench"), task, "")
 
 
 def _progress(msg: str) -> None:
@@ -49,8 +59,7 @@ def _progress(msg: str) -> None:
 def _params(max_tokens: int):
     from legion.engine import SamplingParams
 
-    # No stop sequences and a fixed seed: every run decodes exactly max_tokens tokens.
-    return SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=7, stop=())
+    return SamplingParams(max_tokens=max_tokens, stop=(), **_SAMPLING)
 
 
 class _Bare:
@@ -92,19 +101,12 @@ class _Actors:
         import ray
 
         from actors.agent import AgentActor
-        from legion.config import AgentConfig
         from legion.messages import GenerateRequest
 
         cls = ray.remote(AgentActor)
         self.actors = []
         for i in range(k):
-            cfg = AgentConfig(
-                name=f"bench{i}",
-                model_path=model_path,
-                num_cpus=num_cpus,
-                sampling={"temperature": 0.7, "seed": 7, "stop": [], "max_tokens": max_tokens},
-                prompt_template="{task}",
-            )
+            cfg = _agent_config(f"bench{i}", max_tokens, model_path=model_path, num_cpus=num_cpus)
             self.actors.append(cls.options(num_cpus=num_cpus, max_concurrency=4).remote(cfg.model_dump()))
         ray.get([a.wait_loaded.remote() for a in self.actors])
         ray.get(self.actors[0].generate.remote(GenerateRequest(task=_PROMPTS[0], max_tokens=4)))
@@ -210,8 +212,8 @@ class _LlamaServer:
         body = {
             "prompt": self.prompts[i % len(self.prompts)],
             "n_predict": max_tokens,
-            "temperature": 0.7,
-            "seed": 7 + i,
+            "temperature": _SAMPLING["temperature"],
+            "seed": _SAMPLING["seed"] + i,
             "ignore_eos": True,
             "cache_prompt": False,
         }
@@ -240,17 +242,9 @@ def _batching(model_path: str, cores: float, max_tokens: int, repeats: int, conc
     import ray
 
     from actors.agent import AgentActor
-    from legion.config import AgentConfig
     from legion.messages import GenerateRequest
 
-    cfg = AgentConfig(
-        name="batch",
-        model_path=model_path,
-        num_cpus=cores,
-        n_parallel=concurrency,
-        sampling={"temperature": 0.7, "seed": 7, "stop": [], "max_tokens": max_tokens},
-        prompt_template="{task}",
-    )
+    cfg = _agent_config("batch", max_tokens, model_path=model_path, num_cpus=cores, n_parallel=concurrency)
     actor = ray.remote(AgentActor).options(num_cpus=cores, max_concurrency=32).remote(cfg.model_dump())
     ray.get(actor.wait_loaded.remote())
     ray.get(actor.generate.remote(GenerateRequest(task=_PROMPTS[0], max_tokens=4)))

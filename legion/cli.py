@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=48, help="tokens per generation")
     b.add_argument("--rounds", type=int, default=3, help="generations per agent per measure")
     b.add_argument(
-        "--repeats", type=int, default=3, help="bare/actor measures alternated per number of agents"
+        "--repeats",
+        type=int,
+        default=3,
+        help="alternated pairs per comparison (bare/actor per number of agents, agent/llama-server)",
     )
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
     b.add_argument(

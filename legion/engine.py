@@ -209,7 +209,7 @@ class LlamaEngine:
         self._queue: deque[_Job] = deque()
         self._closed = False
         # A min-heap: new sequences take the lowest free ids, so running ids stay contiguous
-        # (see _decode: llama.cpp puts only consecutive ids in one micro-batch).
+        # (see _step: llama.cpp puts only consecutive ids in one micro-batch).
         self._free_seqs = list(range(n_parallel))
         self._free_cells = self.n_cells
         self._counters = {
@@ -541,9 +541,7 @@ class LlamaEngine:
         return still
 
     def _fillers(self, running: list[_Job], used: set[int]) -> list[int]:
-        """Ids between the lowest and highest in ``used`` whose KV streams are empty."""
-        if not used:
-            return []
+        """Ids between the lowest and highest in ``used`` (not empty) whose KV streams are empty."""
         holding = {
             s.seq_id
             for job in running
