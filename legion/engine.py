@@ -13,7 +13,6 @@ methods.
 from __future__ import annotations
 
 import ctypes
-import heapq
 import logging
 import threading
 import time
@@ -79,7 +78,8 @@ class _Seq:
     logprob_sum: float = 0.0
     text: str = ""
     finish: str | None = None
-    logits_index: int = -1  # row of this sequence's next-token logits in the last decode, -1: none
+    logits_index: int = -1  # row of this sequence in the last decoded batch
+    first_logits: np.ndarray | None = None  # logits after the prompt, until the first sample
     n_past: int = 0
 
 
@@ -94,7 +94,6 @@ class _Job:
     cancelled: bool = False
     # generate
     seqs: list[_Seq] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens decoded so far (into seqs[0])
     # score
     context: list[int] = field(default_factory=list)
     full: list[list[int]] = field(default_factory=list)
@@ -132,8 +131,8 @@ class LlamaEngine:
 
     ``n_threads`` must come from the caller's CPU share (an actor's ``num_cpus``), not from
     the host's core count: several engines on one node otherwise fight over the cores.
-    ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them, each in
-    its own KV stream. At most ``max_queue`` requests wait for a free sequence; past that,
+    ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them in one
+    unified KV cache. At most ``max_queue`` requests wait for a free sequence; past that,
     ``submit_*`` raises ``Overloaded``.
     """
 
@@ -172,8 +171,8 @@ class LlamaEngine:
             raise ModelLoadError(f"llama.cpp could not load {path}: is it a GGUF model file?")
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx * n_parallel
-        cparams.n_batch = n_batch + n_parallel  # a step: n_batch tokens and gap fillers (_step)
-        cparams.n_ubatch = n_batch + n_parallel
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_parallel
         # Logits rows per decode. llama.cpp reserves n_outputs_max x n_vocab floats (0 means
         # n_batch: 512 x 262k x 4 B = 512 MiB for Gemma 3); scoring chunks its batches to fit.
@@ -181,14 +180,7 @@ class LlamaEngine:
         cparams.n_outputs_max = self.n_outputs
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        # One KV stream per sequence, as llama-server uses with -np N. In one unified cache a
-        # sequence's cells interleave with its neighbours' and reuse their freed cells out of
-        # order, which changes the attention's summation order: a greedy text then changed
-        # with what else was running (test_sequences_join_and_leave_mid_flight failed). A
-        # stream keeps a sequence's cells in order. (The CPU kernels can still round a row
-        # differently in another batch shape; that flips a greedy token only at a near-tie.)
-        # The price: sharing a prompt copies its stream (7 copies of 2048 cells: ~50 ms here).
-        cparams.kv_unified = False
+        cparams.kv_unified = True  # sequences share one KV cache, so copied prefixes cost nothing
         cparams.swa_full = True  # keep sliding-window layers whole so seq_cp copies them too
         cparams.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -201,26 +193,14 @@ class LlamaEngine:
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self._mem = lc.llama_get_memory(self._ctx)
-        self._batch = lc.llama_batch_init(n_batch + n_parallel, 0, 1)  # room for gap fillers
-        bos = lc.llama_vocab_bos(self._vocab)
-        self._filler_token = bos if bos >= 0 else 0
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
         # Scheduler state, guarded by _cv.
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._closed = False
-        # A min-heap: new sequences take the lowest free ids, so running ids stay contiguous
-        # (see _step: llama.cpp puts only consecutive ids in one micro-batch).
         self._free_seqs = list(range(n_parallel))
         self._free_cells = self.n_cells
-        self._counters = {
-            "steps": 0,
-            "step_seqs": 0,
-            "jobs": 0,
-            "tokens": 0,
-            "prompt_tokens": 0,
-            "rejected": 0,
-            "busy_s": 0.0,
-        }
+        self._counters = {"steps": 0, "step_seqs": 0, "jobs": 0, "tokens": 0, "rejected": 0, "busy_s": 0.0}
         self._active_seqs = 0
         self._pool = None if n_threads < 2 else ThreadPoolExecutor(n_threads, thread_name_prefix="sample")
         self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
@@ -398,7 +378,7 @@ class LlamaEngine:
             self._free_cells -= job.cells
             if job.kind == "generate":
                 for s in job.seqs:
-                    s.seq_id = heapq.heappop(self._free_seqs)
+                    s.seq_id = self._free_seqs.pop()
             out.append(job)
             if job.kind == "score":
                 break
@@ -408,8 +388,7 @@ class LlamaEngine:
         for sid in seq_ids:
             self._lc.llama_memory_seq_rm(self._mem, sid, -1, -1)
         with self._cv:
-            for sid in seq_ids:
-                heapq.heappush(self._free_seqs, sid)
+            self._free_seqs.extend(seq_ids)
             self._free_cells += job.cells
             self._counters["jobs"] += 1
 
@@ -441,7 +420,7 @@ class LlamaEngine:
                 job.future.set_exception(LegionError("the engine shut down", code=ErrorCode.NOT_READY))
 
     def _step(self, running: list[_Job], newcomers: list[_Job]) -> list[_Job]:
-        # 1. Every sequence with logits from the last decode samples its next token.
+        # 1. Every running sequence samples its next token from the last decode's logits.
         now = time.perf_counter()
         picks: list[tuple[_Seq, np.ndarray]] = []
         for job in running:
@@ -452,10 +431,9 @@ class LlamaEngine:
                 if expired:
                     s.finish = "cancelled" if job.cancelled else "timeout"
                     continue
-                if s.logits_index < 0:
-                    continue  # its prompt is still being evaluated
-                picks.append((s, self._logits(s.logits_index)))
-                s.logits_index = -1
+                logits = s.first_logits if s.first_logits is not None else self._logits(s.logits_index)
+                s.first_logits = None
+                picks.append((s, logits))
         # Sampling and each token's log-probability are NumPy passes over the vocabulary
         # (262k for Gemma) that release the GIL, and llama.cpp's threads are idle between
         # decodes: spread the sequences over this engine's threads.
@@ -469,86 +447,37 @@ class LlamaEngine:
         for job in running:
             if all(s.finish is not None for s in job.seqs):
                 self._finish(job)
-                continue
-            still.append(job)
-            for s in job.seqs:
-                if s.finish is not None and s.n_past:
-                    # Done before its siblings: its KV stream is not needed any more.
-                    self._lc.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
-                    s.n_past = 0
-        # Scoring runs here, alone (it is admitted only when nothing else runs).
+            else:
+                still.append(job)
+        # 2. Newcomers: prefill each distinct prompt once; scoring runs here, alone.
         for job in newcomers:
             if job.kind == "score":
                 self._run_score(job)
-            else:
-                still.append(job)
-        # 2. One decode: the next token of every generating sequence, then as many prompt
-        # tokens of newer jobs as the batch has room for (a long prompt spreads over steps
-        # while the others keep generating, as llama-server's slots do). A prompt is
-        # evaluated once, into the job's first sequence.
-        rows: list[tuple[int, int, int, bool]] = []  # (token, position, seq id, logits wanted)
-        owners: list[_Seq | _Job | None] = []  # whose logits a wanted row gives
+                continue
+            self._prefill(job.seqs[0].prompt, job.seqs[0].seq_id)
+            head = self._logits(-1).copy()
+            for s in job.seqs[1:]:
+                self._lc.llama_memory_seq_cp(self._mem, job.seqs[0].seq_id, s.seq_id, -1, -1)
+            for s in job.seqs:
+                s.first_logits = head
+                s.n_past = len(s.prompt)
+            still.append(job)
+        # 3. One decode for the next token of every running sequence.
+        entries = []
         for job in still:
             for s in job.seqs:
-                if s.finish is None and s.out_tokens:
-                    rows.append((s.out_tokens[-1], s.n_past, s.seq_id, True))
-                    owners.append(s)
+                if s.finish is None and s.first_logits is None:
+                    s.logits_index = len(entries)
+                    entries.append((s.out_tokens[-1], s.n_past, s.seq_id, True))
                     s.n_past += 1
-        generating = len(rows)
-        fillers: list[int] = []
-        for job in still:
-            prompt = job.seqs[0].prompt
-            room = self.n_batch - len(rows)
-            if job.prefilled >= len(prompt) or room <= 0:
-                continue
-            lo, hi = job.prefilled, min(len(prompt), job.prefilled + room)
-            last = len(prompt) - 1
-            rows.extend((prompt[p], p, job.seqs[0].seq_id, p == last) for p in range(lo, hi))
-            owners.extend(job if p == last else None for p in range(lo, hi))
-            job.prefilled = hi
-        if rows:
-            # With a KV stream per sequence, llama.cpp puts only consecutive sequence ids, in
-            # increasing order, in one micro-batch, and each micro-batch is a pass over the
-            # weights: 8 rows out of order cost 200 ms instead of 90 here. So the rows go in
-            # id order, and a gap in the ids (0, 2, 4, 6 running: 108 ms against 64 ms for
-            # 0-3) gets a throwaway token in the idle stream, a few ms, removed after.
-            fillers = self._fillers(still, {r[2] for r in rows})
-            rows.extend((self._filler_token, 0, f, False) for f in fillers)
-            owners.extend(None for _ in fillers)
-            order = sorted(range(len(rows)), key=lambda i: (rows[i][2], rows[i][1]))
-            self._decode([rows[i] for i in order])
-            for f in fillers:
-                self._lc.llama_memory_seq_rm(self._mem, f, -1, -1)
-            # 3. Each sampler's logits row. A finished prompt's KV stream is copied to the
-            # job's other sequences, which all sample their first token from its row.
-            for index, i in enumerate(order):
-                owner = owners[i]
-                if isinstance(owner, _Seq):
-                    owner.logits_index = index
-                elif isinstance(owner, _Job):
-                    head = owner.seqs[0]
-                    for s in owner.seqs[1:]:
-                        self._lc.llama_memory_seq_cp(self._mem, head.seq_id, s.seq_id, -1, -1)
-                    for s in owner.seqs:
-                        s.logits_index = index
-                        s.n_past = len(s.prompt)
-        with self._cv:
-            if generating:
+        if entries:
+            self._decode(entries)
+            with self._cv:
                 self._counters["steps"] += 1
-                self._counters["step_seqs"] += generating
-            self._counters["prompt_tokens"] += len(rows) - generating - len(fillers)
+                self._counters["step_seqs"] += len(entries)
+        with self._cv:
             self._active_seqs = sum(1 for j in still for s in j.seqs if s.finish is None)
         return still
-
-    def _fillers(self, running: list[_Job], used: set[int]) -> list[int]:
-        """Ids between the lowest and highest in ``used`` (not empty) whose KV streams are empty."""
-        holding = {
-            s.seq_id
-            for job in running
-            for i, s in enumerate(job.seqs)
-            if s.n_past or (i == 0 and job.prefilled)
-        }
-        return [i for i in range(min(used), max(used)) if i not in used and i not in holding]
 
     def _finish(self, job: _Job) -> None:
         elapsed = time.perf_counter() - job.submitted
@@ -639,7 +568,7 @@ class LlamaEngine:
     # ----------------------------------------------------------------- scoring
     def _run_score(self, job: _Job) -> None:
         with self._cv:
-            seq_ids = [heapq.heappop(self._free_seqs) for _ in range(job.seqs_needed)]
+            seq_ids = [self._free_seqs.pop() for _ in range(job.seqs_needed)]
         try:
             job.future.set_result(self._score(job, seq_ids))
         except Exception as exc:
