@@ -13,6 +13,7 @@ methods.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import threading
 import time
@@ -78,9 +79,8 @@ class _Seq:
     logprob_sum: float = 0.0
     text: str = ""
     finish: str | None = None
-    logits_index: int = -1  # row of this sequence in the last decoded batch
-    first_logits: np.ndarray | None = None  # logits after the prompt, until the first sample
-    n_past: int = 0
+    logits_index: int = -1  # row of its next-token logits in the last decode; -1: none
+    n_past: int = 0  # tokens in its KV stream
 
 
 @dataclass
@@ -122,6 +122,13 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - m - float(np.log(np.exp(logits - m).sum()))
 
 
+# llama.cpp pads the cells a row attends over to a multiple of 256 (at least 256), and its CPU
+# flash attention splits them over threads when there are 512 or more and the micro-batch
+# holds one row of one stream (ggml-cpu ops.cpp, use_split_kv_path). A sequence's stream
+# reaches 512 padded cells once it holds more than 256 tokens; start a little earlier.
+_SPLIT_KV_FROM = 192
+
+
 class Overloaded(LegionError):
     code = ErrorCode.OVERLOADED
 
@@ -131,8 +138,8 @@ class LlamaEngine:
 
     ``n_threads`` must come from the caller's CPU share (an actor's ``num_cpus``), not from
     the host's core count: several engines on one node otherwise fight over the cores.
-    ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them in one
-    unified KV cache. At most ``max_queue`` requests wait for a free sequence; past that,
+    ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them, each in
+    its own KV stream. At most ``max_queue`` requests wait for a free sequence; past that,
     ``submit_*`` raises ``Overloaded``.
     """
 
@@ -171,8 +178,8 @@ class LlamaEngine:
             raise ModelLoadError(f"llama.cpp could not load {path}: is it a GGUF model file?")
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx * n_parallel
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
+        cparams.n_batch = n_batch + n_parallel  # a prompt chunk, or a step and its gap fillers
+        cparams.n_ubatch = n_batch + n_parallel
         cparams.n_seq_max = n_parallel
         # Logits rows per decode. llama.cpp reserves n_outputs_max x n_vocab floats (0 means
         # n_batch: 512 x 262k x 4 B = 512 MiB for Gemma 3); scoring chunks its batches to fit.
@@ -180,7 +187,13 @@ class LlamaEngine:
         cparams.n_outputs_max = self.n_outputs
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True  # sequences share one KV cache, so copied prefixes cost nothing
+        # One KV stream per sequence, as llama-server uses with -np N. A sequence then attends
+        # over its own cells only (in one unified cache every row's attention spans all the
+        # sequences' cells, masked), and its cells stay in order: in a unified cache a sequence
+        # reuses cells its finished neighbours freed, out of order, which changes the
+        # attention's summation order and so, at a near-tie, a greedy token. The price:
+        # sharing a prompt copies its whole stream (a few ms per copy here).
+        cparams.kv_unified = False
         cparams.swa_full = True  # keep sliding-window layers whole so seq_cp copies them too
         cparams.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -193,11 +206,15 @@ class LlamaEngine:
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self._mem = lc.llama_get_memory(self._ctx)
-        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._batch = lc.llama_batch_init(n_batch + n_parallel, 0, 1)
+        bos = lc.llama_vocab_bos(self._vocab)
+        self._filler_token = bos if bos >= 0 else 0
         # Scheduler state, guarded by _cv.
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._closed = False
+        # A min-heap: new sequences take the lowest free ids, so running ids stay contiguous
+        # (see _step: llama.cpp puts only consecutive ids in one micro-batch).
         self._free_seqs = list(range(n_parallel))
         self._free_cells = self.n_cells
         self._counters = {"steps": 0, "step_seqs": 0, "jobs": 0, "tokens": 0, "rejected": 0, "busy_s": 0.0}
@@ -378,7 +395,7 @@ class LlamaEngine:
             self._free_cells -= job.cells
             if job.kind == "generate":
                 for s in job.seqs:
-                    s.seq_id = self._free_seqs.pop()
+                    s.seq_id = heapq.heappop(self._free_seqs)
             out.append(job)
             if job.kind == "score":
                 break
@@ -388,7 +405,8 @@ class LlamaEngine:
         for sid in seq_ids:
             self._lc.llama_memory_seq_rm(self._mem, sid, -1, -1)
         with self._cv:
-            self._free_seqs.extend(seq_ids)
+            for sid in seq_ids:
+                heapq.heappush(self._free_seqs, sid)
             self._free_cells += job.cells
             self._counters["jobs"] += 1
 
@@ -431,9 +449,73 @@ class LlamaEngine:
                 if expired:
                     s.finish = "cancelled" if job.cancelled else "timeout"
                     continue
-                logits = s.first_logits if s.first_logits is not None else self._logits(s.logits_index)
-                s.first_logits = None
-                picks.append((s, logits))
+                picks.append((s, self._logits(s.logits_index)))
+        self._sample_all(picks)
+        still = self._settle(running)
+        # 2. Newcomers: each prompt in a decode of its own (never mixed into the step's batch:
+        # llama.cpp's CPU kernels round a row differently in another batch shape, and a
+        # greedy text must not depend on what else is running), evaluated once and its KV
+        # stream copied to the job's other sequences, which all sample their first token from
+        # its last row. Scoring runs here, alone.
+        fresh = []
+        for job in newcomers:
+            if job.kind == "score":
+                self._run_score(job)
+                continue
+            head = job.seqs[0]
+            self._prefill(head.prompt, head.seq_id)
+            logits = self._logits(-1)
+            for s in job.seqs[1:]:
+                self._lc.llama_memory_seq_cp(self._mem, head.seq_id, s.seq_id, -1, -1)
+            for s in job.seqs:
+                s.n_past = len(s.prompt)
+            self._sample_all([(s, logits) for s in job.seqs])
+            fresh.append(job)
+        still += self._settle(fresh)
+        # 3. One decode for the next token of every running sequence, in sequence-id order:
+        # with a KV stream per sequence llama.cpp puts only consecutive ids, increasing, in one
+        # micro-batch, and each micro-batch is a pass over the weights (8 rows out of order
+        # cost 200 ms instead of 90 here). A gap in the ids (0, 2, 4, 6 running: 108 ms
+        # against 64 for 0-3) gets a throwaway token in the idle stream, removed after.
+        rows = [
+            (s.out_tokens[-1], s.n_past, s.seq_id, True)
+            for job in still
+            for s in job.seqs
+            if s.finish is None
+        ]
+        generating = len(rows)
+        if rows:
+            used = {r[2] for r in rows}
+            fillers = [i for i in range(min(used), max(used)) if i not in used]
+            if generating == 1 and rows[0][1] >= _SPLIT_KV_FROM and self.n_parallel > 1:
+                # One row in one stream that attends over 512 cells or more: llama.cpp's CPU
+                # flash attention then splits the cells over its threads and merges the
+                # parts, which rounds differently from the one-pass-per-row kernel it uses for
+                # several streams (a logit moved by 0.76 here), so a long greedy text would
+                # depend on whether it ran alone. A throwaway row in a neighbouring idle
+                # stream keeps the lone sequence on the batched kernel (about 15% of a lone
+                # step here, paid only by lone sequences past _SPLIT_KV_FROM tokens).
+                sid = rows[0][2]
+                fillers.append(sid + 1 if sid + 1 < self.n_parallel else sid - 1)
+            rows += [(self._filler_token, 0, f, False) for f in fillers]
+            rows.sort(key=lambda r: r[2])
+            self._decode(rows)
+            for f in fillers:
+                self._lc.llama_memory_seq_rm(self._mem, f, -1, -1)
+            index = {r[2]: i for i, r in enumerate(rows)}
+            for job in still:
+                for s in job.seqs:
+                    if s.finish is None:
+                        s.logits_index = index[s.seq_id]
+                        s.n_past += 1
+            with self._cv:
+                self._counters["steps"] += 1
+                self._counters["step_seqs"] += generating
+        with self._cv:
+            self._active_seqs = generating
+        return still
+
+    def _sample_all(self, picks: list[tuple[_Seq, np.ndarray]]) -> None:
         # Sampling and each token's log-probability are NumPy passes over the vocabulary
         # (262k for Gemma) that release the GIL, and llama.cpp's threads are idle between
         # decodes: spread the sequences over this engine's threads.
@@ -443,40 +525,20 @@ class LlamaEngine:
             chosen = [self._pick(p) for p in picks]
         for (s, _), (tok, logprob) in zip(picks, chosen, strict=True):
             self._accept(s, tok, logprob)
+
+    def _settle(self, jobs: list[_Job]) -> list[_Job]:
+        """Finish the jobs whose sequences all ended; return the others. A sequence done
+        before its siblings gives its KV stream back now (a gap filler may use it)."""
         still = []
-        for job in running:
+        for job in jobs:
             if all(s.finish is not None for s in job.seqs):
                 self._finish(job)
-            else:
-                still.append(job)
-        # 2. Newcomers: prefill each distinct prompt once; scoring runs here, alone.
-        for job in newcomers:
-            if job.kind == "score":
-                self._run_score(job)
                 continue
-            self._prefill(job.seqs[0].prompt, job.seqs[0].seq_id)
-            head = self._logits(-1).copy()
-            for s in job.seqs[1:]:
-                self._lc.llama_memory_seq_cp(self._mem, job.seqs[0].seq_id, s.seq_id, -1, -1)
-            for s in job.seqs:
-                s.first_logits = head
-                s.n_past = len(s.prompt)
             still.append(job)
-        # 3. One decode for the next token of every running sequence.
-        entries = []
-        for job in still:
             for s in job.seqs:
-                if s.finish is None and s.first_logits is None:
-                    s.logits_index = len(entries)
-                    entries.append((s.out_tokens[-1], s.n_past, s.seq_id, True))
-                    s.n_past += 1
-        if entries:
-            self._decode(entries)
-            with self._cv:
-                self._counters["steps"] += 1
-                self._counters["step_seqs"] += len(entries)
-        with self._cv:
-            self._active_seqs = sum(1 for j in still for s in j.seqs if s.finish is None)
+                if s.finish is not None and s.n_past:
+                    self._lc.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
+                    s.n_past = 0
         return still
 
     def _finish(self, job: _Job) -> None:
@@ -568,7 +630,7 @@ class LlamaEngine:
     # ----------------------------------------------------------------- scoring
     def _run_score(self, job: _Job) -> None:
         with self._cv:
-            seq_ids = [self._free_seqs.pop() for _ in range(job.seqs_needed)]
+            seq_ids = [heapq.heappop(self._free_seqs) for _ in range(job.seqs_needed)]
         try:
             job.future.set_result(self._score(job, seq_ids))
         except Exception as exc:
