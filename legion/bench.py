@@ -206,14 +206,14 @@ class _LlamaServer:
                 raise RuntimeError(f"llama-server exited with code {self.proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.2)
 
-    def _one(self, i: int, max_tokens: int) -> int:
+    def _one(self, i: int, max_tokens: int, seed_offset: int = 0) -> int:
         import httpx
 
         body = {
             "prompt": self.prompts[i % len(self.prompts)],
             "n_predict": max_tokens,
             "temperature": _SAMPLING["temperature"],
-            "seed": _SAMPLING["seed"] + i,
+            "seed": _SAMPLING["seed"] + i + seed_offset,
             "ignore_eos": True,
             "cache_prompt": False,
         }
@@ -229,6 +229,23 @@ class _LlamaServer:
         with ThreadPoolExecutor(self.concurrency) as ex:
             total = sum(ex.map(lambda i: self._one(i, max_tokens), range(self.concurrency)))
         return total / (time.perf_counter() - t0)
+
+    def fanout_time_ratio(self, max_tokens: int, prompt: int, repeats: int) -> float:
+        """Wall time of ``concurrency`` samples of one prompt (concurrent requests, one per
+        slot, distinct seeds) over one sample: the same measure as the agent's fan-out, as
+        llama-server gets it (it has no n-samples request, so each slot evaluates the prompt)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        one, many = [], []
+        with ThreadPoolExecutor(self.concurrency) as ex:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self._one(prompt, max_tokens)
+                one.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                list(ex.map(lambda k: self._one(prompt, max_tokens, seed_offset=k), range(self.concurrency)))
+                many.append(time.perf_counter() - t0)
+        return statistics.median(many) / statistics.median(one)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -293,6 +310,10 @@ def _batching(model_path: str, cores: float, max_tokens: int, repeats: int, conc
                 else:
                     theirs.append(server.tokens_per_s(max_tokens))
                     agent.append(agent_tokens_per_s())
+            # The same fan-out measure on llama-server: how far the hardware lets any server go.
+            out[f"llama_server_fanout{concurrency}_vs_single_time_ratio"] = round(
+                server.fanout_time_ratio(max_tokens, 1, 3), 3
+            )
         finally:
             server.close()
     finally:
@@ -449,9 +470,11 @@ def run_bench(args: argparse.Namespace) -> int:
             else f"llama-server: {b['llama_server']}"
         )
     )
+    fan_server = b.get(f"llama_server_fanout{b['concurrency']}_vs_single_time_ratio")
     print(
         f"{b['concurrency']} samples of one prompt: {b['fanout8_s']} s against {b['single_sample_s']} s "
         f"for one, ratio {b['fanout8_vs_single_time_ratio']}"
+        + (f" (llama-server, the same measure: {fan_server})" if fan_server is not None else "")
     )
     print(
         f"/v1/tasks p50 {http['http_p50_ms']} ms, direct Arbiter p50 {http['direct_p50_ms']} ms, "

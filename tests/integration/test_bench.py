@@ -37,5 +37,6 @@ def test_bench_prints_every_ratio_as_json():
     if "llama_server_tokens_per_s" in b:
         assert result["batched_vs_llama_server_ratio"] == b["batched_vs_llama_server_ratio"] > 0
         assert b["pairs"] == 1 and len(b["pair_ratios"]) == 1 and b["llama_server_tokens_per_s"] > 0
+        assert b["llama_server_fanout8_vs_single_time_ratio"] > 0
     else:
         assert "not installed" in b["llama_server"] and "batched_vs_llama_server_ratio" not in result
