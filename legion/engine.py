@@ -427,10 +427,15 @@ class LlamaEngine:
             except Exception as exc:  # a llama.cpp failure fails the jobs it touched
                 log.exception("engine step failed")
                 for job in running + newcomers:
+                    if job.future.done():
+                        continue  # finished (and released) earlier in this step
                     self._release(job, [s.seq_id for s in job.seqs if s.seq_id >= 0])
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    job.future.set_exception(exc)
                 running = []
+                # Nothing runs now: wipe every stream, gap fillers a failed step left included.
+                self._lc.llama_memory_clear(self._mem, True)
+                with self._cv:
+                    self._active_seqs = 0
             with self._cv:
                 self._counters["busy_s"] += time.perf_counter() - t0
         for job in pending:

@@ -181,6 +181,35 @@ def test_long_context_greedy_text_does_not_depend_on_running_alone():
         e.close()
 
 
+def test_a_failed_step_fails_its_jobs_and_gives_every_sequence_back_once(engine):
+    """A llama.cpp failure in the step's decode fails the jobs still running, and a job that
+    finished earlier in that same step keeps its answer and is not given back twice (a
+    sequence id given back twice would be handed to two requests at once)."""
+    greedy = SamplingParams(max_tokens=30, stop=())
+    expected = engine.generate("The history of Rome", greedy).text
+    short = engine.submit_generate("Paris is", SamplingParams(max_tokens=3, stop=()))
+    long_job = engine.submit_generate("A recipe for bread:", greedy)
+    real = engine._decode
+    failed = []
+
+    def decode(entries):
+        if short.done() and not failed:  # the short job finished earlier in this step
+            failed.append(len(entries))
+            raise RuntimeError("injected llama_decode failure")
+        real(entries)
+
+    engine._decode = decode
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            long_job.result()
+    finally:
+        del engine._decode
+    assert failed and len(short.result()[0].text) > 0
+    st = _wait_idle(engine)
+    assert st["free_seqs"] == engine.n_parallel and st["free_cells"] == engine.n_cells
+    assert engine.generate("The history of Rome", greedy).text == expected
+
+
 def test_seeded_fanout_repeats_when_threads_sample_in_parallel():
     # With two threads the engine samples the sequences of a step on a small pool; each
     # sequence keeps its own seeded generator, so a seeded fan-out is reproducible, its
