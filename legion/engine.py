@@ -492,14 +492,16 @@ class LlamaEngine:
         if rows:
             used = {r[2] for r in rows}
             fillers = [i for i in range(min(used), max(used)) if i not in used]
-            if generating == 1 and rows[0][1] >= _SPLIT_KV_FROM and self.n_parallel > 1:
+            lone = generating == 1 and rows[0][1] >= _SPLIT_KV_FROM
+            if lone and self.n_threads > 1 and self.n_parallel > 1:
                 # One row in one stream that attends over 512 cells or more: llama.cpp's CPU
                 # flash attention then splits the cells over its threads and merges the
                 # parts, which rounds differently from the one-pass-per-row kernel it uses for
                 # several streams (a logit moved by 0.76 here), so a long greedy text would
                 # depend on whether it ran alone. A throwaway row in a neighbouring idle
                 # stream keeps the lone sequence on the batched kernel (about 15% of a lone
-                # step here, paid only by lone sequences past _SPLIT_KV_FROM tokens).
+                # step here, paid only by lone sequences past _SPLIT_KV_FROM tokens). With one
+                # thread the split is one part and rounds as the batched kernel does.
                 sid = rows[0][2]
                 fillers.append(sid + 1 if sid + 1 < self.n_parallel else sid - 1)
             rows += [(self._filler_token, 0, f, False) for f in fillers]
