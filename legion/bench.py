@@ -269,9 +269,10 @@ def _batching(model_path: str, cores: float, max_tokens: int, repeats: int, conc
 
     def agent_tokens_per_s() -> float:
         t0 = time.perf_counter()
+        seed = _SAMPLING["seed"]
         gens = ray.get(
             [
-                actor.generate.remote(GenerateRequest(task=_PROMPTS[i % len(_PROMPTS)], seed=7 + i))
+                actor.generate.remote(GenerateRequest(task=_PROMPTS[i % len(_PROMPTS)], seed=seed + i))
                 for i in range(concurrency)
             ]
         )
