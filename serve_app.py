@@ -50,6 +50,7 @@ from legion.cache import ResultCache
 from legion.config import LegionConfig, load_config
 from legion.errors import ErrorCode, InvalidRequest, LegionError
 from legion.guard import InjectionGuard
+from legion.health import service_health
 from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
 from legion.logging_setup import configure_logging, current_request_id, log_context, valid_request_id
 from legion.messages import Candidate, RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
@@ -502,15 +503,15 @@ class LegionIngress:
         except sqlite3.Error as exc:
             log.error("could not store the turns of session %s: %s", session, exc)
 
-    @api.get("/healthz", responses={503: {"description": "Not every agent has loaded: each agent's state."}})
+    @api.get(
+        "/healthz",
+        responses={
+            503: {"description": "An agent is still loading, or none can answer: each agent's state."}
+        },
+    )
     async def healthz(self) -> JSONResponse:
-        agents = await self.arbiter.agents.remote()
-        ready = all(a["health"]["loaded"] for a in agents)
-        body = {
-            "status": "ok" if ready else "loading",
-            "agents": {a["name"]: a["health"] for a in agents},
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        status, body = service_health(await self.arbiter.agents.remote())
+        return JSONResponse(body, status_code=status)
 
     @api.post(
         "/v1/tasks",

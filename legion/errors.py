@@ -118,3 +118,8 @@ class RateLimited(LegionError):
     """``details["retry_after_s"]`` says when to retry; the ingress sends it as ``Retry-After``."""
 
     code = ErrorCode.RATE_LIMITED
+
+
+class LlamaUnusable(ModelLoadError):
+    """The installed llama.cpp cannot run a model on this CPU (the start-up check failed);
+    the message names the cause and the rebuild command."""
