@@ -138,10 +138,10 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.rag:
-        from legion.rag_bench import run_rag_bench
+        from legion_cli.rag_bench import run_rag_bench
 
         return run_rag_bench(args)
-    from legion.bench import run_bench
+    from legion_cli.bench import run_bench
 
     return run_bench(args)
 
