@@ -48,13 +48,21 @@ from legion.api import (
 )
 from legion.cache import ResultCache
 from legion.config import LegionConfig, load_config
-from legion.errors import ErrorCode, InvalidRequest, LegionError
+from legion.errors import (
+    ErrorCode,
+    InternalError,
+    InvalidRequest,
+    LegionError,
+    NotFound,
+    NotReady,
+    StoreUnavailable,
+)
 from legion.guard import InjectionGuard
 from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
 from legion.logging_setup import configure_logging, current_request_id, log_context, valid_request_id
 from legion.messages import Candidate, RetrievalInfo, Source, TaskRequest, TaskResult, TraceEvent
 from legion.security import SecurityMiddleware, SecurityPolicy
-from legion.vectorstore import StoreUnavailable, quote_chunks, store_location
+from legion.vectorstore import quote_chunks, store_location
 
 log = logging.getLogger("legion.serve")
 
@@ -92,7 +100,7 @@ async def _legion_error(_: Request, exc: LegionError) -> JSONResponse:
 
 def _retry_shortly(message: str) -> JSONResponse:
     """503 with Retry-After: a part that comes back by itself is unavailable right now."""
-    return _legion_response(LegionError(message, code=ErrorCode.NOT_READY, details={"retry_after_s": 5}))
+    return _legion_response(NotReady(message, details={"retry_after_s": 5}))
 
 
 @api.exception_handler(RayActorError)
@@ -303,9 +311,8 @@ class LegionIngress:
                 raise
             except RayActorError as exc:
                 if time.monotonic() >= deadline:
-                    raise LegionError(
+                    raise NotReady(
                         f"the Arbiter is restarting and was not back within {wait_s:g} s; retry shortly",
-                        code=ErrorCode.NOT_READY,
                         details={"retry_after_s": 5},
                     ) from None
                 log.warning("Arbiter unavailable (%s); sending task %s again", type(exc).__name__, req.id)
@@ -554,15 +561,13 @@ class LegionIngress:
                 cause = _unwrap(exc)
                 if not isinstance(cause, LegionError):
                     log.warning("streamed task failed: %s", type(cause).__name__)
-                    cause = LegionError(
-                        "a Legion actor failed or is restarting; retry shortly", code=ErrorCode.NOT_READY
-                    )
+                    cause = NotReady("a Legion actor failed or is restarting; retry shortly")
                 yield sse_event("error", {"error": cause.to_dict()})
             except LegionError as exc:
                 yield sse_event("error", {"error": exc.to_dict()})
             except Exception:  # the stream has started: a 500 can no longer be sent
                 log.exception("streamed task failed")
-                err = LegionError("the task failed inside Legion; retry it", code=ErrorCode.INTERNAL)
+                err = InternalError("the task failed inside Legion; retry it")
                 yield sse_event("error", {"error": err.to_dict()})
             yield sse_event("done", {})
         finally:
@@ -614,15 +619,12 @@ class LegionIngress:
     @api.get("/v1/sessions/{session_id}")
     async def session(self, session_id: str) -> dict:
         if self.history is None:
-            raise LegionError(
-                "conversation history is off: set history.enabled: true", code=ErrorCode.NOT_FOUND
-            )
+            raise NotFound("conversation history is off: set history.enabled: true")
         sid = check_session_id(session_id)
         turns = await asyncio.to_thread(self.history.turns, sid)
         if not turns:
-            raise LegionError(
-                f"no conversation with session id {sid!r}: chat with 'user' or X-Session-Id set to it first",
-                code=ErrorCode.NOT_FOUND,
+            raise NotFound(
+                f"no conversation with session id {sid!r}: chat with 'user' or X-Session-Id set to it first"
             )
         return {"id": sid, "object": "session", "turns": [t.model_dump() for t in turns]}
 

@@ -23,7 +23,7 @@ from legion import metrics
 from legion.agent import build_prompt
 from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
-from legion.errors import ErrorCode, LegionError
+from legion.errors import ErrorCode, LegionError, Overloaded, TaskTimeout
 from legion.logging_setup import configure_logging
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
 from legion.trust import TrustStore, agreement_losses
@@ -265,9 +265,8 @@ class ArbiterActor:
                     log.exception("autoscaling agent %s failed", name)
 
     def _overloaded(self, detail: str) -> LegionError:
-        return LegionError(
+        return Overloaded(
             f"every agent is saturated ({detail}); retry after the Retry-After delay",
-            code=ErrorCode.OVERLOADED,
             details={"retry_after_s": 2},
         )
 
@@ -305,11 +304,10 @@ class ArbiterActor:
         except TimeoutError:
             s = holder.get("session")
             trace = [e.model_dump() for e in s.events] if s else []
-            raise LegionError(
+            raise TaskTimeout(
                 f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
                 "Retry with a smaller max_tokens or a simpler strategy",
-                code=ErrorCode.TIMEOUT,
-                details={"trace": trace},
+                trace=trace,
             ) from None
 
     async def _run(

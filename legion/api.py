@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from legion.arbitration import get_strategy, strategy_names
 from legion.config import LegionConfig
-from legion.errors import ErrorCode, InvalidRequest, LegionError
+from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from legion.messages import Candidate, Document, TaskRequest, TaskResult
 
 MODEL_PREFIX = "legion"
@@ -108,9 +108,8 @@ def check_task_text(task: str, cfg: LegionConfig) -> str:
     if not text:
         raise InvalidRequest("task is empty: send the question or instruction in 'task'")
     if len(task) > cfg.serve.max_task_chars:
-        raise LegionError(
+        raise PayloadTooLarge(
             f"task is {len(task)} characters; the limit is {cfg.serve.max_task_chars}: shorten it",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     return text
 
@@ -149,9 +148,8 @@ def strategy_for_model(model: str, cfg: LegionConfig) -> str:
     name = model.split(":", 1)[1] if model.startswith(MODEL_PREFIX + ":") else model
     if name in strategy_names():
         return name
-    raise LegionError(
+    raise ModelNotFound(
         f"model {model!r} does not exist; use one of: {', '.join(model_ids())}",
-        code=ErrorCode.MODEL_NOT_FOUND,
         details={"allowed": model_ids()},
     )
 
@@ -191,10 +189,7 @@ def chat_request(
     if not body.messages:
         raise InvalidRequest("messages is empty: send at least one user message")
     if len(body.messages) > cfg.serve.max_messages:
-        raise LegionError(
-            f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
-        )
+        raise PayloadTooLarge(f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}")
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if not users:
         raise InvalidRequest("messages holds no user message: the last user message is the task")
@@ -213,9 +208,8 @@ def chat_request(
         lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
     context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
     if len(context) > cfg.serve.max_task_chars * 4:
-        raise LegionError(
+        raise PayloadTooLarge(
             "the conversation is too long for the agents' context; send fewer or shorter messages",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     return TaskRequest(
         id=new_id("chatcmpl"),
@@ -324,10 +318,9 @@ def documents_request(body: DocumentsBody, cfg: LegionConfig) -> tuple[list[Docu
     """The documents to ingest and their collection, within ``rag.max_upload_chars``."""
     size = sum(len(d.text) for d in body.documents)
     if size > cfg.rag.max_upload_chars:
-        raise LegionError(
+        raise PayloadTooLarge(
             f"the documents hold {size} characters; the limit per request is {cfg.rag.max_upload_chars}: "
             "send them in several requests",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     if not any(d.text.strip() for d in body.documents):
         raise InvalidRequest("every document is empty: send the text to ingest in 'text'")
