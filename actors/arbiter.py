@@ -21,11 +21,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.pool import AgentPool
 from legion import metrics
 from legion.agent import build_prompt
-from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
 from legion.errors import ErrorCode, LegionError, Overloaded, TaskTimeout
 from legion.logging_setup import configure_logging
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
+from legion.strategies import OptionScores, build_strategy, normalize_answer
 from legion.trust import TrustStore, agreement_losses
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ class _Session:
             gen = self.request(self.task)
             self.first = await self._gather({a: gen for a in self.roles}, "fanout", trace_each=True)
             self.missing = {c.agent for c in self.first if not c.ok}
+            if self.first and all(c.error_code == ErrorCode.OVERLOADED.value for c in self.first):
+                raise self._arb._overloaded("every agent's queue is full")
         return self.first
 
     async def ask(self, requests: Mapping[str, GenerateRequest], step: str) -> list[Candidate]:
@@ -320,16 +322,7 @@ class ArbiterActor:
             holder["session"] = s
         if weights is not None:
             s.trace("trust", weights={a: round(w, 4) for a, w in weights.items()})
-        if hasattr(strategy, "deliberate"):
-            decision = await strategy.deliberate(s)
-        else:
-            cands = await s.fanout()
-            if cands and all(c.error_code == ErrorCode.OVERLOADED.value for c in cands):
-                raise self._overloaded("every agent's queue is full")
-            scores = None
-            if getattr(strategy, "needs_scores", False) and len({c.normalized for c in cands if c.ok}) > 1:
-                scores = await s.option_scores(cands)
-            decision = strategy.decide(cands, weights, scores)
+        decision = await strategy.deliberate(s)
         first_ok = [c for c in (s.first or s.latest) if c.ok]
         agreement = (
             sum(c.normalized == decision.answer_key for c in first_ok) / len(first_ok) if first_ok else None

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from legion.arbitration import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from legion.messages import Candidate, Document, TaskRequest, TaskResult
+from legion.strategies import get_strategy, strategy_names
 
 MODEL_PREFIX = "legion"
 
