@@ -13,21 +13,22 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import ray
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
-from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors import start_arbiter
+from actors.remote import ArbiterClient
 from actors.retriever import start_retriever
 from legion import __version__, metrics
 from legion.api import (
@@ -276,7 +277,7 @@ class LegionIngress:
         configure_logging(self.cfg.log_level, self.cfg.log_format)
         self.security = SecurityPolicy(self.cfg)  # applied by SecurityMiddleware
         self.guard = InjectionGuard(self.cfg.security.guard_patterns)
-        self.arbiter = start_arbiter(self.cfg)
+        self.arbiter = ArbiterClient(partial(start_arbiter, self.cfg), self.cfg.arbiter.restart_wait_s)
         # State lives outside the replica: SQLite files shared by every replica, one retriever actor.
         self.cache = ResultCache.from_config(self.cfg) if self.cfg.cache.enabled else None
         self._inflight: dict[str, asyncio.Future] = {}  # cache key -> the run answering it now
@@ -289,50 +290,7 @@ class LegionIngress:
         """The Arbiter's answer; with ``on_event``, its candidates and trace events as they happen."""
         req.request_id = req.request_id or current_request_id()  # on to the Arbiter and the agents
         req.timeout_s = req.timeout_s or self.cfg.serve.request_timeout_s
-        # A task the Arbiter lost by dying, or sent while it restarts, goes again (running a task
-        # twice is harmless) until it answers or restart_wait_s passes; a gone Arbiter is re-created.
-        wait_s = min(self.cfg.arbiter.restart_wait_s, req.timeout_s or self.cfg.arbiter.restart_wait_s)
-        deadline = time.monotonic() + wait_s
-        lost = 0
-        while True:
-            try:
-                if on_event is None:
-                    result = await self.arbiter.run.remote(req)
-                else:
-                    result = await self._run_streamed(req, on_event)
-                if lost:
-                    event = TraceEvent(step="arbiter_restarted", at_ms=0.0, data={"resent": lost})
-                    result.trace.insert(0, event)
-                return result
-            except RayTaskError as exc:
-                cause = _unwrap(exc)
-                if isinstance(cause, LegionError):
-                    raise cause from None
-                raise
-            except RayActorError as exc:
-                if time.monotonic() >= deadline:
-                    raise NotReady(
-                        f"the Arbiter is restarting and was not back within {wait_s:g} s; retry shortly",
-                        details={"retry_after_s": 5},
-                    ) from None
-                log.warning("Arbiter unavailable (%s); sending task %s again", type(exc).__name__, req.id)
-                lost += 1
-                if isinstance(exc, ActorDiedError):
-                    self.arbiter = start_arbiter(self.cfg)
-                await asyncio.sleep(0.5)
-
-    async def _run_streamed(self, req, on_event: Callable[[Candidate | TraceEvent], None]) -> TaskResult:
-        gen = self.arbiter.run_stream.options(num_returns="streaming").remote(req)
-        try:
-            async for ref in gen:
-                item = await ref
-                if isinstance(item, TaskResult):
-                    return item
-                on_event(item)
-        except asyncio.CancelledError:
-            ray.cancel(gen)  # the client went away: the Arbiter stops the agents' work
-            raise
-        raise RuntimeError("the Arbiter's stream ended without a result")
+        return await self.arbiter.run(req, on_event)
 
     def _retriever_actor(self):
         if self._retriever is None:
@@ -511,7 +469,7 @@ class LegionIngress:
 
     @api.get("/healthz", responses={503: {"description": "Not every agent has loaded: each agent's state."}})
     async def healthz(self) -> JSONResponse:
-        agents = await self.arbiter.agents.remote()
+        agents = await self.arbiter.agents()
         ready = all(a["health"]["loaded"] for a in agents)
         body = {
             "status": "ok" if ready else "loading",
@@ -575,7 +533,7 @@ class LegionIngress:
 
     @api.get("/v1/agents")
     async def agents(self) -> dict:
-        return {"agents": await self.arbiter.agents.remote()}
+        return {"agents": await self.arbiter.agents()}
 
     @api.get("/v1/models")
     async def models(self) -> dict:
