@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from actors.pool import AgentPool
 from actors.remote import RayAgents, agent_error
@@ -63,8 +64,9 @@ class ArbiterActor:
         Errors are ``run``'s, raised after the items already yielded; a cancelled caller stops
         the agents' work too."""
         self._ensure_autoscaler()
-        async for item in self._arbiter.stream(req):
-            yield item
+        async with aclosing(self._arbiter.stream(req)) as items:
+            async for item in items:
+                yield item
 
     async def agents(self) -> list[dict]:
         """Each agent's config, health, stats and trust weight (health ``None`` if it did not answer)."""

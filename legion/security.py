@@ -37,7 +37,7 @@ SCOPES = ("read", "tasks", "admin")
 API_KEYS_ENV = "LEGION_API_KEYS"
 MIN_KEY_CHARS = 16
 _HASH_PREFIX = "sha256:"
-_PUBLIC_PATHS = frozenset({"/healthz"})
+_PUBLIC_PATHS = frozenset({"/healthz", "/favicon.ico"})
 _TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions"})
 _MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
