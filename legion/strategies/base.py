@@ -134,7 +134,7 @@ class Strategy(Protocol):
 
 class SingleRound:
     """A strategy that decides over the agents' first answers: fan out once, score the distinct
-    answers when it ``needs_scores`` and they differ, then ``decide``."""
+    answers when it ``needs_scores`` and they differ, then ``decide`` (which the subclass defines)."""
 
     name = ""
     needs_scores = False
@@ -149,14 +149,6 @@ class SingleRound:
         if self.needs_scores and len({c.normalized for c in cands if c.ok}) > 1:
             scores = await session.option_scores(cands)
         return self.decide(cands, session.weights, scores)
-
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        raise NotImplementedError
 
 
 def usable(candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -100,21 +100,25 @@ def test_the_arbiter_gets_the_request_id_and_the_deadline(tmp_path):
     assert arbiter.seen[0].timeout_s == 42.0
 
 
-def test_identical_requests_in_flight_share_one_run(tmp_path):
-    gate = asyncio.Event()
-    arbiter = FakeArbiter(gate)
-    p = pipeline(tmp_path, arbiter)
+def two_at_once(p: TaskPipeline, arbiter: FakeArbiter, gate: asyncio.Event) -> list:
+    """Two identical tasks started together; the Arbiter answers once both are waiting."""
 
-    async def both():
+    async def go():
         preps = [await p.prepare_task(TaskBody(task="Name a colour.")) for _ in range(2)]
         runs = [asyncio.ensure_future(p.complete(prep)) for prep in preps]
         while not arbiter.seen:
             await asyncio.sleep(0)
         await asyncio.sleep(0)
         gate.set()
-        return await asyncio.gather(*runs)
+        return await asyncio.gather(*runs, return_exceptions=True)
 
-    leader, follower = asyncio.run(both())
+    return asyncio.run(go())
+
+
+def test_identical_requests_in_flight_share_one_run(tmp_path):
+    gate = asyncio.Event()
+    arbiter = FakeArbiter(gate)
+    leader, follower = two_at_once(pipeline(tmp_path, arbiter), arbiter, gate)
     assert len(arbiter.seen) == 1
     assert follower.trace[0].step == "coalesced" and follower.trace[0].data == {"with": leader.id}
     assert follower.answer == leader.answer and follower.id != leader.id
@@ -146,17 +150,7 @@ def test_an_arbiter_error_reaches_every_waiter_and_nothing_is_stored(tmp_path):
     gate = asyncio.Event()
     arbiter = FakeArbiter(gate, error=TaskTimeout("ran past 1 s", trace=[{"step": "fanout"}]))
     p = pipeline(tmp_path, arbiter)
-
-    async def go():
-        preps = [await p.prepare_task(TaskBody(task="Name a colour.")) for _ in range(2)]
-        runs = [asyncio.ensure_future(p.complete(prep)) for prep in preps]
-        while not arbiter.seen:
-            await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        gate.set()
-        return await asyncio.gather(*runs, return_exceptions=True)
-
-    errors = asyncio.run(go())
+    errors = two_at_once(p, arbiter, gate)
     assert [type(e) for e in errors] == [TaskTimeout, TaskTimeout] and errors[0].trace == [{"step": "fanout"}]
     arbiter.gate, arbiter.error = None, None
     assert ask(p, "Name a colour.")[0] == "miss"
