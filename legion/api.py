@@ -9,14 +9,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from legion.arbitration import get_strategy, strategy_names
 from legion.config import LegionConfig
-from legion.errors import ErrorCode, InvalidRequest, LegionError
-from legion.messages import Candidate, Document, TaskRequest, TaskResult
+from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from legion.history import Turn
+from legion.messages import (
+    AgentHealth,
+    Candidate,
+    Document,
+    RetrievalInfo,
+    Source,
+    TaskRequest,
+    TaskResult,
+    TraceEvent,
+)
+from legion.strategies import get_strategy, strategy_names
 
 MODEL_PREFIX = "legion"
 
@@ -91,7 +101,12 @@ class ChatBody(BaseModel):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stream: bool = False
+    stream: bool = Field(
+        False,
+        description="Answer as server-sent chunks. The answer exists only once the agents have voted, so "
+        "it comes at the end, all at once; before it, each agent's candidate arrives as it is written "
+        "(a chunk with an empty delta and the candidate under legion_candidate).",
+    )
     n: int = 1
     user: str | None = None  # also the session id of the conversation history (or X-Session-Id)
     cache: bool = True
@@ -108,9 +123,8 @@ def check_task_text(task: str, cfg: LegionConfig) -> str:
     if not text:
         raise InvalidRequest("task is empty: send the question or instruction in 'task'")
     if len(task) > cfg.serve.max_task_chars:
-        raise LegionError(
+        raise PayloadTooLarge(
             f"task is {len(task)} characters; the limit is {cfg.serve.max_task_chars}: shorten it",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     return text
 
@@ -149,9 +163,8 @@ def strategy_for_model(model: str, cfg: LegionConfig) -> str:
     name = model.split(":", 1)[1] if model.startswith(MODEL_PREFIX + ":") else model
     if name in strategy_names():
         return name
-    raise LegionError(
+    raise ModelNotFound(
         f"model {model!r} does not exist; use one of: {', '.join(model_ids())}",
-        code=ErrorCode.MODEL_NOT_FOUND,
         details={"allowed": model_ids()},
     )
 
@@ -191,10 +204,7 @@ def chat_request(
     if not body.messages:
         raise InvalidRequest("messages is empty: send at least one user message")
     if len(body.messages) > cfg.serve.max_messages:
-        raise LegionError(
-            f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
-        )
+        raise PayloadTooLarge(f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}")
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if not users:
         raise InvalidRequest("messages holds no user message: the last user message is the task")
@@ -213,9 +223,8 @@ def chat_request(
         lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
     context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
     if len(context) > cfg.serve.max_task_chars * 4:
-        raise LegionError(
+        raise PayloadTooLarge(
             "the conversation is too long for the agents' context; send fewer or shorter messages",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     return TaskRequest(
         id=new_id("chatcmpl"),
@@ -226,85 +235,244 @@ def chat_request(
     )
 
 
-def candidate_response(c: Candidate) -> dict:
+class _Response(BaseModel):
+    """A response body; the fields named in ``_omit_if_none`` are left out while they are None."""
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for name in self._omit_if_none:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+class CandidateInfo(_Response):
     """One agent's answer as ``/v1/tasks`` shows it (also a ``candidate`` event of its stream)."""
-    return {
-        "agent": c.agent,
-        "role": c.role,
-        "text": c.text,
-        "score": c.score,
-        "latency_ms": c.latency_ms,
-        **({"error": c.error} if c.error else {}),
-    }
+
+    _omit_if_none = frozenset({"error"})
+
+    agent: str
+    role: str
+    text: str
+    score: float | None = Field(None, description="The agent's mean token log-likelihood of its answer.")
+    latency_ms: float
+    error: str | None = Field(None, description="Why the agent gave no answer (absent when it did).")
 
 
-def sse_event(event: str, data: dict) -> str:
+class TaskResponse(_Response):
+    """``POST /v1/tasks``: the arbitrated answer, every candidate, the votes and the trace."""
+
+    _omit_if_none = frozenset({"sources", "retrieval"})
+
+    id: str
+    answer: str
+    strategy: str
+    candidates: list[CandidateInfo]
+    votes: dict[str, float] = Field(..., description="Normalised answer -> votes (or ranking score).")
+    latency_ms: float
+    missing_agents: list[str] = Field(..., description="Agents that gave no first answer.")
+    trace: list[TraceEvent] = Field(..., description="Every step the Arbiter took, in order.")
+    cached: bool = Field(..., description="Served from the result cache without asking an agent.")
+    sources: list[Source] | None = Field(None, description="Retrieved chunks (only when retrieval ran).")
+    retrieval: RetrievalInfo | None = Field(None, description="Whether retrieval worked (only when asked).")
+
+
+def candidate_response(c: Candidate) -> CandidateInfo:
+    return CandidateInfo(
+        agent=c.agent, role=c.role, text=c.text, score=c.score, latency_ms=c.latency_ms, error=c.error
+    )
+
+
+def task_response(result: TaskResult) -> TaskResponse:
+    retrieved = result.retrieval is not None
+    return TaskResponse(
+        id=result.id,
+        answer=result.answer,
+        strategy=result.strategy,
+        candidates=[candidate_response(c) for c in result.candidates],
+        votes=result.votes,
+        latency_ms=result.latency_ms,
+        missing_agents=result.missing_agents,
+        trace=result.trace,
+        cached=result.cached,
+        sources=result.sources if retrieved else None,
+        retrieval=result.retrieval,
+    )
+
+
+def sse_event(event: str, data: BaseModel | dict) -> str:
     """One server-sent event of the ``/v1/tasks`` stream."""
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
+    return f"event: {event}\ndata: {body}\n\n"
 
 
-def task_response(result: TaskResult) -> dict:
-    return {
-        "id": result.id,
-        "answer": result.answer,
-        "strategy": result.strategy,
-        "candidates": [candidate_response(c) for c in result.candidates],
-        "votes": result.votes,
-        "latency_ms": result.latency_ms,
-        "missing_agents": result.missing_agents,
-        "trace": [e.model_dump() for e in result.trace],
-        "cached": result.cached,
-        **({"sources": [s.model_dump() for s in result.sources]} if result.retrieval else {}),
-        **({"retrieval": result.retrieval.model_dump()} if result.retrieval else {}),
-    }
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-def _usage(result: TaskResult) -> dict:
-    # Every agent's work counts: the answer cost all the candidates.
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class ChatCompletion(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI's shape), with Legion's whole answer under ``legion``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(..., description="Every agent's tokens: the answer cost all the candidates.")
+    legion: TaskResponse
+
+
+class ChatDelta(_Response):
+    _omit_if_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop"] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One event of a streamed chat completion. The answer exists only once the agents have
+    voted: each agent's candidate comes first, as it arrives (empty ``delta``, the candidate
+    under ``legion_candidate``), then the whole answer at the end, the last chunk carrying
+    ``legion`` (the ``/v1/tasks`` response)."""
+
+    _omit_if_none = frozenset({"legion", "legion_candidate"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    legion_candidate: CandidateInfo | None = None
+    legion: TaskResponse | None = None
+
+
+def _usage(result: TaskResult) -> Usage:
     prompt = sum(c.prompt_tokens for c in result.candidates)
     completion = sum(c.completion_tokens for c in result.candidates)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def chat_response(result: TaskResult, model: str) -> dict:
-    return {
-        "id": result.id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.answer},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": _usage(result),
-        "legion": task_response(result),
-    }
+def chat_response(result: TaskResult, model: str) -> ChatCompletion:
+    return ChatCompletion(
+        id=result.id,
+        created=int(time.time()),
+        model=model,
+        choices=[ChatChoice(message=AssistantMessage(content=result.answer))],
+        usage=_usage(result),
+        legion=task_response(result),
+    )
 
 
-def chat_chunks(result: TaskResult, model: str) -> list[dict]:
-    """The ``chat.completion.chunk`` events of a streamed answer, in order."""
-    created = int(time.time())
+class ChatChunks:
+    """The ``chat.completion.chunk`` events of one streamed answer."""
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {
-            "id": result.id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
+    def __init__(self, chat_id: str, model: str):
+        self.id = chat_id
+        self.model = model
+        self.created = int(time.time())
 
-    out = [chunk({"role": "assistant", "content": ""})]
-    words = result.answer.split(" ")
-    for i, w in enumerate(words):
-        out.append(chunk({"content": w if i == 0 else " " + w}))
-    final = chunk({}, "stop")
-    final["legion"] = task_response(result)
-    out.append(final)
-    return out
+    def chunk(self, delta: ChatDelta, finish: Literal["stop"] | None = None, **legion) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=delta, finish_reason=finish)
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[choice], **legion
+        )
+
+    def start(self) -> ChatCompletionChunk:
+        return self.chunk(ChatDelta(role="assistant", content=""))
+
+    def candidate(self, c: Candidate) -> ChatCompletionChunk:
+        return self.chunk(ChatDelta(), legion_candidate=candidate_response(c))
+
+    def answer(self, result: TaskResult) -> list[ChatCompletionChunk]:
+        """The answer in word-sized chunks, then the final chunk with the whole response."""
+        words = result.answer.split(" ")
+        out = [self.chunk(ChatDelta(content=w if i == 0 else " " + w)) for i, w in enumerate(words)]
+        out.append(self.chunk(ChatDelta(), "stop", legion=task_response(result)))
+        return out
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "legion"
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: ``legion`` (the default strategy) and ``legion:<strategy>`` for each one."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+def models_response() -> ModelList:
+    return ModelList(data=[ModelInfo(id=m) for m in model_ids()])
+
+
+class TrustInfo(BaseModel):
+    weight: float
+    updates: int
+    agreements: int
+
+
+class ReplicaInfo(BaseModel):
+    name: str
+    in_flight: int
+
+
+class PoolInfo(BaseModel):
+    replicas: list[ReplicaInfo]
+    min_replicas: int
+    max_replicas: int
+    scale_events: list[dict[str, Any]]
+
+
+class AgentInfo(BaseModel):
+    """One agent: its config, its replicas, its health and counters, its trust weight."""
+
+    name: str
+    role: str
+    config: dict[str, Any] = Field(..., description="The agent's configuration.")
+    pool: PoolInfo
+    trust: TrustInfo | None = Field(..., description="None before the agent's first vote.")
+    health: AgentHealth
+    stats: dict[str, Any] | None = Field(..., description="Request and engine counters; None if unreachable.")
+
+
+class AgentList(BaseModel):
+    """``GET /v1/agents``."""
+
+    agents: list[AgentInfo]
+
+
+class SessionInfo(BaseModel):
+    """``GET /v1/sessions/{id}``: the stored turns of one conversation."""
+
+    id: str
+    object: Literal["session"] = "session"
+    turns: list[Turn]
 
 
 class DocumentsBody(BaseModel):
@@ -324,10 +492,9 @@ def documents_request(body: DocumentsBody, cfg: LegionConfig) -> tuple[list[Docu
     """The documents to ingest and their collection, within ``rag.max_upload_chars``."""
     size = sum(len(d.text) for d in body.documents)
     if size > cfg.rag.max_upload_chars:
-        raise LegionError(
+        raise PayloadTooLarge(
             f"the documents hold {size} characters; the limit per request is {cfg.rag.max_upload_chars}: "
             "send them in several requests",
-            code=ErrorCode.PAYLOAD_TOO_LARGE,
         )
     if not any(d.text.strip() for d in body.documents):
         raise InvalidRequest("every document is empty: send the text to ingest in 'text'")

@@ -199,7 +199,7 @@ class ArbiterConfig(_Strict):
         description="Add replicas even when the cluster has no free CPU/GPU for them (they wait "
         "pending, which is what makes Ray's autoscaler add a node); off on a fixed cluster.",
     )
-    # Strategy parameters (see legion/arbitration.py, legion/equilibrium.py, legion/deliberation.py).
+    # Strategy parameters (see legion/strategies/).
     approval_ratio: float = Field(
         0.5,
         gt=0.0,

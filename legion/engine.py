@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legion.errors import ErrorCode, InvalidRequest, LegionError, ModelLoadError
+from legion.errors import InvalidRequest, LegionError, ModelLoadError, NotReady, Overloaded
 from legion.messages import Generation
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,6 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 # holds one row of one stream (ggml-cpu ops.cpp, use_split_kv_path). A sequence's stream
 # reaches 512 padded cells once it holds more than 256 tokens; start a little earlier.
 _SPLIT_KV_FROM = 192
-
-
-class Overloaded(LegionError):
-    code = ErrorCode.OVERLOADED
 
 
 class LlamaEngine:
@@ -370,7 +366,7 @@ class LlamaEngine:
             )
         with self._cv:
             if self._closed:
-                raise LegionError("the engine is shut down", code=ErrorCode.NOT_READY)
+                raise NotReady("the engine is shut down")
             # Waiting means beyond what free sequences can start now; max_queue bounds that.
             if len(self._queue) >= self.max_queue + len(self._free_seqs):
                 self._counters["rejected"] += 1
@@ -440,7 +436,7 @@ class LlamaEngine:
                 self._counters["busy_s"] += time.perf_counter() - t0
         for job in pending:
             if not job.future.done():
-                job.future.set_exception(LegionError("the engine shut down", code=ErrorCode.NOT_READY))
+                job.future.set_exception(NotReady("the engine shut down"))
 
     def _step(self, running: list[_Job], newcomers: list[_Job]) -> list[_Job]:
         # 1. Every running sequence samples its next token from the last decode's logits.

@@ -51,15 +51,14 @@ class LegionError(Exception):
     """Base of every error Legion raises on purpose.
 
     ``message`` says what went wrong and what to change; ``details`` carries data a client
-    can act on (for instance the allowed values).
+    can act on (for instance the allowed values). The subclass says which ``ErrorCode`` it is:
+    raise the subclass, never a bare code.
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, details: dict | None = None):
+    def __init__(self, message: str, *, details: dict | None = None):
         super().__init__(message)
-        if code is not None:
-            self.code = code
         self.message = message
         self.details = details or {}
 
@@ -75,11 +74,14 @@ class LegionError(Exception):
 
     # Ray pickles exceptions raised inside actors; keep the keyword-only fields on the way.
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.code, self.details))
+        return (_rebuild, (type(self), self.message, self.details))
 
 
-def _rebuild(cls, message, code, details):
-    return cls(message, code=code, details=details)
+def _rebuild(cls, message, details):
+    # Past the subclass's own __init__, whose arguments may differ from the base's.
+    exc = cls.__new__(cls)
+    LegionError.__init__(exc, message, details=details)
+    return exc
 
 
 class ConfigError(LegionError):
@@ -123,3 +125,50 @@ class RateLimited(LegionError):
 class LlamaUnusable(ModelLoadError):
     """The installed llama.cpp cannot run a model on this CPU (the start-up check failed);
     the message names the cause and the rebuild command."""
+
+
+class PayloadTooLarge(LegionError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class ModelNotFound(LegionError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class NotFound(LegionError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Overloaded(LegionError):
+    """Every agent (or this agent's engine) is full; ``details["retry_after_s"]`` says when to retry."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class StoreUnavailable(NotReady):
+    """Qdrant (or the retriever actor in front of it) cannot answer; the message says which and what to do."""
+
+
+class CollectionMissing(NotFound):
+    pass
+
+
+class AgentUnavailable(NotReady):
+    """An agent's actor is gone or restarting; it rejoins by itself."""
+
+
+class TaskTimeout(LegionError):
+    """The task ran past its ``timeout_s``; ``trace`` holds what the Arbiter did until then."""
+
+    code = ErrorCode.TIMEOUT
+
+    def __init__(self, message: str, *, trace: list[dict] | None = None, details: dict | None = None):
+        super().__init__(message, details={**(details or {}), "trace": list(trace or [])})
+
+    @property
+    def trace(self) -> list[dict]:
+        return self.details.get("trace", [])
+
+
+class InternalError(LegionError):
+    """A failure inside Legion that the caller cannot fix; retrying may help."""

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legion.arbitration import OptionScores, build_strategy, strategy_names
 from legion.config import AgentConfig, LegionConfig
 from legion.errors import InvalidRequest
 from legion.messages import Candidate
+from legion.strategies import OptionScores, build_strategy, strategy_names
 from legion.trust import hedge_update
 
 log = logging.getLogger(__name__)

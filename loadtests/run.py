@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "legion.cli", "serve", "--port", str(port), "--no-dashboard"]
+        cmd = [sys.executable, "-m", "legion_cli", "serve", "--port", str(port), "--no-dashboard"]
         if args.config:
             cmd += ["--config", args.config]
         log = (out / "legion.log").open("w")

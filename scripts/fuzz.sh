@@ -38,7 +38,7 @@ security: {rate_limit_per_minute: 0}
 data_dir: $workdir/data
 EOF
   LEGION_API_KEYS="$LEGION_API_KEY" RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} \
-    "$PY" -m legion.cli serve --config "$workdir/legion.yaml" --no-dashboard >"$workdir/serve.log" 2>&1 &
+    "$PY" -m legion_cli serve --config "$workdir/legion.yaml" --no-dashboard >"$workdir/serve.log" 2>&1 &
   server_pid=$!
   LEGION_URL="http://127.0.0.1:$port"
   echo "fuzz: started legion serve at $LEGION_URL (log: $workdir/serve.log)"

@@ -291,7 +291,7 @@ def start_server(workdir: Path, api_key: str) -> tuple[subprocess.Popen, str]:
     env.pop("RAY_ADDRESS", None)
     log = open(workdir / "serve.log", "w")  # the server's output, for as long as it runs
     proc = subprocess.Popen(
-        [sys.executable, "-m", "legion.cli", "serve", "--config", str(conf), "--no-dashboard"],
+        [sys.executable, "-m", "legion_cli", "serve", "--config", str(conf), "--no-dashboard"],
         cwd=ROOT,
         env=env,
         stdout=log,

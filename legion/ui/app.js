@@ -11,8 +11,9 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 let apiKey = sessionStorage.getItem(KEY_SLOT) || "";
-let agentsTimer = null;
+let watchingAgents = false;
 let lastAgents = [];
+let trustResult = null; // the task whose trust weights the chart shows beside the current ones
 
 // ------------------------------------------------------------------ HTTP
 class ApiError extends Error {
@@ -222,6 +223,7 @@ function clearResult() {
   $("candidates").replaceChildren();
   $("trace").replaceChildren();
   for (const id of ["votes-chart", "equilibrium-chart", "debate", "trust-chart"]) $(id).replaceChildren();
+  trustResult = null;
   $("decision-strategy").textContent = "";
   $("answer-box").hidden = true;
 }
@@ -319,15 +321,18 @@ function showDebate(result) {
     el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))));
 }
 
+// The weights now (they follow the agents table), beside those a task used when it traced them.
 function showTrust(result) {
-  const traced = result && result.trace.find((e) => e.step === "trust");
-  let entries;
-  if (traced) entries = Object.entries(traced.data.weights);
-  else entries = lastAgents.filter((a) => a.trust).map((a) => [a.name, a.trust.weight]);
+  if (result !== undefined) trustResult = result;
+  const traced = trustResult && trustResult.trace.find((e) => e.step === "trust");
+  const now = Object.fromEntries(lastAgents.filter((a) => a.trust).map((a) => [a.name, a.trust.weight]));
   $("trust-chart").replaceChildren();
-  if (entries.length) {
-    $("trust-chart").append(barChart(traced ? "Trust weights used for this task" : "Trust weights (now)",
-      entries, { digits: 3 }));
+  if (traced) {
+    const labels = Object.keys(traced.data.weights);
+    $("trust-chart").append(groupedChart("Trust weights: used for this task, and now", labels,
+      [["this task", labels.map((a) => traced.data.weights[a])], ["now", labels.map((a) => now[a] || 0)]]));
+  } else if (Object.keys(now).length) {
+    $("trust-chart").append(barChart("Trust weights (now)", Object.entries(now), { digits: 3 }));
   }
 }
 
@@ -374,27 +379,54 @@ async function loadCacheStats() {
 }
 
 // ------------------------------------------------------------------ agents and models
+function showAgents(agents) {
+  lastAgents = agents;
+  $("agents").querySelector("tbody").replaceChildren(...agents.map((a) => {
+    const h = a.health || {};
+    const s = a.stats || {};
+    const replicas = (a.pool && a.pool.replicas) || [];
+    const inFlight = replicas.reduce((n, r) => n + (r.in_flight || 0), 0);
+    const state = h.state === "failed" ? "failed" : h.loaded ? "loaded" : h.error ? "down" : "loading";
+    return el("tr", { "data-agent": a.name },
+      el("td", {}, a.name), el("td", {}, a.role),
+      el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),
+      el("td", {}, inFlight), el("td", {}, replicas.length),
+      el("td", {}, fmt(s.tokens_per_s, 1)), el("td", {}, s.requests === undefined ? "–" : s.requests),
+      el("td", {}, a.trust ? fmt(a.trust.weight, 3) : "–"));
+  }));
+  $("agents-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  showTrust();
+}
+
 async function loadAgents() {
   try {
-    const agents = (await (await api("v1/agents")).json()).agents;
-    lastAgents = agents;
-    $("agents").querySelector("tbody").replaceChildren(...agents.map((a) => {
-      const h = a.health || {};
-      const s = a.stats || {};
-      const replicas = (a.pool && a.pool.replicas) || [];
-      const inFlight = replicas.reduce((n, r) => n + (r.in_flight || 0), 0);
-      const state = h.state === "failed" ? "failed" : h.loaded ? "loaded" : h.error ? "down" : "loading";
-      return el("tr", { "data-agent": a.name },
-        el("td", {}, a.name), el("td", {}, a.role),
-        el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),
-        el("td", {}, inFlight), el("td", {}, replicas.length),
-        el("td", {}, fmt(s.tokens_per_s, 1)), el("td", {}, s.requests === undefined ? "–" : s.requests),
-        el("td", {}, a.trust ? fmt(a.trust.weight, 3) : "–"));
-    }));
-    $("agents-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    if (!$("trust-chart").children.length) showTrust(null);
+    showAgents((await (await api("v1/agents")).json()).agents);
   } catch (err) {
     $("agents-updated").textContent = `(${err.message})`;
+  }
+}
+
+// The table follows one long request that the server answers every 3 s for a few minutes,
+// then another: one audit record per watch, not one per refresh.
+async function watchAgents() {
+  if (watchingAgents) return;
+  watchingAgents = true;
+  try {
+    for (;;) {
+      try {
+        const r = await api("v1/agents?watch_s=3", { headers: { Accept: "text/event-stream" } });
+        await readEvents(r, (name, data) => {
+          if (name === "agents") showAgents(data.agents);
+          else if (name === "error") $("agents-updated").textContent = `(${data.error.message})`;
+        });
+      } catch (err) {
+        $("agents-updated").textContent = `(${err.message})`;
+        if (err.status === 401) return; // until a key is entered (refreshAll watches again)
+      }
+      await new Promise((done) => setTimeout(done, 3000));
+    }
+  } finally {
+    watchingAgents = false;
   }
 }
 
@@ -414,9 +446,8 @@ async function loadModels() {
 
 function refreshAll() {
   loadModels();
-  loadAgents();
   loadCacheStats();
-  if (agentsTimer === null) agentsTimer = setInterval(loadAgents, 3000);
+  watchAgents();
 }
 
 // The Ray dashboard listens on its own port of the head node (8265 unless configured);

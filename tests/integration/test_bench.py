@@ -17,7 +17,7 @@ from tests.integration.conftest import _free_port
 def test_bench_prints_every_ratio_as_json():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", LEGION_BENCH_PORT=str(_free_port()))
-    cmd = [sys.executable, "-m", "legion.cli", "bench", "--json", "--rounds", "1", "--repeats", "1"]
+    cmd = [sys.executable, "-m", "legion_cli", "bench", "--json", "--rounds", "1", "--repeats", "1"]
     cmd += ["--max-tokens", "4", "--http-requests", "2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

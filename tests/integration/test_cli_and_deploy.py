@@ -41,7 +41,7 @@ def test_legion_serve_and_ask_end_to_end(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    legion = [sys.executable, "-m", "legion.cli"]
+    legion = [sys.executable, "-m", "legion_cli"]
     proc = subprocess.Popen(
         [*legion, "serve", "--config", str(cfg), "--no-dashboard"],
         env=env,
@@ -89,7 +89,7 @@ def test_bad_config_fails_at_start_naming_the_field(tmp_path):
     cfg = tmp_path / "legion.yaml"
     cfg.write_text("agents:\n  - name: a\n    num_cpus: 500\n")
     out = subprocess.run(
-        [sys.executable, "-m", "legion.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "legion_cli", "serve", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -159,7 +159,7 @@ data_dir: {tmp_path / "data"}
         nodes.append(head)
         legion_log = (tmp_path / "legion.log").open("w")
         legion = subprocess.Popen(
-            [sys.executable, "-m", "legion.cli", "serve", "--config", str(cfg), "--no-dashboard"],
+            [sys.executable, "-m", "legion_cli", "serve", "--config", str(cfg), "--no-dashboard"],
             # JSON logs: every process's lines reach this process's stdout (Ray forwards them).
             env={**env, "RAY_ADDRESS": address, "LEGION_LOG_FORMAT": "json"},
             stdout=legion_log,

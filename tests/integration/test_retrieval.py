@@ -7,7 +7,6 @@ import socket
 import pytest
 import yaml
 
-from legion.cli import main
 from legion.config import config_from_dict
 from legion.messages import Document
 from legion.vectorstore import (
@@ -18,6 +17,7 @@ from legion.vectorstore import (
     VectorStore,
     store_location,
 )
+from legion_cli.cli import main
 
 _FACTS = """# Brenmoor Island
 

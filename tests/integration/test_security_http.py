@@ -143,7 +143,7 @@ def test_keys_scopes_limits_and_audit_over_http(secure, tmp_path):
     conf = tmp_path / "legion.yaml"
     conf.write_text(f"data_dir: {cfg.data_dir}\nsecurity:\n  audit_file: secure-audit.db\n")
     out = subprocess.run(
-        [sys.executable, "-m", "legion.cli", "audit", "tail", "-n", "3", "--config", str(conf)],
+        [sys.executable, "-m", "legion_cli", "audit", "tail", "-n", "3", "--config", str(conf)],
         capture_output=True,
         text=True,
         timeout=120,

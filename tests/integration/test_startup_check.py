@@ -48,7 +48,7 @@ def test_an_agent_with_a_file_that_is_no_model_reports_failed(tmp_path):
 
 def test_legion_doctor_reports_the_build_cpu_and_model(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "legion.cli", "doctor", "--json"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "legion_cli", "doctor", "--json"], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout)
@@ -62,7 +62,7 @@ def test_legion_doctor_reports_the_build_cpu_and_model(tmp_path):
     cfg = tmp_path / "legion.yaml"
     cfg.write_text(f"agents:\n  - name: gone\n    model_path: {tmp_path / 'missing.gguf'}\n")
     bad = subprocess.run(
-        [sys.executable, "-m", "legion.cli", "doctor", "--config", str(cfg)],
+        [sys.executable, "-m", "legion_cli", "doctor", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=300,

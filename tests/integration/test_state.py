@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from legion.cli import main
+from legion_cli.cli import main
 
 _DOC = """# Brenmoor Island
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 import ray
 
-from legion.cli import main
+from legion_cli.cli import main
 from tests.integration.conftest import TEST_APP
 
 TASK = {"task": "Name one fruit that is red.", "max_tokens": 6, "cache": False}

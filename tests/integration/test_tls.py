@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from tests.integration.conftest import _free_port, stop_serve
 
 KEY = "tls-test-key-0123456789abcdef"
-LEGION = [sys.executable, "-m", "legion.cli"]
+LEGION = [sys.executable, "-m", "legion_cli"]
 
 
 def _self_signed(folder) -> tuple[str, str]:

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from legion.arbitration import OptionScores
 from legion.config import AgentConfig, config_from_dict
 from legion.errors import InvalidRequest
 from legion.evaluate import (
@@ -19,6 +18,7 @@ from legion.evaluate import (
     load_items,
     train_file_for,
 )
+from legion.strategies import OptionScores
 
 
 def write(tmp_path, rows, name="set_dev.jsonl"):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from legion import cli, llama_build, preflight
+from legion import llama_build, preflight
 from legion.errors import LlamaUnusable
 from legion.health import service_health
+from legion_cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGILL_CHILD = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]

@@ -7,7 +7,10 @@ import asyncio
 
 import pytest
 
-from legion.arbitration import (
+from legion.config import ArbiterConfig
+from legion.errors import NoCandidates
+from legion.messages import Candidate, GenerateRequest
+from legion.strategies import (
     Approval,
     Borda,
     OptionScores,
@@ -18,16 +21,13 @@ from legion.arbitration import (
     normalize_answer,
     strategy_names,
 )
-from legion.config import ArbiterConfig
-from legion.deliberation import (
+from legion.strategies.deliberation import (
     ConflictResolution,
     Debate,
     Decomposition,
     assign_roles,
     parse_subtasks,
 )
-from legion.errors import NoCandidates
-from legion.messages import Candidate, GenerateRequest
 
 
 def cand(agent, text, score=-1.0, error=None, role=""):

@@ -129,14 +129,22 @@ def _ask(args: argparse.Namespace) -> int:
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    r = httpx.post(
-        f"{args.url.rstrip('/')}/v1/tasks",
-        json=body,
-        headers=headers,
-        timeout=args.timeout,
-        verify=args.cacert or True,
-    )
-    data = r.json()
+    url = f"{args.url.rstrip('/')}/v1/tasks"
+    try:
+        r = httpx.post(url, json=body, headers=headers, timeout=args.timeout, verify=args.cacert or True)
+    except httpx.TimeoutException:
+        raise LegionError(
+            f"no answer from {url} within --timeout {args.timeout:g} s; raise --timeout"
+        ) from None
+    except httpx.TransportError as exc:
+        raise LegionError(
+            f"cannot reach Legion at {url} ({type(exc).__name__}): start it with `legion serve`, "
+            "or point --url (or LEGION_URL) at the server"
+        ) from None
+    try:
+        data = r.json()
+    except ValueError:
+        raise LegionError(f"{url} answered {r.status_code} without JSON: is --url a Legion server?") from None
     if r.status_code != 200:
         print(f"error {r.status_code}: {data.get('error', {}).get('message', data)}", file=sys.stderr)
         return 1
@@ -155,7 +163,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.llama_builds:
-        from legion.build_bench import compare_builds, parse_builds, print_table
+        from legion_cli.build_bench import compare_builds, parse_builds, print_table
 
         result = compare_builds(
             parse_builds(args.llama_builds), args.threads, args.max_tokens, args.rounds, args.repeats
@@ -166,10 +174,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     _preflight([bundled_model_path()])
     if args.rag:
-        from legion.rag_bench import run_rag_bench
+        from legion_cli.rag_bench import run_rag_bench
 
         return run_rag_bench(args)
-    from legion.bench import run_bench
+    from legion_cli.bench import run_bench
 
     return run_bench(args)
 
@@ -226,8 +234,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from legion.config import load_config
-    from legion.doctor import diagnose, print_report
     from legion.engine import bundled_model_path
+    from legion_cli.doctor import diagnose, print_report
 
     try:
         paths, config_error = _model_paths(load_config(args.config)), None
@@ -301,11 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     a = sub.add_parser("ask", help="ask a running Legion a question")
-    a.add_argument("question")
-    a.add_argument("--url", default=os.environ.get("LEGION_URL", "http://127.0.0.1:8000"))
-    a.add_argument("--strategy")
-    a.add_argument("--max-tokens", type=int)
-    a.add_argument("--timeout", type=float, default=300.0)
+    a.add_argument("question", help="the question or instruction, quoted")
+    a.add_argument(
+        "--url",
+        default=os.environ.get("LEGION_URL", "http://127.0.0.1:8000"),
+        help="the running Legion (default: $LEGION_URL or http://127.0.0.1:8000)",
+    )
+    a.add_argument("--strategy", help="arbitration strategy, e.g. debate (default: the server's own)")
+    a.add_argument("--max-tokens", type=int, help="reply length in tokens (default: each agent's)")
+    a.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: 300)"
+    )
     a.add_argument("--json", action="store_true", help="print the whole response")
     a.add_argument(
         "--api-key", default=os.environ.get("LEGION_API_KEY"), help="API key (default: $LEGION_API_KEY)"

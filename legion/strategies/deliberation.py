@@ -10,46 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
-from legion.arbitration import (
-    OptionScores,
-    Plurality,
-    abstained,
-    build_strategy,
-    register,
-    usable,
-)
-from legion.messages import Candidate, Decision, GenerateRequest
+from legion.messages import Candidate, Decision
+from legion.strategies.base import Session, abstained, usable
+from legion.strategies.equilibrium import EquilibriumRanking
+from legion.strategies.voting import Plurality
+
+if TYPE_CHECKING:
+    from legion.config import ArbiterConfig
 
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|subtask\s*\d*\s*:)\s*", re.IGNORECASE)
-
-
-class Session(Protocol):
-    """What a multi-round strategy may do with the agents of one task."""
-
-    task: str
-    settings: Any  # ArbiterConfig
-    roles: Mapping[str, str]  # agent name -> role, in config order
-    weights: Mapping[str, float] | None
-
-    async def fanout(self) -> list[Candidate]:
-        """Every agent's first answer to the task (asked once, then remembered)."""
-        ...
-
-    async def ask(self, requests: Mapping[str, GenerateRequest], step: str) -> list[Candidate]:
-        """Send each named agent its request, all at once; failed agents carry ``error``."""
-        ...
-
-    async def option_scores(self, candidates: Sequence[Candidate]) -> OptionScores | None:
-        """Every agent's log-likelihood of every distinct answer in ``candidates``."""
-        ...
-
-    def request(self, task: str, context: str = "") -> GenerateRequest:
-        """A generation request for this task's limits (max_tokens) with ``task``/``context``."""
-        ...
-
-    def trace(self, step: str, **data: Any) -> None: ...
 
 
 def _answers(candidates: Sequence[Candidate]) -> dict[str, str]:
@@ -83,8 +54,8 @@ class Debate:
     def __init__(self, rounds: int = 2):
         self.rounds = rounds
 
-    def configure(self, settings: Any) -> Debate:
-        return Debate(getattr(settings, "debate_rounds", self.rounds))
+    def configure(self, settings: ArbiterConfig) -> Debate:
+        return Debate(settings.debate_rounds)
 
     def decide(self, candidates, weights=None, scores=None) -> Decision:
         """Over answers already given (no further round possible): a plurality vote."""
@@ -164,8 +135,8 @@ class Decomposition:
     def __init__(self, max_subtasks: int = 4):
         self.max_subtasks = max_subtasks
 
-    def configure(self, settings: Any) -> Decomposition:
-        return Decomposition(getattr(settings, "decompose_max_subtasks", self.max_subtasks))
+    def configure(self, settings: ArbiterConfig) -> Decomposition:
+        return Decomposition(settings.decompose_max_subtasks)
 
     def decide(self, candidates, weights=None, scores=None) -> Decision:
         return Plurality().decide(candidates, weights, scores)
@@ -265,17 +236,19 @@ class ConflictResolution:
     needs_scores = False
     uses_trust = True
 
-    def __init__(self, margin: float = 0.25, resolver: str = "equilibrium", settings: Any = None):
+    def __init__(
+        self, margin: float = 0.25, resolver: str = "equilibrium", settings: ArbiterConfig | None = None
+    ):
         self.margin = margin
         self.resolver = resolver
         self.settings = settings
 
-    def configure(self, settings: Any) -> ConflictResolution:
-        return ConflictResolution(
-            getattr(settings, "conflict_margin", self.margin),
-            getattr(settings, "conflict_resolver", self.resolver),
-            settings,
-        )
+    def configure(self, settings: ArbiterConfig) -> ConflictResolution:
+        return ConflictResolution(settings.conflict_margin, settings.conflict_resolver, settings)
+
+    def _resolver(self, strategy: Debate | EquilibriumRanking):
+        # The resolving strategy with this one's settings (its defaults when it has none).
+        return strategy if self.settings is None else strategy.configure(self.settings)
 
     def split(self, first: Decision) -> tuple[bool, float]:
         """Whether ``first`` is a split vote, and the winner's lead in vote share."""
@@ -294,7 +267,7 @@ class ConflictResolution:
         if not is_split or scores is None or self.resolver != "equilibrium":
             first.details.update({"split": is_split, "lead": round(lead, 4), "resolved_by": None})
             return first
-        d = build_strategy("equilibrium", self.settings).decide(candidates, weights, scores)
+        d = self._resolver(EquilibriumRanking()).decide(candidates, weights, scores)
         d.details.update({"split": True, "lead": round(lead, 4), "resolved_by": "equilibrium"})
         return d
 
@@ -309,17 +282,12 @@ class ConflictResolution:
             first.details.update({"split": False, "lead": round(lead, 4), "resolved_by": None})
             return first
         if self.resolver == "debate":
-            d = await build_strategy("debate", self.settings).continue_from(session, cands)
+            d = await self._resolver(Debate()).continue_from(session, cands)
         else:
             scores = await session.option_scores(cands)
-            d = build_strategy("equilibrium", self.settings).decide(cands, session.weights, scores)
+            d = self._resolver(EquilibriumRanking()).decide(cands, session.weights, scores)
         session.trace(
             "conflict_resolution", resolver=self.resolver, winner=d.answer_key, first=first.answer_key
         )
         d.details.update({"split": True, "lead": round(lead, 4), "resolved_by": self.resolver})
         return d
-
-
-register(Debate())
-register(Decomposition())
-register(ConflictResolution())

@@ -15,19 +15,22 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from legion.arbitration import (
+from legion.messages import Candidate, Decision
+from legion.strategies.base import (
     OptionScores,
+    SingleRound,
     abstained,
     group_candidates,
-    register,
     representative_text,
     usable,
 )
-from legion.messages import Candidate, Decision
+
+if TYPE_CHECKING:
+    from legion.config import ArbiterConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ def _pool(logits: Mapping[str, np.ndarray], weights: Mapping[str, float] | None)
     return _softmax((w[:, None] * logp).sum(axis=0), axis=0)
 
 
-class EquilibriumRanking:
+class EquilibriumRanking(SingleRound):
     """Rank the candidate answers by the Consensus Game's regularised equilibrium.
 
     With option scores (every agent's log-likelihood of every distinct answer), the generator
@@ -187,14 +190,14 @@ class EquilibriumRanking:
         self.rank_by = rank_by
         self.discriminator = discriminator
 
-    def configure(self, settings: Any) -> EquilibriumRanking:
-        """A copy with the parameters of ``settings`` (an ``ArbiterConfig``)."""
+    def configure(self, settings: ArbiterConfig) -> EquilibriumRanking:
+        """A copy with the parameters of ``settings``."""
         return EquilibriumRanking(
-            getattr(settings, "equilibrium_iterations", self.iterations),
-            getattr(settings, "equilibrium_eta", self.eta),
-            getattr(settings, "equilibrium_lambda", self.lam),
-            getattr(settings, "equilibrium_rank_by", self.rank_by),
-            getattr(settings, "equilibrium_discriminator", self.discriminator),
+            settings.equilibrium_iterations,
+            settings.equilibrium_eta,
+            settings.equilibrium_lambda,
+            settings.equilibrium_rank_by,
+            settings.equilibrium_discriminator,
         )
 
     def _judged(self, scores: OptionScores, agent: str, idx: list[int]) -> np.ndarray | None:
@@ -277,6 +280,3 @@ class EquilibriumRanking:
                 "discriminator": [round(float(x), 6) for x in eq.discriminator[CORRECT]],
             },
         )
-
-
-register(EquilibriumRanking())

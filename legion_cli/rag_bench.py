@@ -24,7 +24,9 @@ from pathlib import Path
 
 import yaml
 
-CORPUS = Path(__file__).resolve().parent / "corpus"
+import legion
+
+CORPUS = Path(legion.__file__).resolve().parent / "corpus"
 COLLECTION = "tallowmere"
 
 
