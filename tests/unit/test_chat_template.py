@@ -122,7 +122,8 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user
         "{% for m in messages %}"
         "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
-        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
+        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}</s>{% endif %}"
         "{% endfor %}"
     )
     tpl = chat_template_for(_agent(chat_template=src), _info())
@@ -147,7 +148,7 @@ def test_a_gemma_model_without_a_template_is_told_to_use_the_gemma_template():
 
 
 def test_a_template_that_cannot_render_a_conversation_fails_at_start_up():
-    with pytest.raises(ConfigError, match="agent chatty: .*refused the conversation: no chat here"):
+    with pytest.raises(ConfigError, match=r"agent chatty: .*refused the conversation: no chat here"):
         chat_template_for(_agent(chat_template="{{ raise_exception('no chat here') }}"), _info())
 
 
@@ -165,7 +166,7 @@ def test_the_sandbox_refuses_unsafe_attribute_access(src):
     tpl = ChatTemplate(src, name="hostile")
     with pytest.raises(InvalidRequest, match="hostile tried something the sandbox forbids"):
         tpl.render(CONVERSATION)
-    with pytest.raises(ConfigError, match="agent chatty: .*sandbox forbids"):
+    with pytest.raises(ConfigError, match=r"agent chatty: .*sandbox forbids"):
         chat_template_for(_agent(chat_template=src), _info())
 
 
@@ -187,7 +188,11 @@ def test_tojson_keeps_text_as_it_is():
     ("agent", "field", "says"),
     [
         ({"chat_template": "chatml"}, "agents.0", "prompt_format: chat only"),
-        ({"prompt_format": "chat", "chat_template": "qwen"}, "agents.0.chat_template", "unknown chat_template"),
+        (
+            {"prompt_format": "chat", "chat_template": "qwen"},
+            "agents.0.chat_template",
+            "unknown chat_template",
+        ),
         ({"prompt_format": "chat", "chat_template": "{% for %}"}, "agents.0.chat_template", "line 1"),
         ({"prompt_format": "chat", "chat_template": " "}, "agents.0.chat_template", "is empty"),
         ({"prompt_format": "chat", "prompt_template": "{task}"}, "agents.0", "remove prompt_template"),
@@ -214,7 +219,9 @@ def test_chat_agents_have_no_stops_unless_given_and_completion_agents_keep_their
 # --------------------------------------------------------------------------- agent prompts
 def test_completion_prompt_is_unchanged():
     cfg = AgentConfig(name="solver", role_prompt="Be exact.\n\n")
-    assert build_prompt(cfg, "  What is 2+2? ") == DATA_NOTICE + "Be exact.\n\nQuestion: What is 2+2?\nAnswer:"
+    assert (
+        build_prompt(cfg, "  What is 2+2? ") == DATA_NOTICE + "Be exact.\n\nQuestion: What is 2+2?\nAnswer:"
+    )
     with_ctx = build_prompt(cfg, "What is 2+2?", "Arithmetic facts.")
     assert with_ctx == (
         DATA_NOTICE
