@@ -15,6 +15,10 @@ of ``attn_output`` and ``ffn_down`` are zero), so only the last token decides wh
 goes on, and noise never enters it. The layers still run in full (attention over the context,
 grouped-query heads, SwiGLU), so the test exercises llama.cpp's real compute path.
 
+The end-of-turn token is named in ``tokenizer.ggml.eot_token_id``; its text matches none of
+llama.cpp's built-in end-of-turn names, so llama.cpp warns at load ("special_eot_id is not in
+special_eog_ids") and adds it to the end-of-generation set from the metadata alone.
+
 This lives in ``tests/`` because only tests need it: the ``gguf`` writer is a test dependency.
 Building the file takes a few milliseconds and it is about 0.5 MB.
 """
