@@ -9,25 +9,58 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
+from legion.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
 from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
 from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
-from legion.guard import frame_as_data, neutralize
-from legion.messages import AgentHealth, AgentStats, GenerateRequest, Generation
+from legion.guard import DATA_NOTICE, frame_as_data, neutralize, quote_as_data
+from legion.messages import AgentHealth, AgentStats, ChatTurn, GenerateRequest, Generation
 from legion.preflight import check_model
 
 log = logging.getLogger(__name__)
 
 
-def build_prompt(cfg: AgentConfig, task: str, context: str = "") -> str:
-    """The completion-style prompt an agent sends its model for ``task``.
+def build_prompt(
+    cfg: AgentConfig,
+    task: str,
+    context: str = "",
+    *,
+    chat: ChatTemplate | None = None,
+    history: Sequence[ChatTurn] = (),
+) -> str:
+    """The prompt an agent sends its model for ``task``, in the agent's ``prompt_format``.
 
-    The task and the context are data, never instructions: ``legion.guard`` marks them so
-    (a notice, the context between delimiters, no forged turns in the task).
+    completion: ``prompt_template`` as plain text; earlier turns in ``history``, if any, are
+    quoted before the context. chat: ``chat_turns`` rendered by ``chat``, the agent's template
+    (``Agent.prompt`` passes it). The task, the context and the history are data, never
+    instructions: ``legion.guard`` marks them so (a notice, the context between delimiters,
+    no forged turns or control tokens in user text).
     """
+    if cfg.prompt_format == "chat":
+        if chat is None:
+            raise ValueError(f"agent {cfg.name} has prompt_format chat: pass its ChatTemplate (Agent.prompt)")
+        return chat.render(chat_turns(cfg, task, context, history), add_generation_prompt=True)
+    if history:
+        lines = [f"{'Assistant' if t.role == 'assistant' else 'User'}: {t.content.strip()}" for t in history]
+        context = "Conversation so far:\n" + "\n".join(lines) + (f"\n\n{context}" if context.strip() else "")
     body = cfg.prompt_template.format(role_prompt=cfg.role_prompt, task=neutralize(task.strip()))
     return frame_as_data(body, context)
+
+
+def chat_turns(
+    cfg: AgentConfig, task: str, context: str = "", history: Sequence[ChatTurn] = ()
+) -> list[ChatTurn]:
+    """A chat agent's conversation: its role prompt and the data notice as the system message,
+    the history as turns, then the task (after the context, quoted as data) as the user turn."""
+    role = cfg.role_prompt.strip()
+    system = f"{role}\n\n{DATA_NOTICE.strip()}" if role else DATA_NOTICE.strip()
+    turns = [ChatTurn(role="system", content=system)]
+    turns += [ChatTurn(role=t.role, content=neutralize(t.content.strip())) for t in history]
+    quoted = f"{quote_as_data(context)}\n\n" if context.strip() else ""
+    turns.append(ChatTurn(role="user", content=quoted + neutralize(task.strip())))
+    return turns
 
 
 class Agent:
@@ -36,6 +69,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, *, load_in_background: bool = True):
         self.cfg = cfg
         self._engine: LlamaEngine | None = None
+        self._chat: ChatTemplate | None = None  # prompt_format chat: set while loading
         self._load_error: str | None = None
         self._loaded = threading.Event()
         self._stats = AgentStats()
@@ -54,6 +88,8 @@ class Agent:
             check = check_model(path)
             if not check.ok:
                 raise LlamaUnusable(check.message)
+            if self.cfg.prompt_format == "chat":  # no template: fail before loading the weights
+                self._chat = chat_template_for(self.cfg, read_model_chat_info(path))
             engine = LlamaEngine(
                 path,
                 n_ctx=self.cfg.n_ctx,
@@ -98,8 +134,17 @@ class Agent:
             top_p=s.top_p,
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
-            stop=tuple(s.stop),
+            stop=tuple(s.stop) + (self._chat.stop if self._chat is not None else ()),
         )
+
+    def prompt(
+        self, task: str, context: str = "", history: Sequence[ChatTurn] = (), timeout_s: float | None = None
+    ) -> str:
+        """This agent's prompt for ``task`` (see ``build_prompt``); a chat agent's needs its
+        template, so it waits up to ``timeout_s`` for the model to load."""
+        if self.cfg.prompt_format == "chat":
+            self.engine(timeout_s)
+        return build_prompt(self.cfg, task, context, chat=self._chat, history=history)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> Generation:
         """One completion of ``req`` (``req.n`` is ignored; see ``generate_n``)."""
@@ -111,7 +156,7 @@ class Agent:
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
         """
         engine = self.engine(timeout_s)
-        prompt = build_prompt(self.cfg, req.task, req.context)
+        prompt = self.prompt(req.task, req.context, req.history)
         with self._stats_lock:
             self._stats.in_flight += 1
         try:

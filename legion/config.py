@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from legion.chat_template import NAMED_TEMPLATES, check_template_source, is_inline_template
 from legion.errors import ConfigError
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -40,7 +41,8 @@ class SamplingConfig(_Strict):
     stop: list[str] = Field(
         default_factory=lambda: ["\n\n", "\nQuestion:", "\nQ:"],
         max_length=16,
-        description="Stop sequences (the bundled model is a base model: prompt it completion-style).",
+        description="Stop sequences (the bundled model is a base model: prompt it completion-style). "
+        "An agent with prompt_format chat has none unless given: its model ends its turn itself.",
     )
 
 
@@ -57,7 +59,20 @@ class AgentConfig(_Strict):
     prompt_template: str = Field(
         "{role_prompt}Question: {task}\nAnswer:",
         max_length=2000,
-        description="Completion-style template; must contain {task}, may contain {role_prompt}.",
+        description="Completion-style template; must contain {task}, may contain {role_prompt}. "
+        "prompt_format completion only.",
+    )
+    prompt_format: Literal["completion", "chat"] = Field(
+        "completion",
+        description="completion: the prompt is prompt_template as plain text (base models). chat: "
+        "role_prompt is the system message, the history and the task are turns, rendered by the "
+        "chat template; the reply ends at the model's end-of-generation tokens (instruct models).",
+    )
+    chat_template: str | None = Field(
+        None,
+        max_length=32000,
+        description="prompt_format chat only: a named template (chatml, gemma, llama3) or an inline "
+        "Jinja template; empty means the model's own tokenizer.chat_template from its GGUF.",
     )
     model_path: str | None = Field(
         None, description="Path to a GGUF file; empty means the bundled Gemma 3 270M (Q4_K_M)."
@@ -146,6 +161,57 @@ class AgentConfig(_Strict):
                 f"prompt_template may only use {{task}} and {{role_prompt}} (bad placeholder: {exc})"
             ) from None
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, v: str | None) -> str | None:
+        if v is None or v in NAMED_TEMPLATES:
+            return v
+        names = ", ".join(sorted(NAMED_TEMPLATES))
+        if not v.strip():
+            raise ValueError(
+                f"chat_template is empty: name one ({names}), give inline Jinja, or leave it out "
+                "to use the model's own"
+            )
+        if not is_inline_template(v):
+            raise ValueError(
+                f"unknown chat_template {v!r}: use one of {names}, or an inline Jinja template "
+                "(with {{ ... }} and {% ... %})"
+            )
+        check_template_source(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_stops_by_default_none(cls, data: Any) -> Any:
+        # The default stops ("\n\n", "\nQuestion:") fit completion prompts to a base model;
+        # they would cut a chat model's reply at its first paragraph. A chat model ends its
+        # turn with an end-of-generation token, so a chat agent has no stops unless given.
+        if not isinstance(data, dict) or data.get("prompt_format") != "chat":
+            return data
+        sampling = data.get("sampling")
+        if sampling is None:
+            return {**data, "sampling": {"stop": []}}
+        if isinstance(sampling, dict) and "stop" not in sampling:
+            return {**data, "sampling": {**sampling, "stop": []}}
+        if isinstance(sampling, SamplingConfig) and "stop" not in sampling.model_fields_set:
+            return {**data, "sampling": sampling.model_copy(update={"stop": []})}
+        return data
+
+    @model_validator(mode="after")
+    def _chat_fields_fit_format(self) -> AgentConfig:
+        if self.prompt_format == "completion":
+            if self.chat_template is not None:
+                raise ValueError(
+                    "chat_template applies to prompt_format: chat only: set prompt_format: chat "
+                    "or remove chat_template"
+                )
+        elif "prompt_template" in self.model_fields_set:
+            raise ValueError(
+                "prompt_template applies to prompt_format: completion only; with chat, role_prompt "
+                "is the system message and the task the user message: remove prompt_template"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> AgentConfig:

@@ -11,6 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
+class ChatTurn(BaseModel):
+    """One turn of a conversation as a chat agent's template sees it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class GenerateRequest(BaseModel):
     """What the Arbiter asks one agent for. ``None`` fields fall back to the agent's config."""
 
@@ -22,6 +29,9 @@ class GenerateRequest(BaseModel):
     n: int = 1  # samples of the same prompt (generate_n); decoded together, prompt evaluated once
     timeout_s: float | None = None  # past this the agent stops decoding and returns what it has
     request_id: str | None = None  # the HTTP request's X-Request-Id, for the agent's log lines
+    # Earlier turns (user/assistant) of the conversation: a chat agent renders them as turns of
+    # its template, a completion agent quotes them before the task (legion.agent.build_prompt).
+    history: list[ChatTurn] = Field(default_factory=list)
 
 
 class Generation(BaseModel):
