@@ -172,11 +172,11 @@ def progress_bar(total: int, unit: str, desc: str) -> Callable[[int], None]:
 
 def ingest_local(paths: list[str], cfg, collection: str | None = None) -> IngestReport:
     """Read ``paths`` and write their chunks to the store of ``cfg`` (local folder or QDRANT_URL)."""
-    from legion.vectorstore import Retriever, VectorStore, store_location
+    from legion.vectorstore import Retriever, open_store, store_location
 
     docs = [read_document(p) for p in find_files(paths)]
     location = store_location(cfg)
-    store = VectorStore(location, timeout_s=cfg.rag.timeout_s)
+    store = open_store(location, timeout_s=cfg.rag.timeout_s)
     store.probe()  # fail before the embedding model takes its seconds to load
     retriever = Retriever(cfg.rag, location, store=store, load_in_background=False)
     try:

@@ -23,19 +23,23 @@ import yaml
 from tests.integration.conftest import _free_port
 from tests.unit.test_monitoring import ALERTS, dashboard_queries
 
-# Dashboard panels whose series must show a value above 0 once traffic has flowed; the others
-# (queue depth, active sequences, 5xx share) may rightly read 0 and must only read a number.
+# Dashboard queries (panel title, refId) whose series must show a value above 0 once traffic has
+# flowed; the others (queue depth, active sequences, 5xx share) may rightly read 0 and must only
+# read a number.
 _POSITIVE = {
-    "Requests/s by route and status",
-    "Latency p50/p95/p99 by route",
-    "Tokens generated/s by agent replica",
-    "Decode tokens/s per agent replica (engine)",
-    "Batch occupancy (sequences per decode step)",
-    "Cache hit ratio",
-    "Arbitration rounds per task by strategy",
-    "Agreement rate with the decision (mean)",
-    "Agent pool replicas",
-    "Agents up (Arbiter's health check)",
+    ("Requests/s by route and status", "A"),
+    ("Latency p50/p95/p99 by route", "A"),
+    ("Latency p50/p95/p99 by route", "B"),
+    ("Latency p50/p95/p99 by route", "C"),
+    ("Tokens generated/s by agent replica", "A"),
+    ("Decode tokens/s per agent replica (engine)", "A"),
+    ("Batch occupancy (sequences per decode step)", "A"),
+    ("Queue depth per agent replica (and its max_queue)", "B"),
+    ("Cache hit ratio", "A"),
+    ("Arbitration rounds per task by strategy", "A"),
+    ("Agreement rate with the decision (mean)", "A"),
+    ("Agent pool replicas", "A"),
+    ("Agents up (Arbiter's health check)", "A"),
 }
 # Panels showing a share: every value lies in [0, 1].
 _RATIOS = {"Cache hit ratio", "Error rate (5xx share)", "Agreement rate with the decision (mean)"}
@@ -132,19 +136,34 @@ def _requests(prom: _Prometheus, status: str) -> float:
     return prom.value(f'sum(ray_legion_requests_total{{route="/v1/tasks",status="{status}"}})') or 0.0
 
 
+# Counters that every wave increases, each reported by a different process (ingress, agents,
+# Arbiter), so each reaches Prometheus on its own 10 s export tick.
+_WAVE_COUNTERS = [
+    'sum(ray_legion_requests_total{route="/v1/tasks",status="200"})',
+    'sum(ray_legion_request_latency_s_count{route="/v1/tasks"})',
+    'sum(ray_legion_cache_lookups_total{outcome="hit"})',
+    "sum(ray_legion_tokens_generated_total)",
+    "sum(ray_legion_arbitrated_tasks_total)",
+    "sum(ray_legion_arbitration_rounds_total)",
+    "sum(ray_legion_agreement_rate_count)",
+]
+
+
 @pytest.fixture(scope="module")
 def traffic(prometheus, legion_url):
-    """Two waves of traffic, the second after Prometheus has scraped the first: a counter's
-    first sample is already past its first increments, so rates need a later increase."""
+    """Two waves of traffic, the second after Prometheus has scraped every counter the first
+    increased: a new counter's first sample already holds its first increments, and a rate needs
+    an increase between two samples. Returns when the second wave's increase is scraped too."""
     start = time.time()
+    p = prometheus
     with httpx.Client(base_url=legion_url, timeout=300) as client:
-        before = _requests(prometheus, "200")
         _wave(client, 1)
-        prometheus.wait("the first wave", lambda: _requests(prometheus, "200") >= before + 3)
+        p.wait("the first wave", lambda: all(p.value(q) for q in _WAVE_COUNTERS))
+        first = {q: p.value(q) for q in _WAVE_COUNTERS}
         _wave(client, 2)
-        prometheus.wait("the second wave", lambda: _requests(prometheus, "200") >= before + 6)
+        p.wait("the second wave", lambda: all(p.value(q) > first[q] for q in _WAVE_COUNTERS))
     # The gauges reported every 2 s and the Arbiter's health checks, exported by now or soon.
-    prometheus.wait("the agents' gauges", lambda: prometheus.query("ray_legion_agent_up"))
+    p.wait("the agents' gauges", lambda: p.query("ray_legion_agent_up"))
     return start
 
 
@@ -197,7 +216,9 @@ def _legend_labels(legend: str) -> set[str]:
 
 def test_every_dashboard_query_returns_data(prometheus, traffic):
     queries = dashboard_queries()
-    assert _POSITIVE | _RATIOS <= {title for title, _ in queries}, "a panel this test knows was renamed"
+    known = {(title, t["refId"]) for title, t in queries}
+    assert _POSITIVE <= known, "a panel this test knows was renamed"
+    assert _RATIOS <= {title for title, _ in known}, "a panel this test knows was renamed"
     problems, report = [], []
     for title, target in queries:
         data = prometheus.api("query_range", query=target["expr"], start=traffic, end=time.time(), step="1s")
@@ -216,7 +237,7 @@ def test_every_dashboard_query_returns_data(prometheus, traffic):
         }
         if missing:
             problems.append(f"{title} [{target['refId']}]: legend labels {missing} not in the series")
-        if title in _POSITIVE and max(finite) <= 0:
+        if (title, target["refId"]) in _POSITIVE and max(finite) <= 0:
             problems.append(f"{title} [{target['refId']}]: only zeros after traffic")
         if title in _RATIOS and not all(0 <= v <= 1 for v in finite):
             problems.append(f"{title} [{target['refId']}]: a share outside [0, 1]: {finite}")
