@@ -137,6 +137,10 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.rag_scale:
+        from legion.rag_scale import run_rag_scale_bench
+
+        return run_rag_scale_bench(args)
     if args.rag:
         from legion.rag_bench import run_rag_bench
 
@@ -282,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "
         "and cached vs uncached /v1/tasks latency",
+    )
+    b.add_argument(
+        "--rag-scale",
+        action="store_true",
+        help="instead: the embedded vector stores (local, edge) at --sizes chunks: upsert and "
+        "embedding chunks/s, query p50/p95, recall@10 against exact search",
+    )
+    b.add_argument("--sizes", default="10000,100000", help="with --rag-scale: chunk counts, comma-separated")
+    b.add_argument("--backends", default="local,edge", help="with --rag-scale: local and/or edge")
+    b.add_argument("--queries", type=int, default=200, help="with --rag-scale: queries per measure")
+    b.add_argument(
+        "--embed-sample", type=int, default=2000, help="with --rag-scale: chunks the real model embeds"
     )
     b.set_defaults(func=_bench)
 
