@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from legion.config import LegionConfig, RagConfig
 from legion.errors import ErrorCode, InvalidRequest, LegionError, NotReady
-from legion.ingest import Chunk, chunk_document, progress_bar
+from legion.ingest import Chunk, chunk_document, chunk_id, document_digest, progress_bar
 from legion.messages import Document, IngestReport, Retrieval, RetrievalInfo, RetrievedChunk, Source
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,13 @@ class Embedder:
         return [v.tolist() for v in vectors]
 
 
+def _payload(c: Chunk) -> dict:
+    payload = {"source": c.source, "chunk": c.index, "text": c.text}
+    if c.digest:
+        payload["digest"] = c.digest
+    return payload
+
+
 class VectorStore:
     """One Qdrant client (local folder or server) and the few calls Legion makes on it."""
 
@@ -169,12 +176,17 @@ class VectorStore:
         from qdrant_client import models
 
         points = [
-            models.PointStruct(
-                id=c.id, vector=v, payload={"source": c.source, "chunk": c.index, "text": c.text}
-            )
+            models.PointStruct(id=c.id, vector=v, payload=_payload(c))
             for c, v in zip(chunks, vectors, strict=True)
         ]
         self._call("upsert points", self._client.upsert, name, points=points, wait=True)
+
+    def digest_of(self, name: str, source: str, index: int) -> str | None:
+        """The document digest stored with chunk ``index`` of ``source`` (None: no such chunk)."""
+        found = self._call(
+            "retrieve points", self._client.retrieve, name, ids=[chunk_id(source, index)], with_payload=True
+        )
+        return (found[0].payload or {}).get("digest") if found else None
 
     def remove_from(self, name: str, source: str, first_stale: int) -> int:
         """Delete the chunks of ``source`` numbered ``first_stale`` and above; returns how many."""
@@ -325,12 +337,15 @@ class EdgeVectorStore:
     def upsert(self, name: str, chunks: list[Chunk], vectors: list[list[float]]) -> None:
         from qdrant_edge import Point, UpdateOperation
 
-        points = [
-            Point(id=c.id, vector=v, payload={"source": c.source, "chunk": c.index, "text": c.text})
-            for c, v in zip(chunks, vectors, strict=True)
-        ]
+        points = [Point(id=c.id, vector=v, payload=_payload(c)) for c, v in zip(chunks, vectors, strict=True)]
         shard = self._shard(name)
         self._call("upsert points", shard.update, UpdateOperation.upsert_points(points))
+
+    def digest_of(self, name: str, source: str, index: int) -> str | None:
+        """The document digest stored with chunk ``index`` of ``source`` (None: no such chunk)."""
+        shard = self._shard(name)
+        found = self._call("retrieve points", shard.retrieve, [chunk_id(source, index)], True, False)
+        return (found[0].payload or {}).get("digest") if found else None
 
     def remove_from(self, name: str, source: str, first_stale: int) -> int:
         """Delete the chunks of ``source`` numbered ``first_stale`` and above; returns how many."""
@@ -490,38 +505,63 @@ class Retriever:
         return Retrieval(info=RetrievalInfo(used=True, collection=name), chunks=chunks)
 
     def ingest(
-        self, documents: list[Document], *, collection: str | None = None, progress: bool = False
+        self,
+        documents: Iterable[Document],
+        *,
+        collection: str | None = None,
+        progress: bool = False,
+        total: int | None = None,
     ) -> IngestReport:
-        """Chunk, embed and upsert ``documents``; re-ingesting a source replaces its chunks."""
+        """Chunk, embed and upsert ``documents`` as they come (one batch of chunks in memory at a
+        time); re-ingesting a source replaces its chunks. A document already stored with the
+        same text and chunking is skipped, so a run that stopped part-way resumes where it was.
+        ``total`` (the number of documents, when known) sizes the progress bar."""
         t0 = time.perf_counter()
         name = collection or self.rag.collection
         embedder, store = self._ready()
-        per_doc = [chunk_document(d, self.rag.chunk_chars, self.rag.chunk_overlap) for d in documents]
-        chunks = [c for cs in per_doc for c in cs]
         with self._store_lock:
             store.ensure_collection(name, embedder.dim)
-        advance = progress_bar(len(chunks), "chunk", f"ingesting into {name}") if progress else None
-        step = self.rag.upsert_batch_size
-        for i in range(0, len(chunks), step):
-            batch = chunks[i : i + step]
-            vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size)
-            with self._store_lock:
-                store.upsert(name, batch, vectors)
-            if advance:
-                advance(len(batch))
-        removed = 0
-        with self._store_lock:
-            for doc, cs in zip(documents, per_doc, strict=True):
-                removed += store.remove_from(name, doc.source, len(cs))
-            store.finish(name)
+        advance = progress_bar(total, "doc", f"ingesting into {name}") if progress and total else None
         report = IngestReport(
-            collection=name,
-            location=self.location.describe(),
-            documents=len(documents),
-            chunks=len(chunks),
-            removed=removed,
-            seconds=round(time.perf_counter() - t0, 3),
+            collection=name, location=self.location.describe(), documents=0, chunks=0, removed=0, seconds=0.0
         )
+        batch: list[Chunk] = []
+        waiting: list[tuple[str, int]] = []  # documents whose chunks are (partly) in ``batch``
+
+        def flush() -> None:
+            if batch:
+                vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size)
+                with self._store_lock:
+                    store.upsert(name, batch, vectors)
+                batch.clear()
+            with self._store_lock:  # every chunk of these documents is stored now
+                for source, n in waiting:
+                    report.removed += store.remove_from(name, source, n)
+            waiting.clear()
+
+        for doc in documents:
+            digest = document_digest(doc, self.rag.chunk_chars, self.rag.chunk_overlap)
+            chunks = chunk_document(doc, self.rag.chunk_chars, self.rag.chunk_overlap)
+            report.documents += 1
+            report.chunks += len(chunks)
+            with self._store_lock:
+                # Stored whole with this digest when its last chunk carries it (chunks go in order).
+                done = bool(chunks) and store.digest_of(name, doc.source, len(chunks) - 1) == digest
+            if done:
+                report.skipped += 1
+            else:
+                for c in chunks:
+                    c.digest = digest
+                batch.extend(chunks)
+            waiting.append((doc.source, len(chunks)))
+            if len(batch) >= self.rag.upsert_batch_size:
+                flush()
+            if advance:
+                advance(1)
+        flush()
+        with self._store_lock:
+            store.finish(name)
+        report.seconds = round(time.perf_counter() - t0, 3)
         log.info("ingested %s", report.model_dump())
         return report
 

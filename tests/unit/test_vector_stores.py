@@ -162,3 +162,102 @@ def test_edge_collection_records_its_vector_size(tmp_path):
     store.ensure_collection("docs", DIM)
     assert json.loads((tmp_path / "docs" / "collection.json").read_text()) == {"dim": DIM}
     store.close()
+
+
+class _CountingEmbedder:
+    """Stands in for the embedding model (not under test): a vector per text from its hash."""
+
+    dim = DIM
+
+    def __init__(self):
+        self.texts = 0
+
+    def embed(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
+        self.texts += len(texts)
+        out = []
+        for t in texts:
+            v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(DIM)
+            out.append((v / np.linalg.norm(v)).tolist())
+        return out
+
+
+def _retriever(tmp_path, backend: str, batch: int = 4):
+    from legion.config import config_from_dict
+    from legion.vectorstore import Retriever, store_location
+
+    cfg = config_from_dict(
+        {
+            "data_dir": str(tmp_path),
+            "rag": {
+                "chunk_chars": 60,
+                "chunk_overlap": 10,
+                "upsert_batch_size": batch,
+                "vector_store": backend,
+            },
+        }
+    )
+    embedder = _CountingEmbedder()
+    return Retriever(cfg.rag, store_location(cfg), embedder=embedder), embedder
+
+
+def _doc(i: int, words: int = 30, edit: str = ""):
+    from legion.messages import Document
+
+    text = " ".join(f"word{i}-{j}{edit}" for j in range(words))
+    return Document(source=f"/corpus/doc{i}.txt", text=text)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ingest_streams_documents_a_batch_at_a_time(tmp_path, backend):
+    r, _ = _retriever(tmp_path, backend)
+
+    def docs():
+        for i in range(8):
+            if i >= 3:  # earlier documents are stored before later ones are even read
+                assert r.count() > 0
+            yield _doc(i)
+
+    report = r.ingest(docs(), total=8)
+    assert (report.documents, report.skipped) == (8, 0)
+    assert r.count() == report.chunks > 8
+    r.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ingest_skips_stored_documents_and_resumes_after_a_crash(tmp_path, backend):
+    r, embedder = _retriever(tmp_path, backend, batch=1)  # each document stored as it is read
+    first = r.ingest([_doc(i) for i in range(5)])
+    embedded = embedder.texts
+    assert embedded == first.chunks
+
+    # The same documents again: nothing embedded, nothing written, the same points.
+    again = r.ingest([_doc(i) for i in range(5)])
+    assert (again.skipped, again.removed, embedder.texts) == (5, 0, embedded)
+    assert r.count() == first.chunks
+
+    # One changed (and shorter) document is redone; its stale chunks go.
+    changed = r.ingest([_doc(0), _doc(1, words=10, edit="x"), *(_doc(i) for i in range(2, 5))])
+    assert changed.skipped == 4 and changed.removed > 0
+    assert embedder.texts == embedded + changed.chunks - sum(
+        len(_chunks_of(r, _doc(i))) for i in (0, 2, 3, 4)
+    )
+
+    # A run that dies after three new documents, then the whole run again: it resumes.
+    def crashing():
+        for i in range(10, 13):
+            yield _doc(i)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        r.ingest(crashing())
+    before = embedder.texts
+    resumed = r.ingest([_doc(i) for i in range(10, 16)])
+    assert resumed.skipped == 3
+    assert embedder.texts - before == sum(len(_chunks_of(r, _doc(i))) for i in range(13, 16))
+    r.close()
+
+
+def _chunks_of(r, doc):
+    from legion.ingest import chunk_document
+
+    return chunk_document(doc, r.rag.chunk_chars, r.rag.chunk_overlap)
