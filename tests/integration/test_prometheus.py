@@ -42,7 +42,11 @@ _POSITIVE = {
     ("Agents up (Arbiter's health check)", "A"),
 }
 # Panels showing a share: every value lies in [0, 1].
-_RATIOS = {"Cache hit ratio", "Error rate (5xx share)", "Agreement rate with the decision (mean)"}
+_RATIOS = {
+    "Cache hit ratio",
+    "Error rate (5xx share, health probes left out)",
+    "Agreement rate with the decision (mean)",
+}
 
 
 class _Prometheus:
@@ -205,6 +209,18 @@ def test_legion_series_arrive_in_prometheus(prometheus, traffic, legion_config):
     assert set(_by(p.query("max by (agent) (ray_legion_agent_replicas)"), "agent")) == set(agents)
 
 
+def _explain(prom: _Prometheus, expr: str, start: float) -> str:
+    """The raw series behind ``expr`` over the test's window: their labels and values."""
+    out = []
+    for name in sorted(set(re.findall(r"\bray_legion_\w+", expr))):
+        data = prom.api("query_range", query=name, start=start, end=time.time(), step="1s")
+        for s in data["result"]:
+            labels = {k: v for k, v in s["metric"].items() if k not in ("__name__", "SessionName", "Version")}
+            values = sorted({v for _, v in s["values"]}, key=float)
+            out.append(f"{name}{labels}: {len(s['values'])} samples, values {values[:6]}")
+    return "; ".join(out) or "no series at all"
+
+
 def _unix(rfc3339: str) -> float:
     """Prometheus's timestamps carry nanoseconds; Python parses microseconds."""
     return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", rfc3339).replace("Z", "+00:00")).timestamp()
@@ -227,7 +243,8 @@ def test_every_dashboard_query_returns_data(prometheus, traffic):
         finite = [v for v in values if math.isfinite(v)]
         report.append(f"{title} [{target['refId']}]: {len(series)} series, max {max(finite, default=None)}")
         if not finite:
-            problems.append(f"{title} [{target['refId']}]: no data ({target['expr']})")
+            why = _explain(prometheus, target["expr"], traffic)
+            problems.append(f"{title} [{target['refId']}]: no data ({target['expr']}); {why}")
             continue
         missing = {
             label
