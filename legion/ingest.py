@@ -186,10 +186,10 @@ def ingest_local(paths: list[str], cfg, collection: str | None = None) -> Ingest
 
     files = find_files(paths)
     location = store_location(cfg)
-    store = open_store(location, timeout_s=cfg.rag.timeout_s)
-    store.probe()  # fail before the embedding model takes its seconds to load
     # Nothing else uses this machine's cores for the store now (a running Legion would hold it).
     threads = max(1, len(os.sched_getaffinity(0)))
+    store = open_store(location, timeout_s=cfg.rag.timeout_s, threads=threads)
+    store.probe()  # fail before the embedding model takes its seconds to load
     retriever = Retriever(cfg.rag, location, store=store, load_in_background=False, threads=threads)
     try:
         # One file read at a time: the corpus never sits in memory whole.

@@ -67,10 +67,13 @@ def store_location(cfg: LegionConfig) -> StoreLocation:
     return StoreLocation(path=str((cfg.data_path / cfg.rag.local_dir).resolve()))
 
 
-def open_store(location: StoreLocation, *, timeout_s: float = 10.0) -> VectorStore | EdgeVectorStore:
-    """The store at ``location``: ``EdgeVectorStore`` for an Edge folder, else ``VectorStore``."""
+def open_store(
+    location: StoreLocation, *, timeout_s: float = 10.0, threads: int = 1
+) -> VectorStore | EdgeVectorStore:
+    """The store at ``location``: ``EdgeVectorStore`` for an Edge folder (searching and indexing
+    on ``threads`` threads), else ``VectorStore``."""
     if location.url is None and location.backend == "edge":
-        return EdgeVectorStore(location)
+        return EdgeVectorStore(location, threads=threads)
     return VectorStore(location, timeout_s=timeout_s)
 
 
@@ -250,8 +253,11 @@ class EdgeVectorStore:
     log, so a process killed mid-ingest leaves a shard that loads with every acknowledged
     upsert; ``optimize`` builds the HNSW index (the shard has no background threads)."""
 
-    def __init__(self, location: StoreLocation):
+    def __init__(self, location: StoreLocation, *, threads: int = 1):
         self.location = location
+        # Like llama.cpp's threads: from the caller's CPU share, never the host's core count
+        # (the shard's default).
+        self._threads = max(1, threads)
         self._root = Path(location.path)
         self._root.mkdir(parents=True, exist_ok=True)
         self._shards: dict = {}
@@ -287,9 +293,15 @@ class EdgeVectorStore:
                     f"collection {name!r} does not exist in {self.location.describe()}: "
                     f"ingest documents into it first (`legion ingest PATH --collection {name}`)"
                 )
-            from qdrant_edge import EdgeShard
+            from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams
 
-            shard = self._call("open the collection", EdgeShard.load, str(self._dir(name) / "shard"))
+            # The vectors as created (checked against the shard), this process's thread count;
+            # the rest (the HNSW settings) as the shard has it.
+            dim = json.loads((self._dir(name) / "collection.json").read_text())["dim"]
+            config = EdgeConfig(
+                vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine), max_search_threads=self._threads
+            )
+            shard = self._call("open the collection", EdgeShard.load, str(self._dir(name) / "shard"), config)
             self._shards[name] = shard
             return shard
 
@@ -311,12 +323,24 @@ class EdgeVectorStore:
                     "ingest into another collection (--collection)"
                 )
             return
-        from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams, PayloadSchemaType
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeVectorParams,
+            HnswIndexConfig,
+            PayloadSchemaType,
+        )
         from qdrant_edge import UpdateOperation as Op
 
         with self._lock:
             self._dir(name).mkdir(parents=True, exist_ok=True)
-            config = EdgeConfig(vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine))
+            config = EdgeConfig(
+                vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine),
+                # Qdrant's default graph (m 16, ef_construct 100, full scan under 10000 KB).
+                hnsw_config=HnswIndexConfig(16, 100, 10_000, max_indexing_threads=self._threads),
+                max_search_threads=self._threads,
+            )
             shard = self._call(
                 "create the collection", EdgeShard.create, str(self._dir(name) / "shard"), config
             )
@@ -469,7 +493,7 @@ class Retriever:
         assert self._embedder is not None
         with self._store_lock:
             if self._store is None:
-                self._store = open_store(self.location, timeout_s=self.rag.timeout_s)
+                self._store = open_store(self.location, timeout_s=self.rag.timeout_s, threads=self._threads)
             return self._embedder, self._store
 
     def health(self) -> dict:
