@@ -207,10 +207,13 @@ def format_table(result: dict) -> str:
 
 def run_rag_scale_bench(args: argparse.Namespace) -> int:
     """The CLI's ``legion bench --rag-scale``."""
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        sizes = []
     backends = args.backends.split(",")
     bad = [b for b in backends if b not in ("local", "edge")]
-    if bad or any(s < _K + 1 for s in sizes):
+    if bad or not sizes or any(s < _K + 1 for s in sizes):
         print(
             f"--backends takes local and/or edge (got {bad}); --sizes needs numbers above {_K}",
             file=sys.stderr,

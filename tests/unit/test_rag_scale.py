@@ -49,3 +49,13 @@ def test_measure_backend_reports_recall_against_exact_search(backend, tmp_path):
     assert row["recall_at_10"] == 1.0
     assert row["upsert_chunks_per_s"] > 0 and row["query_p95_ms"] >= row["query_p50_ms"] > 0
     assert row["disk_mb"] > 0
+
+
+def test_cli_rejects_unknown_backends_and_tiny_sizes_before_any_work(capsys):
+    from legion.cli import main
+
+    assert main(["bench", "--rag-scale", "--backends", "local,faiss"]) == 2
+    assert "local and/or edge" in capsys.readouterr().err
+    for sizes in ("5", "10k"):
+        assert main(["bench", "--rag-scale", "--sizes", sizes]) == 2
+        assert "above 10" in capsys.readouterr().err
