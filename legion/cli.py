@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--embed-sample", type=int, default=2000, help="with --rag-scale: chunks the real model embeds"
     )
+    b.add_argument("--hnsw-ef", default="default,64,128,256", help="with --rag-scale: Edge search ef values")
+    b.add_argument(
+        "--sigma", type=float, default=0.02, help="with --rag-scale: jitter of the generated vectors"
+    )
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("ingest", help="chunk, embed and store documents (.txt, .md, .html) for retrieval")

@@ -340,6 +340,12 @@ class RagConfig(_Strict):
         "in Python) or 'edge' (Qdrant's engine in process, qdrant-edge-py: on disk, HNSW). QDRANT_URL "
         "or qdrant_url (a server) take precedence over both.",
     )
+    edge_hnsw_ef: int = Field(
+        128,
+        ge=1,
+        le=100_000,
+        description="vector_store: edge: candidates the HNSW search keeps (higher: better recall, slower).",
+    )
     edge_dir: str = Field(
         "qdrant-edge",
         min_length=1,

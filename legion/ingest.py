@@ -188,7 +188,7 @@ def ingest_local(paths: list[str], cfg, collection: str | None = None) -> Ingest
     location = store_location(cfg)
     # Nothing else uses this machine's cores for the store now (a running Legion would hold it).
     threads = max(1, len(os.sched_getaffinity(0)))
-    store = open_store(location, timeout_s=cfg.rag.timeout_s, threads=threads)
+    store = open_store(location, timeout_s=cfg.rag.timeout_s, threads=threads, hnsw_ef=cfg.rag.edge_hnsw_ef)
     store.probe()  # fail before the embedding model takes its seconds to load
     retriever = Retriever(cfg.rag, location, store=store, load_in_background=False, threads=threads)
     try:

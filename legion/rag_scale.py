@@ -95,11 +95,14 @@ def measure_backend(
     root: Path,
     batch: int = 256,
     threads: int = 1,
-) -> dict:
-    """Upsert every chunk, then search each query; throughput, latency and recall@10."""
+    hnsw_efs: tuple[int | None, ...] = (None,),
+) -> list[dict]:
+    """Upsert every chunk, then search each query: throughput, latency and recall@10; for Edge
+    once per ``hnsw_efs`` value on the one index (None: the engine's default), a row each."""
     folder = root / backend
     store = open_store(StoreLocation(path=str(folder), backend=backend), threads=threads)
     index_of = {c.id: i for i, c in enumerate(chunks)}
+    rows = []
     try:
         store.ensure_collection("scale", vectors.shape[1])
         t0 = time.perf_counter()
@@ -110,25 +113,32 @@ def measure_backend(
         store.finish("scale")  # Edge builds its HNSW index here; local mode has nothing to do
         finish_s = time.perf_counter() - t1
         assert store.count("scale") == len(chunks)
-        latencies, hits = [], 0
-        for q, want in zip(queries, truth, strict=True):
-            t = time.perf_counter()
-            found = store.search("scale", q.tolist(), _K, -1.0)
-            latencies.append((time.perf_counter() - t) * 1000)
-            got = {index_of[chunk_id(f.source, f.chunk)] for f in found}
-            hits += len(got & want)
+        for ef in hnsw_efs if backend == "edge" else (None,):
+            if backend == "edge":
+                store.hnsw_ef = ef
+            latencies, hits = [], 0
+            for q, want in zip(queries, truth, strict=True):
+                t = time.perf_counter()
+                found = store.search("scale", q.tolist(), _K, -1.0)
+                latencies.append((time.perf_counter() - t) * 1000)
+                hits += len({index_of[chunk_id(f.source, f.chunk)] for f in found} & want)
+            rows.append(
+                {
+                    "backend": backend,
+                    "hnsw_ef": ef,
+                    "chunks": len(chunks),
+                    "upsert_chunks_per_s": round(len(chunks) / upsert_s, 1),
+                    "index_build_s": round(finish_s, 2),
+                    "query_p50_ms": round(_percentile(latencies, 50), 2),
+                    "query_p95_ms": round(_percentile(latencies, 95), 2),
+                    f"recall_at_{_K}": round(hits / (len(queries) * _K), 4),
+                }
+            )
     finally:
         store.close()
-    return {
-        "backend": backend,
-        "chunks": len(chunks),
-        "upsert_chunks_per_s": round(len(chunks) / upsert_s, 1),
-        "index_build_s": round(finish_s, 2),
-        "query_p50_ms": round(_percentile(latencies, 50), 2),
-        "query_p95_ms": round(_percentile(latencies, 95), 2),
-        f"recall_at_{_K}": round(hits / (len(queries) * _K), 4),
-        "disk_mb": _folder_mb(folder),
-    }
+    for r in rows:
+        r["disk_mb"] = _folder_mb(folder)
+    return rows
 
 
 def run_rag_scale(
@@ -140,6 +150,7 @@ def run_rag_scale(
     embed_all: bool = False,
     sigma: float = 0.02,
     threads: int | None = None,
+    hnsw_efs: tuple[int | None, ...] = (None,),
     work_dir: str | None = None,
 ) -> dict:
     """Every backend at every size; see the module docstring."""
@@ -170,13 +181,20 @@ def run_rag_scale(
             for backend in backends:
                 _progress(f"{backend}: {size} chunks")
                 folder = root / f"{size}"
-                rows.append(
-                    measure_backend(
-                        backend, chunks[:size], vectors, q_vectors, truth, folder, threads=threads
-                    )
+                got = measure_backend(
+                    backend,
+                    chunks[:size],
+                    vectors,
+                    q_vectors,
+                    truth,
+                    folder,
+                    threads=threads,
+                    hnsw_efs=hnsw_efs,
                 )
+                rows.extend(got)
                 shutil.rmtree(folder / backend, ignore_errors=True)
-                _progress(json.dumps(rows[-1]))
+                for r in got:
+                    _progress(json.dumps(r))
     finally:
         if work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -194,12 +212,13 @@ def format_table(result: dict) -> str:
     lines = [
         f"embedding: {result['embed_chunks_per_s']} chunks/s "
         f"({result['embedded_for_real']} chunks through the real model, {result['threads']} threads)",
-        f"{'backend':8} {'chunks':>9} {'upsert/s':>10} {'index s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'backend':8} {'ef':>5} {'chunks':>9} {'upsert/s':>10} {'index s':>8} {'p50 ms':>8} {'p95 ms':>8} "
         f"{'recall@10':>9} {'disk MB':>8}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['backend']:8} {r['chunks']:>9} {r['upsert_chunks_per_s']:>10} {r['index_build_s']:>8} "
+            f"{r['backend']:8} {r['hnsw_ef'] or '-':>5} {r['chunks']:>9} {r['upsert_chunks_per_s']:>10} "
+            f"{r['index_build_s']:>8} "
             f"{r['query_p50_ms']:>8} {r['query_p95_ms']:>8} {r['recall_at_10']:>9} {r['disk_mb']:>8}"
         )
     return "\n".join(lines)
@@ -219,6 +238,13 @@ def run_rag_scale_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    result = run_rag_scale(sizes, backends, queries=args.queries, embed_sample=args.embed_sample)
+    try:
+        efs = tuple(None if e == "default" else int(e) for e in args.hnsw_ef.split(","))
+    except ValueError:
+        print("--hnsw-ef takes numbers (and 'default'), comma-separated", file=sys.stderr)
+        return 2
+    result = run_rag_scale(
+        sizes, backends, queries=args.queries, embed_sample=args.embed_sample, sigma=args.sigma, hnsw_efs=efs
+    )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

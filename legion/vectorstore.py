@@ -68,12 +68,12 @@ def store_location(cfg: LegionConfig) -> StoreLocation:
 
 
 def open_store(
-    location: StoreLocation, *, timeout_s: float = 10.0, threads: int = 1
+    location: StoreLocation, *, timeout_s: float = 10.0, threads: int = 1, hnsw_ef: int | None = None
 ) -> VectorStore | EdgeVectorStore:
     """The store at ``location``: ``EdgeVectorStore`` for an Edge folder (searching and indexing
-    on ``threads`` threads), else ``VectorStore``."""
+    on ``threads`` threads, ``hnsw_ef`` candidates per search), else ``VectorStore``."""
     if location.url is None and location.backend == "edge":
-        return EdgeVectorStore(location, threads=threads)
+        return EdgeVectorStore(location, threads=threads, hnsw_ef=hnsw_ef)
     return VectorStore(location, timeout_s=timeout_s)
 
 
@@ -253,8 +253,9 @@ class EdgeVectorStore:
     log, so a process killed mid-ingest leaves a shard that loads with every acknowledged
     upsert; ``optimize`` builds the HNSW index (the shard has no background threads)."""
 
-    def __init__(self, location: StoreLocation, *, threads: int = 1):
+    def __init__(self, location: StoreLocation, *, threads: int = 1, hnsw_ef: int | None = None):
         self.location = location
+        self.hnsw_ef = hnsw_ef  # None: the engine's default
         # Like llama.cpp's threads: from the caller's CPU share, never the host's core count
         # (the shard's default).
         self._threads = max(1, threads)
@@ -393,10 +394,14 @@ class EdgeVectorStore:
         return self._call("count points", self._shard(name).count, CountRequest(exact=True))
 
     def search(self, name: str, vector: list[float], k: int, threshold: float) -> list[RetrievedChunk]:
-        from qdrant_edge import Query, QueryRequest
+        from qdrant_edge import Query, QueryRequest, SearchParams
 
         request = QueryRequest(
-            limit=k, query=Query.Nearest(vector), with_payload=True, score_threshold=threshold
+            limit=k,
+            query=Query.Nearest(vector),
+            with_payload=True,
+            score_threshold=threshold,
+            params=SearchParams(hnsw_ef=self.hnsw_ef) if self.hnsw_ef else None,
         )
         found = self._call("search", self._shard(name).query, request)
         return [
@@ -493,7 +498,10 @@ class Retriever:
         assert self._embedder is not None
         with self._store_lock:
             if self._store is None:
-                self._store = open_store(self.location, timeout_s=self.rag.timeout_s, threads=self._threads)
+                rag = self.rag
+                self._store = open_store(
+                    self.location, timeout_s=rag.timeout_s, threads=self._threads, hnsw_ef=rag.edge_hnsw_ef
+                )
             return self._embedder, self._store
 
     def health(self) -> dict:

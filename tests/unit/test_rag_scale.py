@@ -43,7 +43,11 @@ def test_measure_backend_reports_recall_against_exact_search(backend, tmp_path):
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     vectors = jittered(base, 600, 0.1, seed=2)
     queries = jittered(base, 20, 0.2, seed=3)
-    row = measure_backend(backend, chunks, vectors, queries, exact_top_k(vectors, queries, 10), tmp_path)
+    rows = measure_backend(
+        backend, chunks, vectors, queries, exact_top_k(vectors, queries, 10), tmp_path, hnsw_efs=(None, 32)
+    )
+    assert len(rows) == (2 if backend == "edge" else 1)  # one row per ef, on Edge only
+    row = rows[-1]
     assert row["backend"] == backend and row["chunks"] == 600
     # 600 points: both stores search exactly (Edge indexes only past its threshold).
     assert row["recall_at_10"] == 1.0
