@@ -143,13 +143,13 @@ def _requests(prom: _Prometheus, status: str) -> float:
 # Counters that every wave increases, each reported by a different process (ingress, agents,
 # Arbiter), so each reaches Prometheus on its own 10 s export tick.
 _WAVE_COUNTERS = [
-    'sum(ray_legion_requests_total{route="/v1/tasks",status="200"})',
-    'sum(ray_legion_request_latency_s_count{route="/v1/tasks"})',
-    'sum(ray_legion_cache_lookups_total{outcome="hit"})',
-    "sum(ray_legion_tokens_generated_total)",
-    "sum(ray_legion_arbitrated_tasks_total)",
-    "sum(ray_legion_arbitration_rounds_total)",
-    "sum(ray_legion_agreement_rate_count)",
+    'ray_legion_requests_total{route="/v1/tasks",status="200"}',
+    'ray_legion_request_latency_s_count{route="/v1/tasks"}',
+    'ray_legion_cache_lookups_total{outcome="hit"}',
+    "ray_legion_tokens_generated_total",
+    "ray_legion_arbitrated_tasks_total",
+    "ray_legion_arbitration_rounds_total",
+    "ray_legion_agreement_rate_count",
 ]
 
 
@@ -157,15 +157,16 @@ _WAVE_COUNTERS = [
 def traffic(prometheus, legion_url):
     """Two waves of traffic, the second after Prometheus has scraped every counter the first
     increased: a new counter's first sample already holds its first increments, and a rate needs
-    an increase between two samples. Returns when the second wave's increase is scraped too."""
+    an increase between two samples. Returns once every counter shows a rate."""
     start = time.time()
     p = prometheus
     with httpx.Client(base_url=legion_url, timeout=300) as client:
         _wave(client, 1)
-        p.wait("the first wave", lambda: all(p.value(q) for q in _WAVE_COUNTERS))
-        first = {q: p.value(q) for q in _WAVE_COUNTERS}
+        p.wait("the first wave", lambda: all(p.value(f"sum({c})") for c in _WAVE_COUNTERS))
         _wave(client, 2)
-        p.wait("the second wave", lambda: all(p.value(q) > first[q] for q in _WAVE_COUNTERS))
+        p.wait(
+            "the second wave", lambda: all((p.value(f"sum(rate({c}[5m]))") or 0) > 0 for c in _WAVE_COUNTERS)
+        )
     # The gauges reported every 2 s and the Arbiter's health checks, exported by now or soon.
     p.wait("the agents' gauges", lambda: p.query("ray_legion_agent_up"))
     return start
