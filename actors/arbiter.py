@@ -54,6 +54,21 @@ class ArbiterActor:
                     metrics.pool_size(name, pool.size)
                 except Exception:  # autoscaling must never take the Arbiter down
                     log.exception("autoscaling agent %s failed", name)
+            await self._report_health()
+
+    async def _report_health(self) -> None:
+        """Record whether each agent answers its health check with a loaded model
+        (``legion_agent_up``, which the agent-down alert watches)."""
+
+        async def loaded(pool: AgentPool) -> bool:
+            try:
+                return bool((await asyncio.wait_for(pool.health.remote(), timeout=5.0)).loaded)
+            except Exception:  # dead, restarting, or not answering
+                return False
+
+        ups = await asyncio.gather(*(loaded(p) for p in self._pools.values()))
+        for name, up in zip(self._pools, ups, strict=True):
+            metrics.agent_up(name, up)
 
     async def run(self, req: TaskRequest) -> TaskResult:
         """``legion.arbiter.Arbiter.run``: the answer, or its errors (503 overloaded, 504 with the trace)."""

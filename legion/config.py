@@ -400,6 +400,23 @@ class RagConfig(_Strict):
         None, description="Qdrant server URL; empty means local mode. QDRANT_URL overrides it."
     )
     local_dir: str = Field("qdrant", min_length=1, description="Local-mode folder, relative to data_dir.")
+    vector_store: Literal["local", "edge"] = Field(
+        "local",
+        description="Embedded store without a server: 'local' (qdrant-client's local mode, exact search "
+        "in Python) or 'edge' (Qdrant's engine in process, qdrant-edge-py: on disk, HNSW). QDRANT_URL "
+        "or qdrant_url (a server) take precedence over both.",
+    )
+    edge_hnsw_ef: int = Field(
+        128,
+        ge=1,
+        le=100_000,
+        description="vector_store: edge: candidates the HNSW search keeps (higher: better recall, slower).",
+    )
+    edge_dir: str = Field(
+        "qdrant-edge",
+        min_length=1,
+        description="Qdrant Edge folder (vector_store: edge), relative to data_dir.",
+    )
     top_k: int = Field(4, ge=1, le=50, description="Chunks retrieved per task.")
     score_threshold: float = Field(
         0.3, ge=-1.0, le=1.0, description="Cosine similarity a chunk needs to reach the prompt."

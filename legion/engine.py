@@ -333,6 +333,7 @@ class LlamaEngine:
             c["active_seqs"] = self._active_seqs
             c["free_seqs"] = len(self._free_seqs)
             c["free_cells"] = self._free_cells
+            c["max_queue"] = self.max_queue
         c["mean_batch_occupancy"] = round(c["step_seqs"] / c["steps"], 3) if c["steps"] else 0.0
         c["tokens_per_s"] = round(c["tokens"] / c["busy_s"], 2) if c["busy_s"] else 0.0
         c["busy_s"] = round(c["busy_s"], 3)

@@ -9,7 +9,9 @@ Legion (``POST /v1/documents``), which holds the store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import sys
 import uuid
@@ -34,6 +36,7 @@ class Chunk(BaseModel):
     source: str
     index: int
     text: str
+    digest: str | None = None  # the document's (``document_digest``), stored with each chunk
 
     @property
     def id(self) -> str:
@@ -116,6 +119,13 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     return chunks
 
 
+def document_digest(doc: Document, size: int, overlap: int) -> str:
+    """What a document's stored chunks depend on: its text, format and the chunking."""
+    h = hashlib.sha256(f"{doc.format}\x00{size}\x00{overlap}\x00".encode())
+    h.update(doc.text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:32]
+
+
 def chunk_document(doc: Document, size: int, overlap: int) -> list[Chunk]:
     return [
         Chunk(source=doc.source, index=i, text=t)
@@ -172,15 +182,19 @@ def progress_bar(total: int, unit: str, desc: str) -> Callable[[int], None]:
 
 def ingest_local(paths: list[str], cfg, collection: str | None = None) -> IngestReport:
     """Read ``paths`` and write their chunks to the store of ``cfg`` (local folder or QDRANT_URL)."""
-    from legion.vectorstore import Retriever, VectorStore, store_location
+    from legion.vectorstore import Retriever, open_store, store_location
 
-    docs = [read_document(p) for p in find_files(paths)]
+    files = find_files(paths)
     location = store_location(cfg)
-    store = VectorStore(location, timeout_s=cfg.rag.timeout_s)
+    # Nothing else uses this machine's cores for the store now (a running Legion would hold it).
+    threads = max(1, len(os.sched_getaffinity(0)))
+    store = open_store(location, timeout_s=cfg.rag.timeout_s, threads=threads, hnsw_ef=cfg.rag.edge_hnsw_ef)
     store.probe()  # fail before the embedding model takes its seconds to load
-    retriever = Retriever(cfg.rag, location, store=store, load_in_background=False)
+    retriever = Retriever(cfg.rag, location, store=store, load_in_background=False, threads=threads)
     try:
-        return retriever.ingest(docs, collection=collection, progress=True)
+        # One file read at a time: the corpus never sits in memory whole.
+        docs = (read_document(p) for p in files)
+        return retriever.ingest(docs, collection=collection, progress=True, total=len(files))
     finally:
         retriever.close()
 

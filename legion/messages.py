@@ -185,3 +185,4 @@ class IngestReport(BaseModel):
     chunks: int
     removed: int  # stale chunks of re-ingested documents that got shorter
     seconds: float
+    skipped: int = 0  # documents already stored with the same text and chunking, left as they were

@@ -44,7 +44,14 @@ _DEFS = {
     ),
     "active": ("gauge", "legion_active_sequences", "Sequences being decoded now.", ("agent",)),
     "queue": ("gauge", "legion_queue_depth", "Requests waiting for a free sequence.", ("agent",)),
+    "queue_limit": (
+        "gauge",
+        "legion_queue_limit",
+        "Requests an agent replica lets wait (max_queue) before answering 503.",
+        ("agent",),
+    ),
     "cache": ("counter", "legion_cache_lookups", "Result cache lookups by outcome.", ("outcome",)),
+    "tasks": ("counter", "legion_arbitrated_tasks", "Tasks the Arbiter decided, by strategy.", ("strategy",)),
     "rounds": (
         "counter",
         "legion_arbitration_rounds",
@@ -59,6 +66,12 @@ _DEFS = {
         _RATIO_BOUNDARIES,
     ),
     "replicas": ("gauge", "legion_agent_replicas", "Replicas in an agent's pool.", ("agent",)),
+    "up": (
+        "gauge",
+        "legion_agent_up",
+        "1 if the agent answered its last health check with a loaded model, else 0.",
+        ("agent",),
+    ),
 }
 
 
@@ -116,6 +129,8 @@ def engine_state(agent: str, stats: dict) -> None:
     _record("occupancy", float(stats.get("mean_batch_occupancy", 0.0)), agent=agent)
     _record("active", float(stats.get("active_seqs", 0)), agent=agent)
     _record("queue", float(stats.get("queue_depth", 0)), agent=agent)
+    if "max_queue" in stats:
+        _record("queue_limit", float(stats["max_queue"]), agent=agent)
 
 
 def cache_lookup(hit: bool) -> None:
@@ -123,6 +138,8 @@ def cache_lookup(hit: bool) -> None:
 
 
 def arbitration(strategy: str, rounds: int, agreement: float | None) -> None:
+    """One decided task: its rounds, and the agreement (``None`` when no agent answered)."""
+    _record("tasks", 1, strategy=strategy)
     _record("rounds", rounds, strategy=strategy)
     if agreement is not None:
         _record("agreement", agreement, strategy=strategy)
@@ -130,3 +147,7 @@ def arbitration(strategy: str, rounds: int, agreement: float | None) -> None:
 
 def pool_size(agent: str, replicas: int) -> None:
     _record("replicas", float(replicas), agent=agent)
+
+
+def agent_up(agent: str, up: bool) -> None:
+    _record("up", 1.0 if up else 0.0, agent=agent)

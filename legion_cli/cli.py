@@ -162,6 +162,10 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.rag_scale:
+        from legion_cli.rag_scale import run_rag_scale_bench
+
+        return run_rag_scale_bench(args)
     if args.llama_builds:
         from legion_cli.build_bench import compare_builds, parse_builds, print_table
 
@@ -344,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "
         "and cached vs uncached /v1/tasks latency",
+    )
+    b.add_argument(
+        "--rag-scale",
+        action="store_true",
+        help="instead: the embedded vector stores (local, edge) at --sizes chunks: upsert and "
+        "embedding chunks/s, query p50/p95, recall@10 against exact search",
+    )
+    b.add_argument("--sizes", default="10000,100000", help="with --rag-scale: chunk counts, comma-separated")
+    b.add_argument("--backends", default="local,edge", help="with --rag-scale: local and/or edge")
+    b.add_argument("--queries", type=int, default=200, help="with --rag-scale: queries per measure")
+    b.add_argument(
+        "--embed-sample", type=int, default=2000, help="with --rag-scale: chunks the real model embeds"
+    )
+    b.add_argument("--hnsw-ef", default="default,64,128,256", help="with --rag-scale: Edge search ef values")
+    b.add_argument(
+        "--sigma", type=float, default=0.02, help="with --rag-scale: jitter of the generated vectors"
     )
     b.add_argument(
         "--llama-builds",
