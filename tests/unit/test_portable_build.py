@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,9 +65,14 @@ def _fake_llama_wheel(monkeypatch, tmp_path: Path) -> Path:
 
 def test_legion_wheel_requires_the_cached_portable_llama_wheel_with_a_valid_record(monkeypatch, tmp_path):
     wheel = _fake_llama_wheel(monkeypatch, tmp_path)
-    out = tmp_path / "out"
+    out, src = tmp_path / "out", tmp_path / "src"
+    # A copy of the project: setuptools builds in the source tree (build/, *.egg-info).
+    junk = shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "docs", "data"
+    )
+    shutil.copytree(ROOT, src, ignore=junk)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
         check=True,
         cwd=tmp_path,
     )

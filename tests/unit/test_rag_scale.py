@@ -56,7 +56,7 @@ def test_measure_backend_reports_recall_against_exact_search(backend, tmp_path):
 
 
 def test_cli_rejects_unknown_backends_and_tiny_sizes_before_any_work(capsys):
-    from legion.cli import main
+    from legion_cli.cli import main
 
     assert main(["bench", "--rag-scale", "--backends", "local,faiss"]) == 2
     assert "local and/or edge" in capsys.readouterr().err
