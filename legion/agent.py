@@ -55,6 +55,7 @@ class Agent:
                 n_gpu_layers=self.cfg.n_gpu_layers,
                 n_parallel=self.cfg.n_parallel,
                 max_queue=self.cfg.max_queue,
+                prefix_cache_slots=self.cfg.prefix_cache_slots,
             )
             log.info(
                 "agent %s loaded %s in %.1fs (%d threads)",
