@@ -278,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
     b.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="only: time to first token after a ~500-token fixed prefix, with and without the prefix cache",
+    )
+    b.add_argument(
         "--rag",
         action="store_true",
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "

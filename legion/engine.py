@@ -537,18 +537,19 @@ class LlamaEngine:
                 running = self._step(running, newcomers)
             except Exception as exc:  # a llama.cpp failure fails the jobs it touched
                 log.exception("engine step failed")
+                # Nothing runs now: wipe every stream, gap fillers a failed step left included
+                # (and the cached prefixes, which a half-done copy may have spoilt), before any
+                # caller hears of the failure.
+                self._lc.llama_memory_clear(self._mem, True)
+                with self._cv:
+                    self._active_seqs = 0
+                    self._prefix_cache.clear()
                 for job in running + newcomers:
                     if job.future.done():
                         continue  # finished (and released) earlier in this step
                     self._release(job, [s.seq_id for s in job.seqs if s.seq_id >= 0])
                     job.future.set_exception(exc)
                 running = []
-                # Nothing runs now: wipe every stream, gap fillers a failed step left included
-                # (and the cached prefixes, which a half-done copy may have spoilt).
-                self._lc.llama_memory_clear(self._mem, True)
-                with self._cv:
-                    self._active_seqs = 0
-                    self._prefix_cache.clear()
             with self._cv:
                 self._counters["busy_s"] += time.perf_counter() - t0
         for job in pending:
@@ -797,11 +798,16 @@ class LlamaEngine:
         with self._cv:
             seq_ids = [heapq.heappop(self._free_seqs) for _ in range(job.seqs_needed)]
         try:
-            job.future.set_result(self._score(job, seq_ids))
+            result = self._score(job, seq_ids)
         except Exception as exc:
-            job.future.set_exception(exc)
-        finally:
+            # A copy into a cache stream may be half done: forget the cached prefixes.
+            with self._cv:
+                self._prefix_cache.clear()
             self._release(job, seq_ids)
+            job.future.set_exception(exc)
+            return
+        self._release(job, seq_ids)
+        job.future.set_result(result)
 
     def _score(self, job: _Job, seq_ids: list[int]) -> list[ScoredContinuation]:
         full, starts = job.full, job.starts
