@@ -98,6 +98,7 @@ class Agent:
                 n_gpu_layers=self.cfg.n_gpu_layers,
                 n_parallel=self.cfg.n_parallel,
                 max_queue=self.cfg.max_queue,
+                prefix_cache_slots=self.cfg.prefix_cache_slots,
             )
             try:  # ready means answering: decode one token through the engine before saying so
                 engine.generate("Hello", SamplingParams(max_tokens=1, temperature=0.0))

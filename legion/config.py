@@ -89,6 +89,15 @@ class AgentConfig(_Strict):
     max_queue: int = Field(
         64, ge=0, le=100000, description="Requests waiting for a free sequence before 503 Overloaded."
     )
+    prefix_cache_slots: int = Field(
+        2,
+        ge=0,
+        le=32,
+        description="Automatic prefix cache: extra KV streams, n_ctx cells each (n_ctx x the model's "
+        "KV bytes per token: 36 MiB at n_ctx 2048 for the bundled model), that keep recurring prompt "
+        "prefixes such as the role prompt and exemplars, evaluated once per engine instead of once per "
+        "request; the least recently used one is evicted when full. 0 turns the cache off.",
+    )
     min_replicas: int = Field(1, ge=1, le=1000, description="Autoscaling: fewest replicas of this agent.")
     max_replicas: int = Field(
         2, ge=1, le=1000, description="Autoscaling: most replicas (each takes num_cpus/num_gpus)."
@@ -123,7 +132,26 @@ class AgentConfig(_Strict):
         0,
         ge=0,
         le=32,
-        description="legion eval: training exemplars put before each item (drawn with a seed from the name).",
+        description="legion eval: training exemplars put before each item (drawn with few_shot_seed).",
+    )
+    few_shot_seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="legion eval: seed of the exemplar draw from the training split (default: one "
+        "derived from the agent's name).",
+    )
+    prompt_form: Literal["qa", "cloze", "letters"] = Field(
+        "qa",
+        description="legion eval: how an item is put to the agent: qa (the item's own "
+        "'Question: ...\\nAnswer:' and the choice's text), cloze (the question's text continued by the "
+        "choice's, no markers), letters (the choices listed 'A. ...' and answered with a letter).",
+    )
+    scoring: Literal["sum", "per_token", "per_byte", "pmi", "calibrated"] = Field(
+        "sum",
+        description="legion eval: a choice's score from its log-likelihood: sum, per_token, per_byte, "
+        "pmi (minus its log-likelihood after a question-free premise), calibrated (contextual "
+        "calibration: minus its log-likelihood after the agent's own prompt with a content-free question).",
     )
     resources: dict[str, float] = Field(
         default_factory=dict,

@@ -6,8 +6,10 @@ step; a request joins the batch at any step and leaves it when it finishes (cont
 batching, as llama-server does with its slots). Identical prompts, such as the N samples of
 a fan-out, are evaluated once and their KV cells copied to the other sequences with
 ``llama_memory_seq_cp``; scoring evaluates a context once for all its continuations the same
-way. Any thread may call ``generate``, ``generate_batch``, ``score`` or the ``submit_*``
-methods.
+way. An automatic prefix cache (``PrefixCache``) keeps the KV cells of prompt prefixes that
+recur, such as an agent's role prompt and few-shot exemplars, in streams of their own, so a
+fixed prefix is evaluated once per engine rather than once per request. Any thread may call
+``generate``, ``generate_batch``, ``score`` or the ``submit_*`` methods.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import heapq
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -129,6 +131,103 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 _SPLIT_KV_FROM = 192
 
 
+class PrefixCache:
+    """Which of the engine's spare KV streams hold which prompt prefixes (bookkeeping only:
+    the engine moves the cells with ``llama_memory_seq_cp``).
+
+    A prompt is decoded in chunks that end at *boundaries* fixed by its own tokens (after
+    every token that holds a blank line, and at every multiple of ``n_batch``), so a prefix
+    ending at a boundary has the same KV cells whether it was decoded for this prompt or for
+    another one: a request that reuses a cached prefix computes exactly what it would have
+    computed without the cache. Only prefixes that end at a boundary are cached.
+
+    Policy: a prompt reuses the longest cached prefix it starts with. While its prefill runs it
+    stores its longest boundary prefix past that (at least ``min_tokens`` long) in a free
+    stream; when no stream is free, only a prefix seen before in the last ``memory`` prompts
+    may evict the least recently used entry, so one-off prompts never push out recurring ones.
+    """
+
+    def __init__(self, seq_ids: Sequence[int], min_tokens: int = 32, memory: int = 1024):
+        self.seq_ids = list(seq_ids)
+        self.min_tokens = min_tokens
+        self._memory = memory
+        self._free = list(self.seq_ids)
+        self._entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # seq id -> tokens, LRU first
+        self._seen: OrderedDict[int, None] = OrderedDict()  # hashes of recent boundary prefixes
+        self.counters = {"hits": 0, "misses": 0, "tokens_reused": 0, "stores": 0, "evictions": 0}
+
+    @property
+    def capacity(self) -> int:
+        return len(self.seq_ids)
+
+    def entries(self) -> dict[int, int]:
+        """Cached prefix length by stream (sequence id), least recently used first."""
+        return {sid: len(toks) for sid, toks in self._entries.items()}
+
+    def lookup(self, tokens: Sequence[int], bounds: Sequence[int]) -> tuple[int, int] | None:
+        """``(seq_id, length)`` of the longest cached prefix of ``tokens`` that ends at one of
+        ``bounds`` and leaves at least one token to decode; ``None`` when there is none."""
+        if not self.seq_ids:
+            return None
+        best: tuple[int, int] | None = None
+        for sid, cached in self._entries.items():
+            common = _common_prefix(cached, tokens)
+            usable = max((b for b in bounds if b <= common and b < len(tokens)), default=0)
+            if usable >= self.min_tokens and (best is None or usable > best[1]):
+                best = (sid, usable)
+        if best is None:
+            self.counters["misses"] += 1
+            return None
+        self._entries.move_to_end(best[0])
+        self.counters["hits"] += 1
+        self.counters["tokens_reused"] += best[1]
+        return best
+
+    def plan(self, tokens: Sequence[int], bounds: Sequence[int], start: int) -> int | None:
+        """The boundary whose prefix this prompt should store once its prefill reaches it, or
+        ``None``; ``start`` is where its prefill begins (the length it reused). Records the
+        prompt's boundary prefixes as seen."""
+        if not self.seq_ids:
+            return None
+        cands = [b for b in bounds if b >= self.min_tokens and b < len(tokens)]
+        seen_before = []
+        for b in cands:
+            key = hash(tuple(tokens[:b]))
+            if key in self._seen:
+                seen_before.append(b)
+                self._seen.move_to_end(key)
+            else:
+                self._seen[key] = None
+                if len(self._seen) > self._memory:
+                    self._seen.popitem(last=False)
+        later = [b for b in cands if b > start]
+        if not later:
+            return None
+        if self._free:
+            return later[-1]
+        recurring = [b for b in seen_before if b > start]
+        return recurring[-1] if recurring else None
+
+    def take(self, tokens: Sequence[int]) -> tuple[int, int | None]:
+        """A stream for ``tokens`` (a prefix ``plan`` chose): ``(seq_id, evicted)``, where
+        ``evicted`` is the stream whose entry made room (the same id) or ``None``."""
+        evicted = None
+        if self._free:
+            sid = self._free.pop(0)
+        else:
+            sid, _ = self._entries.popitem(last=False)
+            evicted = sid
+            self.counters["evictions"] += 1
+        self._entries[sid] = tuple(tokens)
+        self.counters["stores"] += 1
+        return sid, evicted
+
+    def clear(self) -> None:
+        """Forget every entry (the streams were wiped)."""
+        self._entries.clear()
+        self._free = list(self.seq_ids)
+
+
 class LlamaEngine:
     """One loaded GGUF model and the scheduler thread that serves it.
 
@@ -136,7 +235,8 @@ class LlamaEngine:
     the host's core count: several engines on one node otherwise fight over the cores.
     ``n_ctx`` is the window of one sequence; the context holds ``n_parallel`` of them, each in
     its own KV stream. At most ``max_queue`` requests wait for a free sequence; past that,
-    ``submit_*`` raises ``Overloaded``.
+    ``submit_*`` raises ``Overloaded``. ``prefix_cache_slots`` more streams (``n_ctx`` cells
+    each) hold the automatic prefix cache; 0 turns it off.
     """
 
     def __init__(
@@ -149,6 +249,7 @@ class LlamaEngine:
         n_gpu_layers: int = 0,
         n_parallel: int = 8,
         max_queue: int = 64,
+        prefix_cache_slots: int = 2,
     ):
         import llama_cpp as lc
         from llama_cpp import _logger as lc_logger
@@ -172,11 +273,16 @@ class LlamaEngine:
         self._model = lc.llama_model_load_from_file(path.encode(), mparams)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {path}: is it a GGUF model file?")
+        if prefix_cache_slots < 0:
+            raise InvalidRequest(f"prefix_cache_slots must be 0 or more, got {prefix_cache_slots}")
+        n_streams = n_parallel + prefix_cache_slots
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx * n_parallel
+        cparams.n_ctx = n_ctx * n_streams
         cparams.n_batch = n_batch + n_parallel  # a prompt chunk, or a step and its gap fillers
         cparams.n_ubatch = n_batch + n_parallel
-        cparams.n_seq_max = n_parallel
+        # Streams 0 .. n_parallel-1 run requests; the ones after them hold cached prefixes
+        # and are only ever copied from, never decoded into.
+        cparams.n_seq_max = n_streams
         # Logits rows per decode. llama.cpp reserves n_outputs_max x n_vocab floats (0 means
         # n_batch: 512 x 262k x 4 B = 512 MiB for Gemma 3); scoring chunks its batches to fit.
         self.n_outputs = max(n_parallel, 64)
@@ -197,7 +303,7 @@ class LlamaEngine:
             lc.llama_model_free(self._model)
             raise ModelLoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {path}")
         self.n_ctx = n_ctx
-        self.n_cells = lc.llama_n_ctx(self._ctx)
+        self.n_cells = n_ctx * n_parallel  # the cells requests may occupy (cache streams apart)
         self.n_batch = n_batch
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
@@ -205,6 +311,9 @@ class LlamaEngine:
         self._batch = lc.llama_batch_init(n_batch + n_parallel, 0, 1)
         bos = lc.llama_vocab_bos(self._vocab)
         self._filler_token = bos if bos >= 0 else 0
+        self._prefix_cache = PrefixCache(range(n_parallel, n_streams))
+        # token -> (its text holds a blank line, starts with a newline, ends with one)
+        self._breaks: dict[int, tuple[bool, bool, bool]] = {}
         # Scheduler state, guarded by _cv.
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
@@ -334,6 +443,8 @@ class LlamaEngine:
             c["free_seqs"] = len(self._free_seqs)
             c["free_cells"] = self._free_cells
             c["max_queue"] = self.max_queue
+            pc = self._prefix_cache
+            c["prefix_cache"] = {"slots": pc.capacity, "entries": len(pc.entries()), **pc.counters}
         c["mean_batch_occupancy"] = round(c["step_seqs"] / c["steps"], 3) if c["steps"] else 0.0
         c["tokens_per_s"] = round(c["tokens"] / c["busy_s"], 2) if c["busy_s"] else 0.0
         c["busy_s"] = round(c["busy_s"], 3)
@@ -423,16 +534,19 @@ class LlamaEngine:
                 running = self._step(running, newcomers)
             except Exception as exc:  # a llama.cpp failure fails the jobs it touched
                 log.exception("engine step failed")
+                # Nothing runs now: wipe every stream, gap fillers a failed step left included
+                # (and the cached prefixes, which a half-done copy may have spoilt), before any
+                # caller hears of the failure.
+                self._lc.llama_memory_clear(self._mem, True)
+                with self._cv:
+                    self._active_seqs = 0
+                    self._prefix_cache.clear()
                 for job in running + newcomers:
                     if job.future.done():
                         continue  # finished (and released) earlier in this step
                     self._release(job, [s.seq_id for s in job.seqs if s.seq_id >= 0])
                     job.future.set_exception(exc)
                 running = []
-                # Nothing runs now: wipe every stream, gap fillers a failed step left included.
-                self._lc.llama_memory_clear(self._mem, True)
-                with self._cv:
-                    self._active_seqs = 0
             with self._cv:
                 self._counters["busy_s"] += time.perf_counter() - t0
         for job in pending:
@@ -585,12 +699,57 @@ class LlamaEngine:
                 f"use a shorter prompt or max_tokens, or raise n_ctx (now {self.n_ctx})"
             )
 
-    def _prefill(self, tokens: Sequence[int], seq_id: int, start: int = 0) -> None:
-        """Decode ``tokens[start:]`` into ``seq_id``; logits only for the last token."""
+    def _bounds(self, tokens: Sequence[int]) -> list[int]:
+        """Where ``tokens``' prefill chunks end: after every token whose text holds a blank line
+        (``"\\n\\n"``: the end of a role prompt, an exemplar, a quoted document), at every
+        multiple of ``n_batch``, and at the end. A function of the tokens alone, so a prefix
+        that ends at a boundary is decoded in the same chunks in every prompt it starts."""
+        out = []
+        after_newline = False
+        for i, tok in enumerate(tokens):
+            kind = self._breaks.get(tok)
+            if kind is None:
+                piece = self._piece(tok)
+                kind = self._breaks[tok] = (b"\n\n" in piece, piece.startswith(b"\n"), piece.endswith(b"\n"))
+            blank, starts, ends = kind
+            if blank or (after_newline and starts) or (i + 1) % self.n_batch == 0:
+                out.append(i + 1)
+            after_newline = ends
+        if not out or out[-1] != len(tokens):
+            out.append(len(tokens))
+        return out
+
+    def _prefill(self, tokens: Sequence[int], seq_id: int) -> None:
+        """Decode ``tokens`` into the empty stream ``seq_id``, logits only for the last token,
+        starting from the longest cached prefix and storing a prefix worth caching on the way.
+
+        Every chunk is decoded as its own batch, ending at the boundaries ``_bounds`` fixes:
+        llama.cpp's CPU kernels round a row differently in batches of other sizes (its flash
+        attention takes a tiled path from 64 rows up), so the cells of a cached prefix equal
+        bitwise what this prompt's own chunks would compute, and the result does not depend on
+        what the cache held."""
+        bounds = self._bounds(tokens)
+        cache = self._prefix_cache
+        start = 0
+        hit = cache.lookup(tokens, bounds)
+        if hit is not None:
+            src, start = hit
+            self._lc.llama_memory_seq_cp(self._mem, src, seq_id, -1, -1)  # the whole stream
+            self._lc.llama_memory_seq_rm(self._mem, seq_id, start, -1)
+        store = cache.plan(tokens, bounds, start)
         last = len(tokens) - 1
-        for lo in range(start, len(tokens), self.n_batch):
-            hi = min(lo + self.n_batch, len(tokens))
+        lo = start
+        for hi in bounds:
+            if hi <= lo:
+                continue
             self._decode([(tokens[p], p, seq_id, p == last) for p in range(lo, hi)])
+            lo = hi
+            if hi == store:
+                slot, _ = cache.take(tokens[:hi])
+                # The stream now holds exactly tokens[:hi]; llama.cpp copies its buffer at the
+                # next decode, before that decode writes any cell.
+                self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                self._lc.llama_memory_seq_cp(self._mem, seq_id, slot, -1, -1)
 
     def _sample(self, logits: np.ndarray, s: _Seq) -> int:
         p = s.params
@@ -636,11 +795,16 @@ class LlamaEngine:
         with self._cv:
             seq_ids = [heapq.heappop(self._free_seqs) for _ in range(job.seqs_needed)]
         try:
-            job.future.set_result(self._score(job, seq_ids))
+            result = self._score(job, seq_ids)
         except Exception as exc:
-            job.future.set_exception(exc)
-        finally:
+            # A copy into a cache stream may be half done: forget the cached prefixes.
+            with self._cv:
+                self._prefix_cache.clear()
             self._release(job, seq_ids)
+            job.future.set_exception(exc)
+            return
+        self._release(job, seq_ids)
+        job.future.set_result(result)
 
     def _score(self, job: _Job, seq_ids: list[int]) -> list[ScoredContinuation]:
         full, starts = job.full, job.starts

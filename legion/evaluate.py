@@ -1,29 +1,31 @@
 """``legion eval``: multiple-choice accuracy of every strategy against every single agent.
 
 Each item (``{"id", "context", "choices", "answer"}``, one JSON object a line) is scored by
-log-likelihood: every agent scores every choice after its own prompt variant (its
-``role_prompt``, then ``few_shot`` exemplars drawn from the training split, then the item's
-context), with the context's KV cells reused across choices. An agent alone answers with its
-most likely choice (``single:<agent>``); the strategies arbitrate between the agents exactly
-as they do for ``/v1/tasks``, over the same candidates and option scores. Trust weights learn
-online from the ground truth: each item is decided with the weights the earlier items left.
+log-likelihood: every agent scores every choice in its own view of the item (``legion.views``:
+its ``role_prompt``, ``few_shot`` exemplars drawn from the training split, ``prompt_form`` and
+``scoring`` rule). The engine evaluates an agent's fixed prefix once (its prefix cache) and an
+item's context once for all its choices. An agent alone answers with its best-scored choice
+(``single:<agent>``); the strategies arbitrate between the agents exactly as they do for
+``/v1/tasks``, over the same candidates and option scores. Trust weights learn online from the
+ground truth: each item is decided with the weights the earlier items left.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import random
 import sys
 import time
-import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legion import views
 from legion.config import AgentConfig, LegionConfig
 from legion.errors import InvalidRequest
 from legion.messages import Candidate
@@ -99,17 +101,6 @@ def train_file_for(data: str | Path) -> Path | None:
     return None
 
 
-def exemplars(agent: AgentConfig, pool: Sequence[Item]) -> str:
-    """The agent's few-shot block: ``few_shot`` training items drawn with a seed fixed by the
-    agent's name, each written as its context and correct choice."""
-    k = getattr(agent, "few_shot", 0)
-    if not k or not pool:
-        return ""
-    rng = random.Random(zlib.crc32(agent.name.encode()))
-    picked = rng.sample(list(pool), min(k, len(pool)))
-    return "".join(f"{x.context} {x.choices[x.answer]}\n\n" for x in picked)
-
-
 @dataclass
 class _Result:
     correct: int = 0
@@ -164,34 +155,74 @@ class ScoreCache:
 
 
 @dataclass
+class _Scored:
+    """One scoring call's result: log-likelihood and token count of each continuation."""
+
+    logprob: list[float]
+    n_tokens: list[int]
+    seconds: float  # its share of the time (the cached figure when it came from --scores)
+
+
+@dataclass
+class AgentPass:
+    """What one agent's pass over the items measured."""
+
+    agent: str
+    items: int
+    calls: int  # scoring calls sent to the engine (cache hits excluded)
+    wall_s: float  # wall time of the pass
+    seconds: float  # scoring seconds of its items (cached figures for cache hits)
+    jobs: list[tuple[str, list[str]]] = field(default_factory=list)  # (context, continuations) per call
+
+    @property
+    def s_per_item(self) -> float:
+        return self.seconds / self.items if self.items else 0.0
+
+
+def _n_ctx_for(texts: Sequence[str], floor: int) -> int:
+    # A context window for the longest scored text before any tokenizer is loaded: at most
+    # one token per two characters (English runs about four), rounded up to 256. Smaller
+    # windows make every copy of a KV stream cheaper (llama.cpp copies whole streams).
+    longest = max((len(t) for t in texts), default=0) // 2 + 16
+    return max(floor, -(-longest // 256) * 256)
+
+
 class Scorer:
-    """Scores choices for every agent: one in-process engine per distinct model (loaded on
-    first use, so a run served entirely from the cache loads none)."""
+    """Scores items for every agent: one in-process engine per distinct model (loaded on
+    first use, so a run served entirely from the cache loads none).
 
-    agents: list[AgentConfig]
-    prefixes: dict[str, str]
-    engines: dict[str, Any] = field(default_factory=dict)
-    cache: ScoreCache | None = None
-    n_threads: int = 2
-    _bundled: str | None = None
+    Each agent's view of an item (``legion.views``: its exemplars, prompt form and scoring
+    rule) becomes one scoring call, plus one for the reference its rule divides by (PMI's
+    premise, or calibration's content-free prompt). An agent's calls are kept ``window`` deep
+    in the engine's queue, so the engine never waits for the next item, and its fixed prefix
+    is evaluated once: the engine's prefix cache keeps it. Agents run one after another, so
+    each agent's wall time is its own.
+    """
 
-    @classmethod
-    def load(
-        cls,
-        agents: list[AgentConfig],
-        prefixes: dict[str, str],
+    def __init__(
+        self,
+        agents: Sequence[AgentConfig],
+        shots: Sequence[Item] = (),
+        *,
         n_threads: int = 2,
         cache: ScoreCache | None = None,
-    ) -> Scorer:
-        return cls(agents, prefixes, cache=cache, n_threads=n_threads)
+        prior: bool = False,
+        window: int = 8,
+    ):
+        self.agents = list(agents)
+        self.prefixes = {a.name: a.role_prompt + views.exemplars(a, shots) for a in self.agents}
+        self.n_threads = n_threads
+        self.cache = cache
+        self.prior = prior
+        self.window = window
+        self.engines: dict[str, Any] = {}
+        self.passes: dict[str, AgentPass] = {}
+        self._bundled: str | None = None
+        self._n_ctx = 2048
+        self._memo: dict[str, _Scored] = {}
+        self._load_s = 0.0  # model loading, kept out of the passes' wall times
 
-    def _engine(self, path: str, n_ctx: int):
-        from legion.engine import LlamaEngine
-
-        if path not in self.engines:
-            self.engines[path] = LlamaEngine(path, n_ctx=max(n_ctx, 2048), n_threads=self.n_threads)
-        return self.engines[path]
-
+    # ------------------------------------------------------------------ calls
     def _model(self, a: AgentConfig) -> str:
         # Resolved once: locating the bundled model checks its files (half a second).
         if a.model_path:
@@ -202,52 +233,227 @@ class Scorer:
             self._bundled = bundled_model_path()
         return self._bundled
 
-    def _score(self, a: AgentConfig, context: str, conts: list[str]) -> tuple[list[float], list[int], float]:
-        path = self._model(a)
-        key = ScoreCache.key(path, context, conts)
-        hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            return hit["logprob"], hit["n_tokens"], hit["seconds"]
-        eng = self._engine(path, a.n_ctx)
-        t0 = time.perf_counter()
-        res = eng.score(context, conts)
-        took = time.perf_counter() - t0
-        lp, nt = [r.logprob for r in res], [r.n_tokens for r in res]
-        if self.cache is not None:
-            self.cache.put(key, lp, nt, took)
-        return lp, nt, took
+    def _engine(self, path: str):
+        from legion.engine import LlamaEngine
 
-    def score(self, item: Item) -> tuple[OptionScores, dict[str, float], float]:
-        """The option scores of ``item`` for every agent, each agent's seconds, the prior's seconds."""
-        conts = [" " + c for c in item.choices]
-        scores = OptionScores(
-            options=[str(i) for i in range(len(item.choices))],
-            texts=list(item.choices),
-            n_bytes=[len(c.encode("utf-8")) for c in conts],
-        )
-        seconds: dict[str, float] = {}
-        priors: dict[str | None, list[float]] = {}
-        t_prior = 0.0
-        for a in self.agents:
-            lp, nt, took = self._score(a, self.prefixes[a.name] + item.context, conts)
-            seconds[a.name] = took
-            scores.loglik[a.name] = lp
-            scores.n_tokens[a.name] = nt
-            if a.model_path not in priors:
-                priors[a.model_path], _, took = self._score(a, PRIOR_CONTEXT, conts)
-                t_prior += took
-            scores.prior[a.name] = priors[a.model_path]
-        return scores, seconds, t_prior
+        if path not in self.engines:
+            t0 = time.perf_counter()
+            self.engines[path] = LlamaEngine(
+                path, n_ctx=self._n_ctx, n_threads=self.n_threads, n_parallel=8, prefix_cache_slots=2
+            )
+            self._load_s += time.perf_counter() - t0
+        return self.engines[path]
+
+    def calls(self, a: AgentConfig, item: Item) -> list[tuple[str, list[str]]]:
+        """The scoring calls of agent ``a`` on ``item``: its view, then the reference if its
+        rule needs one."""
+        prefix = self.prefixes[a.name]
+        main = views.render(item, a.prompt_form)
+        out = [(prefix + main.context, main.continuations)]
+        if a.scoring == "pmi":
+            out.append((views.premise(a.prompt_form), main.continuations))
+        elif a.scoring == "calibrated":
+            cf = views.content_free(item, a.prompt_form)
+            out.append((prefix + cf.context, cf.continuations))
+        return out
+
+    def _run(self, path: str, calls: Sequence[tuple[str, list[str]]]) -> tuple[list[_Scored], int]:
+        """Score ``calls`` with the model at ``path``, keeping ``window`` of them in flight;
+        the results in order and how many reached the engine."""
+        out: list[_Scored | None] = [None] * len(calls)
+        todo: list[tuple[int, str]] = []
+        queued: set[str] = set()
+        for i, (ctx, conts) in enumerate(calls):
+            key = ScoreCache.key(path, ctx, conts)
+            if key in self._memo:  # scored earlier in this run: costs nothing now
+                out[i] = dataclasses.replace(self._memo[key], seconds=0.0)
+            elif self.cache is not None and (row := self.cache.get(key)) is not None:
+                out[i] = self._memo[key] = _Scored(row["logprob"], row["n_tokens"], row["seconds"])
+            elif key not in queued:
+                queued.add(key)
+                todo.append((i, key))
+        if todo:
+            eng = self._engine(path)
+            pending: deque[tuple[int, str, Any]] = deque()
+            nxt = 0
+            last = time.perf_counter()
+            while nxt < len(todo) or pending:
+                while nxt < len(todo) and len(pending) < self.window:
+                    i, key = todo[nxt]
+                    ctx, conts = calls[i]
+                    pending.append((i, key, eng.submit_score(ctx, conts)))
+                    nxt += 1
+                i, key, fut = pending.popleft()
+                res = fut.result()
+                now = time.perf_counter()
+                # Calls overlap in the queue: each is charged the time since the previous one
+                # finished, so the charges add up to the wall time.
+                got = _Scored([r.logprob for r in res], [r.n_tokens for r in res], now - last)
+                last = now
+                out[i] = got
+                self._memo[key] = got
+                if self.cache is not None:
+                    self.cache.put(key, got.logprob, got.n_tokens, got.seconds)
+        for i, (ctx, conts) in enumerate(calls):
+            if out[i] is None:  # a repeat of a call scored above
+                out[i] = dataclasses.replace(self._memo[ScoreCache.key(path, ctx, conts)], seconds=0.0)
+        return [x for x in out if x is not None], len(todo)
+
+    # ------------------------------------------------------------------ passes
+    def score_items(
+        self, items: Sequence[Item], progress: Callable[[int, int], None] | None = None
+    ) -> list[tuple[OptionScores, dict[str, float], float]]:
+        """For every item: the option scores of every agent (each agent's scores under its
+        own rule, see ``legion.views.apply_rule``), each agent's seconds, the prior's seconds."""
+        texts = [
+            ctx + max(conts, key=len) for a in self.agents for it in items for ctx, conts in self.calls(a, it)
+        ]
+        self._n_ctx = _n_ctx_for(texts, 512)
+        per_item: list[OptionScores] = []
+        for it in items:
+            conts = [" " + c for c in it.choices]
+            per_item.append(
+                OptionScores(
+                    options=[str(i) for i in range(len(it.choices))],
+                    texts=list(it.choices),
+                    n_bytes=[len(c.encode("utf-8")) for c in conts],
+                )
+            )
+        agent_s: list[dict[str, float]] = [{} for _ in items]
+        total = len(self.agents) * len(items)
+        for k, a in enumerate(self.agents):
+            t0, load0 = time.perf_counter(), self._load_s
+            calls = [self.calls(a, it) for it in items]
+            flat = [c for cs in calls for c in cs]
+            done, sent = self._run(self._model(a), flat)
+            wall = time.perf_counter() - t0 - (self._load_s - load0)
+            pos = 0
+            spent = 0.0
+            for j, cs in enumerate(calls):
+                got = done[pos : pos + len(cs)]
+                pos += len(cs)
+                main, ref = got[0], (got[1] if len(got) > 1 else None)
+                n_bytes = [len(c.encode("utf-8")) for c in cs[0][1]]
+                sc = per_item[j]
+                sc.loglik[a.name] = views.apply_rule(
+                    a.scoring, main.logprob, main.n_tokens, n_bytes, ref.logprob if ref else None
+                )
+                sc.n_tokens[a.name] = main.n_tokens
+                agent_s[j][a.name] = sum(g.seconds for g in got)
+                spent += agent_s[j][a.name]
+            self.passes[a.name] = AgentPass(a.name, len(items), sent, wall, spent, flat)
+            log.info(
+                "agent %s: %d items, %d scoring calls, %.2fs (%.3fs per item)",
+                a.name,
+                len(items),
+                sent,
+                wall,
+                spent / max(1, len(items)),
+            )
+            if progress is not None:
+                progress((k + 1) * len(items), total)
+        prior_s = [0.0] * len(items)
+        if self.prior:
+            # The question-free prior of each choice's text, once per model (the equilibrium's
+            # PMI discriminator divides by it).
+            for path in dict.fromkeys(self._model(a) for a in self.agents):
+                calls = [(PRIOR_CONTEXT, [" " + c for c in it.choices]) for it in items]
+                done, _ = self._run(path, calls)
+                for j, got in enumerate(done):
+                    prior_s[j] += got.seconds
+                    for a in self.agents:
+                        if self._model(a) == path:
+                            per_item[j].prior[a.name] = got.logprob
+        return [(per_item[j], agent_s[j], prior_s[j]) for j in range(len(items))]
 
     def close(self) -> None:
         for e in self.engines.values():
             e.close()
+        self.engines.clear()
         if self.cache is not None:
             self.cache.close()
 
 
+class PlainScorer:
+    """The baseline ``legion eval`` is measured against: llama-cpp-python's ``Llama``, one
+    continuation at a time, nothing shared between calls (a fresh context for every choice,
+    the way a simple harness scores): the context in one ``eval``, then the continuation's
+    tokens one ``eval`` each, reading each next token's logits."""
+
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=512,
+            verbose=False,
+        )
+
+    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
+        import numpy as np
+
+        llm = self.llm
+        ctx = llm.tokenize(context.encode("utf-8"), add_bos=True, special=False)
+        out = []
+        for c in continuations:
+            full = llm.tokenize((context + c).encode("utf-8"), add_bos=True, special=False)
+            start = max(1, min(_common(ctx, full), len(full) - 1))
+            llm.reset()
+            llm.eval(full[:start])
+            lp = 0.0
+            for pos in range(start, len(full)):
+                row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                m = row.max()
+                lp += float(row[full[pos]] - m - np.log(np.exp(row - m).sum()))
+                if pos + 1 < len(full):
+                    llm.eval([full[pos]])
+            out.append(lp)
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plain_baseline(scorer: Scorer, n_items: int, items_total: int) -> dict[str, float]:
+    """Seconds per item of ``PlainScorer`` on the first ``n_items`` items' calls of every
+    agent (exactly the texts the agent's pass scored), agent by agent."""
+    out: dict[str, float] = {}
+    plains: dict[str, PlainScorer] = {}
+    try:
+        for a in scorer.agents:
+            p = scorer.passes.get(a.name)
+            if p is None or not p.jobs or p.calls == 0:
+                continue  # its scores came from --scores: there is no fresh time to compare
+            per_item = len(p.jobs) // max(1, items_total)
+            jobs = p.jobs[: per_item * n_items]
+            path = scorer._model(a)
+            if path not in plains:
+                plains[path] = PlainScorer(path, scorer._n_ctx, scorer.n_threads)
+            t0 = time.perf_counter()
+            for ctx, conts in jobs:
+                plains[path].score(ctx, conts)
+            out[a.name] = (time.perf_counter() - t0) / max(1, len(jobs) // max(1, per_item))
+    finally:
+        for pl in plains.values():
+            pl.close()
+    return out
+
+
 def candidates_from(scores: OptionScores, agents: Sequence[AgentConfig]) -> list[Candidate]:
-    """Each agent's answer: its most likely choice (raw log-likelihood)."""
+    """Each agent's answer: its best-scored choice (``scores.loglik`` holds each agent's
+    scores under its own rule)."""
     out = []
     for a in agents:
         ll = scores.loglik[a.name]
@@ -292,15 +498,21 @@ def evaluate(
     agents: Sequence[str] | None = None,
     n_threads: int = 2,
     progress: Callable[[int, int], None] | None = None,
-    scorer: Scorer | None = None,
+    scorer: Any = None,
     cache: ScoreCache | None = None,
     curve: dict[int, dict[str, float]] | None = None,
+    report: dict[str, Any] | None = None,
+    baseline_items: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, item count and seconds of every strategy and of ``single:<agent>`` for each
     agent (restricted to ``agents`` when given), on the same items in order.
 
     When ``curve`` is a dict it is filled with ``{k: {strategy: accuracy, "best_single": ...}}``
     for the first ``k`` agents, k = 1 .. all (from the same scores; no extra model time).
+    When ``report`` is a dict it gets the agents' pairwise agreement, the share of items some
+    agent gets right (``oracle``), and the timing of each agent's pass (``timing``, with each
+    few-shot agent's cost against a zero-shot one and, for ``baseline_items`` > 0, against the
+    plain one-at-a-time scorer on that many items).
     """
     chosen = [a for a in cfg.agents if agents is None or a.name in agents]
     if not chosen:
@@ -308,9 +520,10 @@ def evaluate(
             f"no agent named {', '.join(agents or [])}; configured: {[a.name for a in cfg.agents]}"
         )
     names = check_strategies(strategies)
-    prefixes = {a.name: a.role_prompt + exemplars(a, shots) for a in chosen}
     own = scorer is None
-    scorer = scorer or Scorer.load(chosen, prefixes, n_threads=n_threads, cache=cache)
+    if scorer is None:
+        prior = cfg.arbiter.equilibrium_discriminator == "pmi"
+        scorer = Scorer(chosen, shots, n_threads=n_threads, cache=cache, prior=prior)
     runners = {s: build_strategy(s, cfg.arbiter) for s in names}
     results = {f"single:{a.name}": _Result() for a in chosen} | {s: _Result() for s in names}
     sizes = list(range(1, len(chosen))) if curve is not None else []
@@ -318,48 +531,52 @@ def evaluate(
     weights = {k: {a.name: 1.0 for a in chosen[:k]} for k in [*sizes, len(chosen)]}
     solver_s = 0.0
     wall_s = 0.0
+    picks: dict[str, list[int]] = {a.name: [] for a in chosen}
     try:
-        for i, item in enumerate(items):
-            scores, agent_s, prior_s = scorer.score(item)
-            all_s = sum(agent_s.values()) + prior_s
-            cands = candidates_from(scores, chosen)
-            truth = str(item.answer)
-            for a, c in zip(chosen, cands, strict=True):
-                r = results[f"single:{a.name}"]
-                r.n += 1
-                r.correct += int(c.normalized == truth)
-                r.seconds += agent_s[a.name]
-            for s, strat in runners.items():
-                t0 = time.perf_counter()
-                w = weights[len(chosen)] if getattr(strat, "uses_trust", False) else None
-                d = strat.decide(cands, w, scores)
-                took = time.perf_counter() - t0
-                r = results[s]
-                r.n += 1
-                r.correct += int(d.answer_key == truth)
-                r.seconds += all_s + took
-                if s == "equilibrium":
-                    solver_s += d.details.get("solver_ms", 0.0) / 1000
-                    wall_s += all_s + took
-            for k in sizes:
-                sub = _restrict(scores, chosen[:k])
-                for s, strat in runners.items():
-                    w = weights[k] if getattr(strat, "uses_trust", False) else None
-                    d = strat.decide(cands[:k], w, sub)
-                    sub_results[k][s].n += 1
-                    sub_results[k][s].correct += int(d.answer_key == truth)
-            for k, w in weights.items():
-                weights[k] = hedge_update(
-                    w,
-                    {c.agent: (0.0 if c.normalized == truth else 1.0) for c in cands[:k]},
-                    cfg.arbiter.trust_eta,
-                    cfg.arbiter.trust_floor,
-                )
-            if progress is not None:
-                progress(i + 1, len(items))
+        scored = scorer.score_items(items, progress)
+        if report is not None and baseline_items > 0 and isinstance(scorer, Scorer):
+            n = min(baseline_items, len(items))
+            report["plain_s_per_item"] = plain_baseline(scorer, n, len(items))
+            report["baseline_items"] = n
     finally:
         if own:
             scorer.close()
+    for item, (scores, agent_s, prior_s) in zip(items, scored, strict=True):
+        all_s = sum(agent_s.values()) + prior_s
+        cands = candidates_from(scores, chosen)
+        truth = str(item.answer)
+        for a, c in zip(chosen, cands, strict=True):
+            r = results[f"single:{a.name}"]
+            r.n += 1
+            r.correct += int(c.normalized == truth)
+            r.seconds += agent_s[a.name]
+            picks[a.name].append(int(c.normalized))
+        for s, strat in runners.items():
+            t0 = time.perf_counter()
+            w = weights[len(chosen)] if getattr(strat, "uses_trust", False) else None
+            d = strat.decide(cands, w, scores)
+            took = time.perf_counter() - t0
+            r = results[s]
+            r.n += 1
+            r.correct += int(d.answer_key == truth)
+            r.seconds += all_s + took
+            if s == "equilibrium":
+                solver_s += d.details.get("solver_ms", 0.0) / 1000
+                wall_s += all_s + took
+        for k in sizes:
+            sub = _restrict(scores, chosen[:k])
+            for s, strat in runners.items():
+                w = weights[k] if getattr(strat, "uses_trust", False) else None
+                d = strat.decide(cands[:k], w, sub)
+                sub_results[k][s].n += 1
+                sub_results[k][s].correct += int(d.answer_key == truth)
+        for k, w in weights.items():
+            weights[k] = hedge_update(
+                w,
+                {c.agent: (0.0 if c.normalized == truth else 1.0) for c in cands[:k]},
+                cfg.arbiter.trust_eta,
+                cfg.arbiter.trust_floor,
+            )
     if wall_s > 0:
         log.info(
             "equilibrium solver: %.2f ms per item, %.2f%% of the item's wall time",
@@ -375,6 +592,80 @@ def evaluate(
             curve[k] = {s: r.row()["accuracy"] for s, r in sub_results[k].items()}
             curve[k]["best_single"] = max(singles[:k])
         curve[len(chosen)] = {s: out[s]["accuracy"] for s in names} | {"best_single": max(singles)}
+    if report is not None:
+        n = report.get("baseline_items", 0)
+        first = (
+            {a.name: sum(agent_s[a.name] for _, agent_s, _ in scored[:n]) / n for a in chosen} if n else {}
+        )
+        truth_all = [it.answer for it in items]
+        report["agreement"] = agreement(picks)
+        report["oracle"] = round(
+            sum(any(picks[a][j] == t for a in picks) for j, t in enumerate(truth_all)) / len(items), 4
+        )
+        if isinstance(scorer, Scorer):
+            report["timing"] = timing(chosen, scorer.passes, report.get("plain_s_per_item"), first)
+    return out
+
+
+def agreement(picks: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Share of items on which each pair of agents picks the same choice."""
+    names = list(picks)
+    return {
+        a: {
+            b: round(sum(x == y for x, y in zip(picks[a], picks[b], strict=True)) / len(picks[a]), 4)
+            for b in names
+        }
+        for a in names
+    }
+
+
+def _same(a: Sequence[int], b: Sequence[int]) -> float:
+    return round(sum(x == y for x, y in zip(a, b, strict=True)) / len(a), 4)
+
+
+def timing(
+    agents: Sequence[AgentConfig],
+    passes: dict[str, AgentPass],
+    plain: dict[str, float] | None = None,
+    eval_on_plain_items: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Seconds per item of every agent's pass; each few-shot agent's cost against the zero-shot
+    agent of the same form and rule (or the first zero-shot agent); the plain scorer's seconds
+    per item and ``legion eval``'s on the same items (``eval_on_plain_items``), and their ratio
+    (below 1: ``legion eval`` is faster)."""
+    rows: dict[str, Any] = {}
+    zero = [a for a in agents if not a.few_shot and a.name in passes]
+    for a in agents:
+        p = passes.get(a.name)
+        if p is None:
+            continue
+        row: dict[str, Any] = {
+            "s_per_item": round(p.s_per_item, 4),
+            "wall_s": round(p.wall_s, 2),
+            "calls": p.calls,
+        }
+        if a.few_shot:
+            ref = next(
+                (z for z in zero if (z.prompt_form, z.scoring) == (a.prompt_form, a.scoring)),
+                zero[0] if zero else None,
+            )
+            if ref is not None and passes[ref.name].s_per_item > 0:
+                row["vs_zero_shot"] = round(p.s_per_item / passes[ref.name].s_per_item, 3)
+                row["zero_shot_agent"] = ref.name
+        mine = (eval_on_plain_items or {}).get(a.name)
+        if plain and plain.get(a.name, 0) > 0 and mine is not None:
+            row["plain_s_per_item"] = round(plain[a.name], 4)
+            row["eval_s_per_item_same_items"] = round(mine, 4)
+            row["vs_plain"] = round(mine / plain[a.name], 3)
+        rows[a.name] = row
+    out: dict[str, Any] = {"agents": rows}
+    measured = [n for n, r in rows.items() if "vs_plain" in r]
+    if measured:
+        eval_s = sum(rows[n]["eval_s_per_item_same_items"] for n in measured)
+        out["eval_vs_plain_per_agent"] = round(eval_s / sum(plain[n] for n in measured), 3)
+    few = [r["vs_zero_shot"] for r in rows.values() if "vs_zero_shot" in r]
+    if few:
+        out["few_shot_vs_zero_shot_max"] = max(few)
     return out
 
 
@@ -480,6 +771,7 @@ def run_eval_cli(args: Any) -> int:
         log.info("few-shot exemplars from %s", shots_path if shots else "(none found: zero-shot)")
     agents = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
     curve: dict[int, dict[str, float]] | None = {} if getattr(args, "plot", None) else None
+    report: dict[str, Any] = {}
     t0 = time.perf_counter()
     res = evaluate(
         cfg,
@@ -491,6 +783,8 @@ def run_eval_cli(args: Any) -> int:
         progress=_bar if sys.stderr.isatty() else None,
         cache=ScoreCache(args.scores) if getattr(args, "scores", None) else None,
         curve=curve,
+        report=report,
+        baseline_items=getattr(args, "baseline_items", 0) or 0,
     )
     log.info("evaluated %d items in %.1fs", len(items), time.perf_counter() - t0)
     if curve is not None:
@@ -501,14 +795,61 @@ def run_eval_cli(args: Any) -> int:
         meta = {
             "data": str(args.data),
             "limit": args.limit,
+            "threads": args.threads,
             "agents": [a.model_dump(mode="json") for a in cfg.agents],
             "shots": str(shots_path) if shots else None,
             **({"by_agents": curve} if curve is not None else {}),
         }
-        Path(args.out).write_text(json.dumps({"results": res, "meta": meta}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"results": res, "report": report, "meta": meta}, indent=2) + "\n"
+        )
+    lines = _report_lines(report)
     if args.json:
+        for line in lines:
+            log.info("%s", line)
         print(json.dumps(table))
         return 0
     df = pd.DataFrame([{"strategy": k, **v} for k, v in table.items()])
     print(df.to_string(index=False))
+    if lines:
+        print()
+        print("\n".join(lines))
     return 0
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """The timing ratios and the agreement between agents, as printed under the table."""
+    lines: list[str] = []
+    t = report.get("timing", {})
+    rows = t.get("agents", {})
+    for name, r in rows.items():
+        parts = [f"{name}: {r['s_per_item']:.3f} s/item"]
+        if "vs_zero_shot" in r:
+            parts.append(f"{r['vs_zero_shot']:.2f}x the zero-shot {r['zero_shot_agent']}")
+        if "vs_plain" in r:
+            parts.append(
+                f"{r['vs_plain']:.2f}x the plain scorer ({r['eval_s_per_item_same_items']:.3f} vs "
+                f"{r['plain_s_per_item']:.3f} s/item on the first {report.get('baseline_items')} items)"
+            )
+        lines.append("  " + ", ".join(parts))
+    if rows:
+        lines.insert(0, "cost per item:")
+    if "few_shot_vs_zero_shot_max" in t:
+        lines.append(
+            f"few-shot agent cost / zero-shot agent cost (max): {t['few_shot_vs_zero_shot_max']:.3f}"
+        )
+    if "eval_vs_plain_per_agent" in t:
+        lines.append(
+            f"legion eval / plain one-at-a-time scorer, per agent: {t['eval_vs_plain_per_agent']:.3f}"
+        )
+    agree = report.get("agreement", {})
+    if len(agree) > 1:
+        names = list(agree)
+        width = max(len(n) for n in names)
+        lines.append("")
+        lines.append("pairwise agreement (share of items with the same choice):")
+        lines.append(" " * (width + 1) + " ".join(f"{n[:7]:>7}" for n in names))
+        for a in names:
+            lines.append(f"{a:<{width}} " + " ".join(f"{agree[a][b]:>7.3f}" for b in names))
+        lines.append(f"some agent right (oracle): {report.get('oracle', 0):.4f}")
+    return lines

@@ -9,6 +9,9 @@
 3. Batching: one agent under 8 concurrent requests against ``llama-server -np 8`` on the same
    model and threads when it is installed (``scripts/build_llama_server.sh``), alternated in
    ``--repeats`` pairs (median of the pair ratios), and 8 samples of one prompt against one.
+4. The prefix cache: time to first token of prompts that share a ~500-token fixed prefix (a
+   role prompt and exemplars), on an engine with the automatic prefix cache against one
+   without, alternated (``--prefix-cache`` runs only this).
 """
 
 from __future__ import annotations
@@ -328,6 +331,62 @@ def _batching(model_path: str, cores: float, max_tokens: int, repeats: int, conc
     return out
 
 
+def _fixed_prefix() -> str:
+    """A role prompt and 24 worked exemplars: about 500 tokens of the bundled model's."""
+    lines = ["You are a careful arithmetic tutor. Answer each question with the number only.\n\n"]
+    for i in range(24):
+        a, b = 17 + 7 * i, 5 + 3 * i
+        lines.append(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n")
+    return "".join(lines)
+
+
+def _prefix_cache_ttft(model_path: str, threads: int, repeats: int) -> dict:
+    """Time to first token (a one-token generation, prefill included) of ``prefix +
+    question`` on an engine with the prefix cache and on one without, one question after
+    another alternating between them; each engine first answers one warm-up question (which
+    stores the prefix in the cached one: that is the steady state of an agent's role prompt)."""
+    from legion.engine import LlamaEngine, SamplingParams
+
+    prefix = _fixed_prefix()
+    one = SamplingParams(max_tokens=1, stop=())
+    cached = LlamaEngine(model_path, n_threads=threads, prefix_cache_slots=2)
+    plain = LlamaEngine(model_path, n_threads=threads, prefix_cache_slots=0)
+    try:
+        prefix_tokens = len(cached.tokenize(prefix))
+        for e in (cached, plain):
+            e.generate(prefix + "Question: What is 1 plus 1?\nAnswer:", one)
+        with_cache, without = [], []
+        for r in range(max(1, repeats) * 4):
+            prompt = f"{prefix}Question: What is {300 + r} plus {40 + r}?\nAnswer:"
+            # The order alternates: whichever runs second in a pair must not be favoured.
+            for e, out in ((cached, with_cache), (plain, without))[:: 1 if r % 2 == 0 else -1]:
+                t0 = time.perf_counter()
+                e.generate(prompt, one)
+                out.append(time.perf_counter() - t0)
+        stats = cached.stats()["prefix_cache"]
+    finally:
+        cached.close()
+        plain.close()
+    on, off = statistics.median(with_cache), statistics.median(without)
+    return {
+        "prefix_tokens": prefix_tokens,
+        "threads": threads,
+        "requests": len(with_cache),
+        "ttft_cached_ms_p50": round(on * 1000, 1),
+        "ttft_uncached_ms_p50": round(off * 1000, 1),
+        "ttft_cached_vs_uncached_ratio": round(on / off, 3),
+        "tokens_reused": stats["tokens_reused"],
+    }
+
+
+def _print_prefix_cache(p: dict) -> None:
+    print(
+        f"time to first token after a {p['prefix_tokens']}-token fixed prefix ({p['threads']} threads, "
+        f"{p['requests']} requests each): prefix cache {p['ttft_cached_ms_p50']} ms, without "
+        f"{p['ttft_uncached_ms_p50']} ms, ratio {p['ttft_cached_vs_uncached_ratio']}"
+    )
+
+
 def _noop_app():
     """A Serve app that answers a POST with a constant: the floor any Serve HTTP request pays
     (Serve's proxy, its hop to a replica and back), measured beside Legion's own route."""
@@ -422,12 +481,21 @@ def _http_overhead(rounds: int, cores: float) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import ray
-
     from legion.engine import bundled_model_path
 
     model_path = bundled_model_path()
     cores = float(os.cpu_count() or 1)
+    if getattr(args, "prefix_cache", False):
+        _progress("prefix cache: time to first token with and without it ...")
+        p = _prefix_cache_ttft(model_path, max(1, int(cores)), args.repeats)
+        if args.json:
+            print(json.dumps({"model": os.path.basename(model_path), "prefix_cache": p}))
+        else:
+            _print_prefix_cache(p)
+        return 0
+
+    import ray
+
     if not ray.is_initialized():
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
     cores = float(ray.cluster_resources().get("CPU", cores))
@@ -454,6 +522,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for key in ("batched_vs_llama_server_ratio", "fanout8_vs_single_time_ratio"):
         if key in batching:
             result[key] = batching[key]
+    _progress("prefix cache: time to first token with and without it ...")
+    result["prefix_cache"] = _prefix_cache_ttft(model_path, max(1, int(cores)), args.repeats)
+    result["ttft_cached_vs_uncached_ratio"] = result["prefix_cache"]["ttft_cached_vs_uncached_ratio"]
     if args.json:
         print(json.dumps(result))
         return 0
@@ -482,4 +553,5 @@ def run_bench(args: argparse.Namespace) -> int:
         f"HTTP overhead p50 {http['http_overhead_ms_p50']} ms over {http['requests']} requests "
         f"(a no-op POST through Serve alone: p50 {http['serve_noop_post_ms_p50']} ms)"
     )
+    _print_prefix_cache(result["prefix_cache"])
     return 0

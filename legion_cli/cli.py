@@ -344,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
     b.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="only: time to first token after a ~500-token fixed prefix, with and without the prefix cache",
+    )
+    b.add_argument(
         "--rag",
         action="store_true",
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "
@@ -406,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="also write the results (with the config used) to this JSON file")
     e.add_argument("--scores", help="JSONL cache of scored choices: reused when present, extended otherwise")
     e.add_argument("--plot", help="write an SVG of accuracy against the number of agents (first k agents)")
+    e.add_argument(
+        "--baseline-items",
+        type=int,
+        default=10,
+        help="also time a plain one-at-a-time llama-cpp-python scorer on this many items per agent "
+        "and print the ratio (0: skip)",
+    )
     e.set_defaults(func=_eval)
 
     au = sub.add_parser("audit", help="show the audit log (one record per HTTP request)")

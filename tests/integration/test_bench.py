@@ -40,3 +40,17 @@ def test_bench_prints_every_ratio_as_json():
         assert b["llama_server_fanout8_vs_single_time_ratio"] > 0
     else:
         assert "not installed" in b["llama_server"] and "batched_vs_llama_server_ratio" not in result
+    p = result["prefix_cache"]
+    assert 400 <= p["prefix_tokens"] <= 600 and p["requests"] == 4
+    assert p["ttft_cached_ms_p50"] > 0 and p["ttft_uncached_ms_p50"] > 0
+    assert result["ttft_cached_vs_uncached_ratio"] == p["ttft_cached_vs_uncached_ratio"] > 0
+    # The cached engine reused the prefix for every measured request.
+    assert p["tokens_reused"] >= p["requests"] * (p["prefix_tokens"] - 32)
+
+
+def test_bench_prefix_cache_alone():
+    cmd = [sys.executable, "-m", "legion.cli", "bench", "--prefix-cache", "--json", "--repeats", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    p = json.loads(out.stdout.strip().splitlines()[-1])["prefix_cache"]
+    assert p["requests"] == 4 and p["ttft_cached_vs_uncached_ratio"] > 0

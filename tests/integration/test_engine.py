@@ -272,3 +272,109 @@ def test_full_queue_is_overloaded():
 def test_request_larger_than_the_engine_is_refused(engine):
     with pytest.raises(InvalidRequest, match="n must be between"):
         engine.submit_generate("hi", SamplingParams(max_tokens=4), n=engine.n_parallel + 1)
+
+
+# ------------------------------------------------------------------ automatic prefix cache
+ROLE = (
+    "You answer science questions for a school quiz.\n\n"
+    "Question: Which gas do plants take in to make food?\nAnswer: carbon dioxide\n\n"
+    "Question: What force pulls objects toward the ground?\nAnswer: gravity\n\n"
+    "Question: Which state of matter has a fixed shape?\nAnswer: solid\n\n"
+)
+QUESTIONS = [
+    ("Question: What do bees make?\nAnswer:", [" honey", " milk", " silk"]),
+    ("Question: Which planet is closest to the Sun?\nAnswer:", [" Mercury", " Venus", " Mars", " Earth"]),
+    ("Question: What is frozen water called?\nAnswer:", [" ice", " steam"]),
+    ("Question: Which organ pumps blood?\nAnswer:", [" the heart", " the lungs", " the liver"]),
+]
+
+
+@pytest.fixture(scope="module")
+def uncached():
+    e = LlamaEngine(n_threads=1, n_ctx=1024, prefix_cache_slots=0)
+    yield e
+    e.close()
+
+
+def test_a_cached_prefix_scores_exactly_as_without_the_cache(engine, uncached):
+    """The role prompt and exemplars are evaluated once and reused by every later request, and
+    every score is bitwise the one an engine without the cache computes: prefill chunks end at
+    boundaries the prompt's own tokens fix, so a cached prefix's cells are the ones the prompt
+    would have computed itself."""
+    before = engine.stats()["prefix_cache"]
+    for q, choices in QUESTIONS:
+        cached = engine.score(ROLE + q, choices)
+        plain = uncached.score(ROLE + q, choices)
+        assert [(c.logprob, c.n_tokens, c.is_greedy) for c in cached] == [
+            (c.logprob, c.n_tokens, c.is_greedy) for c in plain
+        ]
+    after = engine.stats()["prefix_cache"]
+    role_tokens = len(engine.tokenize(ROLE))
+    assert after["hits"] - before["hits"] >= len(QUESTIONS) - 1
+    assert after["tokens_reused"] - before["tokens_reused"] >= (len(QUESTIONS) - 1) * (role_tokens - 1)
+    assert uncached.stats()["prefix_cache"]["entries"] == 0
+
+
+def test_a_cached_prefix_gives_the_same_greedy_text(engine, uncached):
+    """The cache changes no greedy text, alone or in a batch (a batch may differ from a lone
+    run at a near-tie whether or not the cache is on: see the wave test above)."""
+    greedy = SamplingParams(max_tokens=24, stop=())
+    prompts = [ROLE + q for q, _ in QUESTIONS]
+    first = [engine.generate(p, greedy).text for p in prompts]  # stores and then reuses the prefix
+    plain = [uncached.generate(p, greedy).text for p in prompts]
+    assert first == plain
+    batch = [(p, greedy) for p in prompts]
+    assert [g.text for g in engine.generate_batch(batch)] == [g.text for g in uncached.generate_batch(batch)]
+    # A fan-out copies the cached prefix into one stream, then that stream to the others.
+    assert [g.text for g in engine.generate_n(prompts[0], greedy, 3)] == [plain[0]] * 3
+
+
+def test_eviction_keeps_the_memory_bound_and_the_results():
+    """One cache stream, two alternating role prompts: the stream is reused (the least
+    recently used prefix evicted) and never more entries than slots; every score still equals
+    the uncached one, and every request stream and cell is given back."""
+    e = LlamaEngine(n_threads=1, n_ctx=512, n_parallel=4, prefix_cache_slots=1)
+    plain = LlamaEngine(n_threads=1, n_ctx=512, n_parallel=4, prefix_cache_slots=0)
+    other = ROLE.replace("science", "history").replace("school quiz", "pub quiz")
+    try:
+        for round_ in range(3):
+            for role in (ROLE, other):
+                q, choices = QUESTIONS[round_]
+                got = [c.logprob for c in e.score(role + q, choices)]
+                assert got == [c.logprob for c in plain.score(role + q, choices)]
+                assert e.stats()["prefix_cache"]["entries"] <= 1
+        pc = e.stats()["prefix_cache"]
+        assert pc["evictions"] >= 2 and pc["stores"] == pc["evictions"] + 1
+        st = _wait_idle(e)
+        assert st["free_seqs"] == e.n_parallel and st["free_cells"] == e.n_cells
+    finally:
+        e.close()
+        plain.close()
+
+
+def test_a_failed_step_empties_the_prefix_cache():
+    """A failed decode wipes every KV stream, so the cache forgets its entries (a cached
+    prefix would otherwise point at wiped cells), and the engine still answers correctly."""
+    e = LlamaEngine(n_threads=1, n_ctx=512, n_parallel=4, prefix_cache_slots=1)
+    try:
+        q, choices = QUESTIONS[0]
+        want = [c.logprob for c in e.score(ROLE + q, choices)]
+        assert e.stats()["prefix_cache"]["entries"] == 1
+        real = e._decode
+
+        def decode(entries):
+            raise RuntimeError("injected llama_decode failure")
+
+        greedy = SamplingParams(max_tokens=8, stop=())
+        e._decode = decode
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                e.generate("The history of Rome", greedy)
+        finally:
+            e._decode = real
+        assert e.stats()["prefix_cache"]["entries"] == 0
+        assert [c.logprob for c in e.score(ROLE + q, choices)] == want
+        st = _wait_idle(e)
+        assert st["free_seqs"] == e.n_parallel and st["free_cells"] == e.n_cells
+    finally:
+        e.close()

@@ -14,11 +14,11 @@ from legion.evaluate import (
     candidates_from,
     check_strategies,
     evaluate,
-    exemplars,
     load_items,
     train_file_for,
 )
 from legion.strategies import OptionScores
+from legion.views import exemplars
 
 
 def write(tmp_path, rows, name="set_dev.jsonl"):
@@ -97,6 +97,9 @@ class TableScorer:
 
     def __init__(self, table):
         self.table = table
+
+    def score_items(self, items, progress=None):
+        return [self.score(it) for it in items]
 
     def score(self, item):
         loglik = self.table[item.id]
