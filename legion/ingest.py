@@ -253,6 +253,7 @@ def upload(
                 total.documents += got.documents
                 total.chunks += got.chunks
                 total.removed += got.removed
+                total.skipped += got.skipped
                 total.seconds += got.seconds
             advance(len(batch))
     assert total is not None  # find_files never returns an empty list
