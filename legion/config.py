@@ -429,13 +429,14 @@ class RagConfig(_Strict):
     )
     local_dir: str = Field("qdrant", min_length=1, description="Local-mode folder, relative to data_dir.")
     vector_store: Literal["local", "edge"] = Field(
-        "local",
-        description="Embedded store without a server: 'local' (qdrant-client's local mode, exact search "
-        "in Python) or 'edge' (Qdrant's engine in process, qdrant-edge-py: on disk, HNSW). QDRANT_URL "
-        "or qdrant_url (a server) take precedence over both.",
+        "edge",
+        description="Embedded store without a server: 'edge' (Qdrant's engine in process, qdrant-edge-py: "
+        "on disk, HNSW; at 100k chunks 16k upserts/s and 2-6 ms queries here) or 'local' (qdrant-client's "
+        "local mode: exact search in Python, 535 upserts/s and 174 ms queries at 100k). QDRANT_URL or "
+        "qdrant_url (a server) take precedence over both.",
     )
     edge_hnsw_ef: int = Field(
-        128,
+        512,
         ge=1,
         le=100_000,
         description="vector_store: edge: candidates the HNSW search keeps (higher: better recall, slower).",

@@ -199,7 +199,7 @@ def ingest_local(paths: list[str], cfg, collection: str | None = None) -> Ingest
         retriever.close()
 
 
-def _batches(docs: list[Document], max_chars: int) -> Iterable[list[Document]]:
+def _batches(docs: Iterable[Document], max_chars: int) -> Iterable[list[Document]]:
     batch: list[Document] = []
     size = 0
     for d in docs:
@@ -224,8 +224,9 @@ def upload(
     """Send the files under ``paths`` to a running Legion at ``url`` in batches."""
     import httpx
 
-    docs = [read_document(p) for p in find_files(paths)]
-    advance = progress_bar(len(docs), "file", "uploading")
+    files = find_files(paths)
+    docs = (read_document(p) for p in files)  # read as the batches go, not all first
+    advance = progress_bar(len(files), "file", "uploading")
     total = None
     endpoint = f"{url.rstrip('/')}/v1/documents"
     with httpx.Client(timeout=timeout_s, headers=headers) as client:
@@ -252,6 +253,7 @@ def upload(
                 total.documents += got.documents
                 total.chunks += got.chunks
                 total.removed += got.removed
+                total.skipped += got.skipped
                 total.seconds += got.seconds
             advance(len(batch))
     assert total is not None  # find_files never returns an empty list

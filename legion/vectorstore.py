@@ -12,6 +12,7 @@ is downloaded.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -253,6 +254,17 @@ class EdgeVectorStore:
         self._root.mkdir(parents=True, exist_ok=True)
         self._shards: dict = {}
         self._lock = threading.Lock()
+        # One process per folder, as in local mode: said now, not at the first collection used.
+        self._owner = open(self._root / ".lock", "a+")  # held until close()
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise StoreUnavailable(
+                f"the Qdrant Edge folder {location.path} is open in another process (a running "
+                "Legion's retriever actor holds it): send documents through that server with "
+                "`legion ingest --url http://HOST:PORT`, or stop it first"
+            ) from None
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         try:
@@ -425,6 +437,8 @@ class EdgeVectorStore:
                 shard.close()
             except Exception:  # closing must never mask the error that led here
                 log.debug("closing a Qdrant Edge shard failed", exc_info=True)
+        if not self._owner.closed:
+            self._owner.close()  # lets the folder go
 
 
 class Retriever:

@@ -200,6 +200,7 @@ def _ingest(args: argparse.Namespace) -> int:
         f"ingested {report.documents} documents as {report.chunks} chunks into collection "
         f"{report.collection!r} ({report.location}) in {report.seconds:.1f}s"
         + (f"; removed {report.removed} stale chunks" if report.removed else "")
+        + (f"; {report.skipped} unchanged documents skipped" if report.skipped else "")
     )
     return 0
 

@@ -113,6 +113,8 @@ def measure_backend(
         store.finish("scale")  # Edge builds its HNSW index here; local mode has nothing to do
         finish_s = time.perf_counter() - t1
         assert store.count("scale") == len(chunks)
+        for q in queries:  # warm-up, not timed: the first searches load the segments from disk
+            store.search("scale", q.tolist(), _K, -1.0)
         for ef in hnsw_efs if backend == "edge" else (None,):
             if backend == "edge":
                 store.hnsw_ef = ef

@@ -1,4 +1,5 @@
-"""The retriever on the real embedding model and real Qdrant local mode (no Ray)."""
+"""The retriever on the real embedding model and both real embedded Qdrant stores, Edge and
+local mode (no Ray)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from legion.vectorstore import (
     Retriever,
     StoreLocation,
     StoreUnavailable,
-    VectorStore,
+    open_store,
     store_location,
 )
 from legion_cli.cli import main
@@ -35,9 +36,11 @@ def embedder() -> Embedder:
     return Embedder()
 
 
-@pytest.fixture()
-def cfg(tmp_path):
-    return config_from_dict({"data_dir": str(tmp_path), "rag": {"chunk_chars": 160, "chunk_overlap": 30}})
+@pytest.fixture(params=["edge", "local"])
+def cfg(tmp_path, request):
+    """Both embedded stores: Qdrant Edge (the default) and qdrant-client's local mode."""
+    rag = {"chunk_chars": 160, "chunk_overlap": 30, "vector_store": request.param}
+    return config_from_dict({"data_dir": str(tmp_path), "rag": rag})
 
 
 def _closed_port_url() -> str:
@@ -73,10 +76,12 @@ def test_ingest_search_and_reingest_without_duplicates(cfg, embedder):
     r.close()
 
 
-def test_local_folder_has_one_owner_and_a_second_says_what_to_do(cfg, embedder):
-    owner = VectorStore(store_location(cfg))
+@pytest.mark.parametrize("backend", ["edge", "local"])
+def test_local_folder_has_one_owner_and_a_second_says_what_to_do(tmp_path, backend, embedder):
+    cfg = config_from_dict({"data_dir": str(tmp_path), "rag": {"vector_store": backend}})
+    owner = open_store(store_location(cfg))
     with pytest.raises(StoreUnavailable, match="--url"):
-        VectorStore(store_location(cfg))
+        open_store(store_location(cfg))
     # The retriever retries opening, so it answers once the folder is free.
     r = Retriever(cfg.rag, store_location(cfg), embedder=embedder)
     assert "another process" in r.search("anything").info.reason
