@@ -49,7 +49,7 @@ def test_bench_prints_every_ratio_as_json():
 
 
 def test_bench_prefix_cache_alone():
-    cmd = [sys.executable, "-m", "legion.cli", "bench", "--prefix-cache", "--json", "--repeats", "1"]
+    cmd = [sys.executable, "-m", "legion_cli", "bench", "--prefix-cache", "--json", "--repeats", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     p = json.loads(out.stdout.strip().splitlines()[-1])["prefix_cache"]
