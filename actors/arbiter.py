@@ -23,6 +23,7 @@ from legion import metrics
 from legion.agent import build_prompt
 from legion.arbitration import OptionScores, build_strategy, normalize_answer
 from legion.config import LegionConfig
+from legion.equivalence import canonical
 from legion.errors import ErrorCode, LegionError
 from legion.logging_setup import configure_logging
 from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult, TraceEvent
@@ -173,7 +174,10 @@ class _Session:
                 error=f"no answer within agent_timeout_s={timeout}",
                 latency_ms=self.now_ms(),
             )
-        ordered = [out[n] for n in requests]
+        # Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split.
+        ordered, merged = canonical([out[n] for n in requests])
+        if merged:
+            self.trace("equivalent_answers", step=step, groups=merged)
         for c in ordered:
             if trace_each and c.agent not in streamed:  # gone, or timed out
                 self._stream(c)

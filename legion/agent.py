@@ -12,6 +12,7 @@ import time
 
 from legion.config import AgentConfig
 from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation
+from legion.equivalence import prompt_markers
 from legion.errors import LegionError, ModelLoadError, NotReady
 from legion.guard import frame_as_data, neutralize
 from legion.messages import AgentHealth, AgentStats, GenerateRequest, Generation
@@ -86,7 +87,7 @@ class Agent:
             top_p=s.top_p,
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
-            stop=tuple(s.stop),
+            stop=tuple(dict.fromkeys([*s.stop, *prompt_markers(self.cfg.prompt_template)])),
         )
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> Generation:
