@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from legion.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
 from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
+from legion.equivalence import prompt_markers
 from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
 from legion.guard import DATA_NOTICE, frame_as_data, neutralize, quote_as_data
 from legion.messages import AgentHealth, AgentStats, ChatTurn, GenerateRequest, Generation
@@ -127,6 +128,14 @@ class Agent:
             raise ModelLoadError(f"agent {self.cfg.name} could not load its model: {self._load_error}")
         return self._engine
 
+    @property
+    def _stops(self) -> tuple[str, ...]:
+        configured = self.cfg.sampling.stop
+        if self._chat is not None:  # the template's end markers
+            return tuple(dict.fromkeys([*configured, *self._chat.stop]))
+        # A completion prompt's own markers end an answer where its next turn would begin.
+        return tuple(dict.fromkeys([*configured, *prompt_markers(self.cfg.prompt_template)]))
+
     def sampling(self, req: GenerateRequest) -> SamplingParams:
         s = self.cfg.sampling
         return SamplingParams(
@@ -135,7 +144,7 @@ class Agent:
             top_p=s.top_p,
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
-            stop=tuple(s.stop) + (self._chat.stop if self._chat is not None else ()),
+            stop=self._stops,
         )
 
     def prompt(

@@ -19,6 +19,7 @@ from legion import metrics
 from legion.agent import build_prompt
 from legion.config import LegionConfig
 from legion.engine import ScoredContinuation
+from legion.equivalence import canonical
 from legion.errors import ErrorCode, LegionError, Overloaded, TaskTimeout
 from legion.messages import Candidate, GenerateRequest, Generation, TaskRequest, TaskResult, TraceEvent
 from legion.strategies import OptionScores, Strategy, build_strategy, normalize_answer
@@ -181,7 +182,10 @@ class _Session:
                 error=f"no answer within agent_timeout_s={timeout}",
                 latency_ms=self.now_ms(),
             )
-        ordered = [out[n] for n in requests]
+        # Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split.
+        ordered, merged = canonical([out[n] for n in requests])
+        if merged:
+            self.trace("equivalent_answers", during=step, groups=merged)
         for c in ordered:
             if trace_each and c.agent not in streamed:  # timed out
                 self._stream(c)

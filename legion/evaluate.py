@@ -161,6 +161,7 @@ class _Scored:
     logprob: list[float]
     n_tokens: list[int]
     seconds: float  # its share of the time (the cached figure when it came from --scores)
+    fresh: bool = False  # scored by the engine in this run
 
 
 @dataclass
@@ -170,7 +171,6 @@ class AgentPass:
     agent: str
     items: int
     calls: int  # scoring calls sent to the engine (cache hits excluded)
-    wall_s: float  # wall time of the pass
     seconds: float  # scoring seconds of its items (cached figures for cache hits)
     jobs: list[tuple[str, list[str]]] = field(default_factory=list)  # (context, continuations) per call
 
@@ -193,10 +193,11 @@ class Scorer:
 
     Each agent's view of an item (``legion.views``: its exemplars, prompt form and scoring
     rule) becomes one scoring call, plus one for the reference its rule divides by (PMI's
-    premise, or calibration's content-free prompt). An agent's calls are kept ``window`` deep
-    in the engine's queue, so the engine never waits for the next item, and its fixed prefix
-    is evaluated once: the engine's prefix cache keeps it. Agents run one after another, so
-    each agent's wall time is its own.
+    premise, or calibration's content-free prompt). The calls go item by item, every agent's
+    in turn, and are kept ``window`` deep in the engine's queue, so the engine never waits for
+    the next one; each agent's fixed prefix is evaluated once (the engine's prefix cache keeps
+    it, one cache stream per agent). Each call is charged the time from the previous call's
+    end to its own, which adds up to the wall time and splits it fairly between the agents.
     """
 
     def __init__(
@@ -220,7 +221,6 @@ class Scorer:
         self._bundled: str | None = None
         self._n_ctx = 2048
         self._memo: dict[str, _Scored] = {}
-        self._load_s = 0.0  # model loading, kept out of the passes' wall times
 
     # ------------------------------------------------------------------ calls
     def _model(self, a: AgentConfig) -> str:
@@ -237,11 +237,11 @@ class Scorer:
         from legion.engine import LlamaEngine
 
         if path not in self.engines:
-            t0 = time.perf_counter()
-            self.engines[path] = LlamaEngine(
-                path, n_ctx=self._n_ctx, n_threads=self.n_threads, n_parallel=8, prefix_cache_slots=2
-            )
-            self._load_s += time.perf_counter() - t0
+            # A cache stream for every agent's prefix: the agents' calls alternate item by item.
+            slots = min(32, 1 + sum(1 for a in self.agents if self._model(a) == path))
+            eng = LlamaEngine(path, n_ctx=self._n_ctx, n_threads=self.n_threads, prefix_cache_slots=slots)
+            eng.score("Warm-up:", [" one", " two"])  # first-call costs (page faults) stay out of the timing
+            self.engines[path] = eng
         return self.engines[path]
 
     def calls(self, a: AgentConfig, item: Item) -> list[tuple[str, list[str]]]:
@@ -257,16 +257,21 @@ class Scorer:
             out.append((prefix + cf.context, cf.continuations))
         return out
 
-    def _run(self, path: str, calls: Sequence[tuple[str, list[str]]]) -> tuple[list[_Scored], int]:
+    def _run(
+        self,
+        path: str,
+        calls: Sequence[tuple[str, list[str]]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[_Scored]:
         """Score ``calls`` with the model at ``path``, keeping ``window`` of them in flight;
-        the results in order and how many reached the engine."""
+        the results in order."""
         out: list[_Scored | None] = [None] * len(calls)
         todo: list[tuple[int, str]] = []
         queued: set[str] = set()
         for i, (ctx, conts) in enumerate(calls):
             key = ScoreCache.key(path, ctx, conts)
             if key in self._memo:  # scored earlier in this run: costs nothing now
-                out[i] = dataclasses.replace(self._memo[key], seconds=0.0)
+                out[i] = dataclasses.replace(self._memo[key], seconds=0.0, fresh=False)
             elif self.cache is not None and (row := self.cache.get(key)) is not None:
                 out[i] = self._memo[key] = _Scored(row["logprob"], row["n_tokens"], row["seconds"])
             elif key not in queued:
@@ -288,16 +293,20 @@ class Scorer:
                 now = time.perf_counter()
                 # Calls overlap in the queue: each is charged the time since the previous one
                 # finished, so the charges add up to the wall time.
-                got = _Scored([r.logprob for r in res], [r.n_tokens for r in res], now - last)
+                got = _Scored([r.logprob for r in res], [r.n_tokens for r in res], now - last, fresh=True)
                 last = now
+                if progress is not None:
+                    progress(i + 1, len(calls))
                 out[i] = got
                 self._memo[key] = got
                 if self.cache is not None:
                     self.cache.put(key, got.logprob, got.n_tokens, got.seconds)
         for i, (ctx, conts) in enumerate(calls):
             if out[i] is None:  # a repeat of a call scored above
-                out[i] = dataclasses.replace(self._memo[ScoreCache.key(path, ctx, conts)], seconds=0.0)
-        return [x for x in out if x is not None], len(todo)
+                out[i] = dataclasses.replace(
+                    self._memo[ScoreCache.key(path, ctx, conts)], seconds=0.0, fresh=False
+                )
+        return [x for x in out if x is not None]
 
     # ------------------------------------------------------------------ passes
     def score_items(
@@ -320,45 +329,51 @@ class Scorer:
                 )
             )
         agent_s: list[dict[str, float]] = [{} for _ in items]
-        total = len(self.agents) * len(items)
-        for k, a in enumerate(self.agents):
-            t0, load0 = time.perf_counter(), self._load_s
-            calls = [self.calls(a, it) for it in items]
-            flat = [c for cs in calls for c in cs]
-            done, sent = self._run(self._model(a), flat)
-            wall = time.perf_counter() - t0 - (self._load_s - load0)
-            pos = 0
-            spent = 0.0
-            for j, cs in enumerate(calls):
-                got = done[pos : pos + len(cs)]
-                pos += len(cs)
-                main, ref = got[0], (got[1] if len(got) > 1 else None)
-                n_bytes = [len(c.encode("utf-8")) for c in cs[0][1]]
-                sc = per_item[j]
-                sc.loglik[a.name] = views.apply_rule(
-                    a.scoring, main.logprob, main.n_tokens, n_bytes, ref.logprob if ref else None
-                )
-                sc.n_tokens[a.name] = main.n_tokens
-                agent_s[j][a.name] = sum(g.seconds for g in got)
-                spent += agent_s[j][a.name]
-            self.passes[a.name] = AgentPass(a.name, len(items), sent, wall, spent, flat)
+        calls = {a.name: [self.calls(a, it) for it in items] for a in self.agents}
+        sent = dict.fromkeys(calls, 0)
+        for path in dict.fromkeys(self._model(a) for a in self.agents):
+            mine = [a for a in self.agents if self._model(a) == path]
+            # Item by item, every agent's calls in turn: a slow spell of a shared machine then
+            # costs every agent alike, and the per-agent times compare fairly.
+            owners = [
+                (a, j, k) for j in range(len(items)) for a in mine for k in range(len(calls[a.name][j]))
+            ]
+            flat = [calls[a.name][j][k] for a, j, k in owners]
+            done = self._run(path, flat, progress)
+            got: dict[tuple[str, int], list[_Scored]] = {}
+            for (a, j, _), res in zip(owners, done, strict=True):
+                got.setdefault((a.name, j), []).append(res)
+                sent[a.name] += int(res.fresh)
+            for a in mine:
+                for j, cs in enumerate(calls[a.name]):
+                    main, *rest = got[(a.name, j)]
+                    n_bytes = [len(c.encode("utf-8")) for c in cs[0][1]]
+                    per_item[j].loglik[a.name] = views.apply_rule(
+                        a.scoring, main.logprob, main.n_tokens, n_bytes, rest[0].logprob if rest else None
+                    )
+                    per_item[j].n_tokens[a.name] = main.n_tokens
+                    agent_s[j][a.name] = main.seconds + sum(r.seconds for r in rest)
+        for a in self.agents:
+            spent = sum(row[a.name] for row in agent_s)
+            flat = [c for cs in calls[a.name] for c in cs]
+            self.passes[a.name] = AgentPass(a.name, len(items), sent[a.name], spent, flat)
             log.info(
-                "agent %s: %d items, %d scoring calls, %.2fs (%.3fs per item)",
+                "agent %s: %d items, %d scoring calls, %.2fs of scoring (%.3fs per item)",
                 a.name,
                 len(items),
-                sent,
-                wall,
+                sent[a.name],
+                spent,
                 spent / max(1, len(items)),
             )
-            if progress is not None:
-                progress((k + 1) * len(items), total)
+        for path, eng in self.engines.items():
+            log.info("prefix cache of %s: %s", Path(path).name, eng.stats()["prefix_cache"])
         prior_s = [0.0] * len(items)
         if self.prior:
             # The question-free prior of each choice's text, once per model (the equilibrium's
             # PMI discriminator divides by it).
             for path in dict.fromkeys(self._model(a) for a in self.agents):
-                calls = [(PRIOR_CONTEXT, [" " + c for c in it.choices]) for it in items]
-                done, _ = self._run(path, calls)
+                prior_calls = [(PRIOR_CONTEXT, [" " + c for c in it.choices]) for it in items]
+                done = self._run(path, prior_calls)
                 for j, got in enumerate(done):
                     prior_s[j] += got.seconds
                     for a in self.agents:
@@ -428,27 +443,34 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 def plain_baseline(scorer: Scorer, n_items: int, items_total: int) -> dict[str, float]:
     """Seconds per item of ``PlainScorer`` on the first ``n_items`` items' calls of every
-    agent (exactly the texts the agent's pass scored), agent by agent."""
-    out: dict[str, float] = {}
+    agent (exactly the texts the agent's pass scored), item by item, agents in turn."""
+    per: dict[str, int] = {}
+    for a in scorer.agents:
+        p = scorer.passes.get(a.name)
+        if p is not None and p.jobs and p.calls:  # else its scores came from --scores
+            per[a.name] = len(p.jobs) // max(1, items_total)
+    spent = dict.fromkeys(per, 0.0)
     plains: dict[str, PlainScorer] = {}
     try:
         for a in scorer.agents:
-            p = scorer.passes.get(a.name)
-            if p is None or not p.jobs or p.calls == 0:
-                continue  # its scores came from --scores: there is no fresh time to compare
-            per_item = len(p.jobs) // max(1, items_total)
-            jobs = p.jobs[: per_item * n_items]
             path = scorer._model(a)
-            if path not in plains:
+            if a.name in per and path not in plains:
                 plains[path] = PlainScorer(path, scorer._n_ctx, scorer.n_threads)
-            t0 = time.perf_counter()
-            for ctx, conts in jobs:
-                plains[path].score(ctx, conts)
-            out[a.name] = (time.perf_counter() - t0) / max(1, len(jobs) // max(1, per_item))
+                plains[path].score("Warm-up:", [" one"])
+        for j in range(n_items):
+            for a in scorer.agents:
+                if a.name not in per:
+                    continue
+                k = per[a.name]
+                plain = plains[scorer._model(a)]
+                t0 = time.perf_counter()
+                for ctx, conts in scorer.passes[a.name].jobs[j * k : (j + 1) * k]:
+                    plain.score(ctx, conts)
+                spent[a.name] += time.perf_counter() - t0
     finally:
         for pl in plains.values():
             pl.close()
-    return out
+    return {name: t / max(1, n_items) for name, t in spent.items()}
 
 
 def candidates_from(scores: OptionScores, agents: Sequence[AgentConfig]) -> list[Candidate]:
@@ -641,7 +663,6 @@ def timing(
             continue
         row: dict[str, Any] = {
             "s_per_item": round(p.s_per_item, 4),
-            "wall_s": round(p.wall_s, 2),
             "calls": p.calls,
         }
         if a.few_shot:

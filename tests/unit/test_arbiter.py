@@ -260,3 +260,11 @@ def test_the_stream_gives_candidates_as_they_arrive_then_the_result(tmp_path):
     assert isinstance(seen[0], TraceEvent) and seen[0].step == "fanout"
     assert isinstance(seen[-1], TaskResult) and seen[-1].answer == "Paris"
     assert seen[-2].step == "decision"
+
+
+def test_equivalent_free_text_answers_share_one_vote_and_the_trace_shows_the_group(tmp_path):
+    texts = {"solver": "4", "reasoner": "2 + 2 = 4", "critic": "5"}
+    r = asyncio.run(make(tmp_path, ScriptedAgents(lambda a, req: texts[a])).run(task()))
+    assert r.answer in ("4", "2 + 2 = 4") and max(r.votes.values()) == 2.0, r.votes
+    (event,) = [e for e in r.trace if e.step == "equivalent_answers"]
+    assert event.data["during"] == "fanout" and event.data["groups"]

@@ -114,10 +114,10 @@ def test_timing_compares_few_shot_agents_with_the_zero_shot_one_of_the_same_view
         AgentConfig(name="fivel", few_shot=5, prompt_form="letters"),
     ]
     passes = {
-        "zero": AgentPass("zero", 10, 10, 2.0, 2.0),
-        "zl": AgentPass("zl", 10, 10, 4.0, 4.0),
-        "five": AgentPass("five", 10, 10, 2.4, 2.4),
-        "fivel": AgentPass("fivel", 10, 10, 5.0, 5.0),
+        "zero": AgentPass("zero", 10, 10, 2.0),
+        "zl": AgentPass("zl", 10, 10, 4.0),
+        "five": AgentPass("five", 10, 10, 2.4),
+        "fivel": AgentPass("fivel", 10, 10, 5.0),
     }
     t = timing(
         agents, passes, plain={"zero": 0.5, "five": 1.0}, eval_on_plain_items={"zero": 0.25, "five": 0.3}
