@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from legion.arbitration import Plurality, normalize_answer
+from legion.strategies import Plurality, normalize_answer
 
 from legion.equivalence import canonical, equivalent, final_answer, prompt_markers
 from legion.messages import Candidate
