@@ -431,8 +431,8 @@ class RagConfig(_Strict):
     vector_store: Literal["local", "edge"] = Field(
         "edge",
         description="Embedded store without a server: 'edge' (Qdrant's engine in process, qdrant-edge-py: "
-        "on disk, HNSW; at 100k chunks 16k upserts/s and 2-6 ms queries here) or 'local' (qdrant-client's "
-        "local mode: exact search in Python, 535 upserts/s and 174 ms queries at 100k). QDRANT_URL or "
+        "on disk, HNSW; at 100k chunks 14k upserts/s and 2 ms queries here) or 'local' (qdrant-client's "
+        "local mode: exact search in Python, 560 upserts/s and 200 ms queries at 100k). QDRANT_URL or "
         "qdrant_url (a server) take precedence over both.",
     )
     edge_hnsw_ef: int = Field(
