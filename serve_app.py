@@ -45,6 +45,7 @@ from legion.api import (
 )
 from legion.config import LegionConfig, load_config
 from legion.errors import LegionError, NotReady
+from legion.health import service_health
 from legion.history import check_session_id
 from legion.http import (
     ChatEvents,
@@ -110,16 +111,15 @@ class LegionIngress:
         return _build_api(self)
 
     @_route(
-        "GET", "/healthz", responses={503: {"description": "Not every agent has loaded: each one's state."}}
+        "GET",
+        "/healthz",
+        responses={
+            503: {"description": "An agent is still loading, or none can answer: each agent's state."}
+        },
     )
     async def healthz(self) -> JSONResponse:
-        agents = await self.arbiter.agents()
-        ready = all(a["health"]["loaded"] for a in agents)
-        body = {
-            "status": "ok" if ready else "loading",
-            "agents": {a["name"]: a["health"] for a in agents},
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        status, body = service_health(await self.arbiter.agents())
+        return JSONResponse(body, status_code=status)
 
     @_route(
         "POST",

@@ -12,6 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from ray.exceptions import ActorDiedError
+
 from actors.pool import AgentPool
 from actors.remote import RayAgents, agent_error
 from legion import metrics
@@ -98,10 +100,18 @@ class ArbiterActor:
                 entry["health"] = health.model_dump()
                 entry["stats"] = stats
             except Exception as exc:  # an agent that is dead or restarting
-                entry["health"] = {"name": a.name, "loaded": False, "error": agent_error(exc)}
+                # Dead for good (restarts used up, or the named actor is gone) is failed; a
+                # restarting or unresponsive one may still come back.
+                dead = isinstance(exc, ActorDiedError | ValueError)
+                entry["health"] = {
+                    "name": a.name,
+                    "loaded": False,
+                    "state": "failed" if dead else "loading",
+                    "error": agent_error(exc),
+                }
                 entry["stats"] = None
             out.append(entry)
         return out
 
     async def ready(self) -> bool:
-        return all(e["health"]["loaded"] for e in await self.agents())
+        return all(e["health"]["state"] == "ready" for e in await self.agents())

@@ -11,6 +11,7 @@
 # Environment:
 #   LEGION_VENV        the virtual environment (default /opt/legion/venv); an existing one is reused
 #   LEGION_CUDA        1 = build llama-cpp-python for CUDA (needs nvcc, i.e. a CUDA devel image)
+#   LEGION_WHEEL_CACHE where the llama-cpp-python build is cached (legion/llama_build.py)
 #   LEGION_SMOKE       1 = load the bundled model and generate 4 tokens after installing
 #                      (default 1 on CPU, 0 with CUDA: a build machine usually has no GPU driver)
 #   LEGION_TORCH_INDEX an extra index for torch (https://download.pytorch.org/whl/cpu keeps the
@@ -53,13 +54,11 @@ install_venv() {
     [ -x "$venv/bin/python" ] || "${PYTHON:-python3.11}" -m venv "$venv"
     local py="$venv/bin/python"
 
+    # Legion's build backend (legion/llama_build.py) compiles llama-cpp-python for any x86-64
+    # CPU (no -march=native: the image may run on another host than it was built on), with
+    # CMAKE_ARGS added: the CUDA backend on top of the same portable CPU code.
     if [ "$cuda" = "1" ]; then
-        # The version pinned in pyproject.toml, compiled with the CUDA backend; installing it
-        # first makes the project install below keep it instead of building the CPU one.
-        local llama
-        llama="$(grep -o 'llama-cpp-python==[0-9][0-9.]*' "$src/pyproject.toml")"
-        CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" FORCE_CMAKE=1 \
-            "$py" -m pip install "${pip_args[@]}" --no-cache-dir --force-reinstall --no-deps "$llama"
+        export CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}"
     fi
     "$py" -m pip install "${pip_args[@]}" "$src"
     if [ "$cuda" = "1" ]; then
@@ -84,6 +83,14 @@ EOF
         echo "legion install: CUDA build; run 'legion serve' on a GPU node to check offload"
     fi
     if [ "$smoke" = "1" ]; then
+        # First in a child process (a llama.cpp built for another CPU dies by SIGILL there and
+        # is reported with the fix), then in this process through Legion's engine.
+        "$py" - <<'EOF'
+from legion.engine import bundled_model_path
+from legion.preflight import require_runnable
+
+print("legion install: llama.cpp check:", require_runnable([bundled_model_path()])[0].output.splitlines()[-1])
+EOF
         "$py" - <<'EOF'
 from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
 

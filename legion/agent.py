@@ -11,10 +11,11 @@ import threading
 import time
 
 from legion.config import AgentConfig
-from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation
-from legion.errors import LegionError, ModelLoadError, NotReady
+from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
+from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
 from legion.guard import frame_as_data, neutralize
 from legion.messages import AgentHealth, AgentStats, GenerateRequest, Generation
+from legion.preflight import check_model
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,14 @@ class Agent:
     def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            self._engine = LlamaEngine(
-                self.cfg.model_path,
+            path = self.cfg.model_path or bundled_model_path()
+            # A llama.cpp built for another CPU dies by a signal: find out in a child process,
+            # so this agent reports why instead of dying (and being restarted) in a loop.
+            check = check_model(path)
+            if not check.ok:
+                raise LlamaUnusable(check.message)
+            engine = LlamaEngine(
+                path,
                 n_ctx=self.cfg.n_ctx,
                 n_batch=self.cfg.n_batch,
                 n_threads=self.cfg.threads,
@@ -56,6 +63,12 @@ class Agent:
                 n_parallel=self.cfg.n_parallel,
                 max_queue=self.cfg.max_queue,
             )
+            try:  # ready means answering: decode one token through the engine before saying so
+                engine.generate("Hello", SamplingParams(max_tokens=1, temperature=0.0))
+            except Exception:
+                engine.close()
+                raise
+            self._engine = engine
             log.info(
                 "agent %s loaded %s in %.1fs (%d threads)",
                 self.cfg.name,
@@ -64,7 +77,7 @@ class Agent:
                 self.cfg.threads,
             )
         except Exception as exc:  # kept and reported by health(); the agent never serves
-            self._load_error = str(exc)
+            self._load_error = exc.message if isinstance(exc, LegionError) else str(exc)
             log.exception("agent %s failed to load its model", self.cfg.name)
         finally:
             self._loaded.set()
@@ -126,7 +139,9 @@ class Agent:
         return self.engine(timeout_s).score(context, continuations)
 
     def health(self) -> AgentHealth:
-        return AgentHealth(name=self.cfg.name, loaded=self._engine is not None, error=self._load_error)
+        loaded = self._engine is not None
+        state = "ready" if loaded else ("failed" if self._loaded.is_set() else "loading")
+        return AgentHealth(name=self.cfg.name, loaded=loaded, state=state, error=self._load_error)
 
     def stats(self) -> dict:
         """Request counters, plus the engine's batch counters once the model is loaded.

@@ -167,3 +167,8 @@ class TaskTimeout(LegionError):
 
 class InternalError(LegionError):
     """A failure inside Legion that the caller cannot fix; retrying may help."""
+
+
+class LlamaUnusable(ModelLoadError):
+    """The installed llama.cpp cannot run a model on this CPU (the start-up check failed);
+    the message names the cause and the rebuild command."""

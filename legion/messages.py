@@ -116,8 +116,12 @@ class AgentStats(BaseModel):
 
 
 class AgentHealth(BaseModel):
+    """``state``: ``loading`` (the model is loading, or the actor is restarting), ``ready`` (it
+    loaded and decoded a token), ``failed`` (it cannot serve: ``error`` says why)."""
+
     name: str
     loaded: bool
+    state: Literal["loading", "ready", "failed"] = "loading"
     error: str | None = None
     node_id: str | None = None
     pid: int | None = None

