@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from legion.strategies import Plurality, normalize_answer
 
 from legion.equivalence import canonical, equivalent, final_answer, prompt_markers
 from legion.messages import Candidate
+from legion.strategies import Plurality, normalize_answer
 
 
 @pytest.mark.parametrize(
