@@ -408,9 +408,11 @@ class PlainScorer:
         )
 
     def score(self, context: str, continuations: Sequence[str]) -> list[float]:
+        import llama_cpp
         import numpy as np
 
         llm = self.llm
+        n_vocab = llm.n_vocab()
         ctx = llm.tokenize(context.encode("utf-8"), add_bos=True, special=False)
         out = []
         for c in continuations:
@@ -420,7 +422,9 @@ class PlainScorer:
             llm.eval(full[:start])
             lp = 0.0
             for pos in range(start, len(full)):
-                row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                # Without logits_all, Llama.scores is never filled: read the last token's logits.
+                last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                row = np.ctypeslib.as_array(last, shape=(n_vocab,)).astype(np.float64)
                 m = row.max()
                 lp += float(row[full[pos]] - m - np.log(np.exp(row - m).sum()))
                 if pos + 1 < len(full):
