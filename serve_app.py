@@ -43,9 +43,10 @@ from legion.api import (
     sse_event,
     task_response,
 )
+from legion.cache import CacheInfo
 from legion.config import LegionConfig, load_config
 from legion.errors import LegionError, NotReady
-from legion.health import service_health
+from legion.health import HealthReport, service_health
 from legion.history import check_session_id
 from legion.http import (
     ChatEvents,
@@ -113,11 +114,14 @@ class LegionIngress:
     @_route(
         "GET",
         "/healthz",
-        responses={503: {"description": "An agent is still loading, or none can answer: each one's state."}},
+        response_model=HealthReport,
+        responses={
+            503: {"model": HealthReport, "description": "An agent is still loading, or none can answer."}
+        },
     )
     async def healthz(self) -> JSONResponse:
-        status, body = service_health(await self.arbiter.agents())
-        return JSONResponse(body, status_code=status)
+        status, report = service_health(await self.arbiter.agents())
+        return JSONResponse(report.model_dump(mode="json"), status_code=status)
 
     @_route(
         "POST",
@@ -196,10 +200,9 @@ class LegionIngress:
         docs, collection = documents_request(body, self.cfg)
         return _json(await self.retriever.ingest(docs, collection))
 
-    @_route("GET", "/v1/cache")
-    async def cache_stats(self) -> dict:
-        stats = await self.pipeline.cache_stats()
-        return {"enabled": False} if stats is None else {"enabled": True, **stats.model_dump()}
+    @_route("GET", "/v1/cache", response_model=CacheInfo, response_model_exclude_none=True)
+    async def cache_stats(self) -> CacheInfo:
+        return CacheInfo.of(await self.pipeline.cache_stats())
 
     @_route("GET", "/ui", include_in_schema=False)
     async def ui_index(self) -> RedirectResponse:

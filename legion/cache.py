@@ -18,7 +18,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from legion.config import LegionConfig
 from legion.db import reading, transaction
@@ -65,6 +65,24 @@ class CacheStats(BaseModel):
     bytes: int
     ttl_s: float
     max_entries: int
+
+
+class CacheInfo(BaseModel):
+    """``GET /v1/cache``: whether the result cache is on and, when it is, its counters."""
+
+    enabled: bool
+    path: str | None = None
+    entries: int | None = None
+    hits: int | None = None
+    misses: int | None = None
+    hit_rate: float | None = Field(None, description="hits / (hits + misses); 0 before the first lookup.")
+    bytes: int | None = None
+    ttl_s: float | None = None
+    max_entries: int | None = None
+
+    @classmethod
+    def of(cls, stats: CacheStats | None) -> CacheInfo:
+        return cls(enabled=False) if stats is None else cls(enabled=True, **stats.model_dump())
 
 
 class ResultCache:

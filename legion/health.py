@@ -7,9 +7,26 @@ loaded its model and decoded a token) or ``failed`` (it cannot serve; its ``erro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from legion.messages import AgentHealth
 
 
-def service_health(agents: Sequence[Mapping]) -> tuple[int, dict]:
+class HealthReport(BaseModel):
+    """``GET /healthz``: the service's state and each agent's."""
+
+    status: Literal["ok", "degraded", "loading", "failed"] = Field(
+        ...,
+        description="ok: every agent is ready; degraded: some failed for good, the rest answer; "
+        "loading: some agent is still loading (503); failed: no agent can answer (503).",
+    )
+    agents: dict[str, AgentHealth] = Field(..., description="Each agent's state, by name.")
+    error: str | None = Field(None, description="Only when failed: each agent's error.")
+
+
+def service_health(agents: Sequence[Mapping]) -> tuple[int, HealthReport]:
     """The HTTP status and body of ``/healthz`` for the Arbiter's agent entries.
 
     200 ``ok``: every agent is ready. 200 ``degraded``: some failed for good, the others are
@@ -29,8 +46,9 @@ def service_health(agents: Sequence[Mapping]) -> tuple[int, dict]:
         status = "degraded"
     else:
         status = "failed"
-    body: dict = {"status": status, "agents": health}
+    error = None
     if status == "failed":
         errors = {name: h.get("error") for name, h in health.items() if h.get("error")}
-        body["error"] = "no agent can answer: " + "; ".join(f"{n}: {e}" for n, e in errors.items())
-    return (200 if status in ("ok", "degraded") else 503), body
+        error = "no agent can answer: " + "; ".join(f"{n}: {e}" for n, e in errors.items())
+    report = HealthReport(status=status, agents=health, error=error)
+    return (200 if status in ("ok", "degraded") else 503), report

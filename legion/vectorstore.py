@@ -32,6 +32,42 @@ from legion.messages import Document, IngestReport, Retrieval, RetrievalInfo, Re
 log = logging.getLogger(__name__)
 
 
+def _in_use(engine: str, path: object, alternative: str = "") -> StoreUnavailable:
+    """The error for a store folder that another process holds open."""
+    return StoreUnavailable(
+        f"the {engine} folder {path} is open in another process (a running Legion's retriever "
+        "actor holds it): send documents through that server with `legion ingest --url "
+        f"http://HOST:PORT`, or stop it first{alternative}"
+    )
+
+
+def _store_call(location: StoreLocation, what: str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with every failure of the store itself (connection, HTTP, local
+    storage, a folder another process holds) turned into one ``StoreUnavailable``."""
+    try:
+        return fn(*args, **kwargs)
+    except LegionError:
+        raise
+    except Exception as exc:
+        if location.backend == "edge" and "WouldBlock" in str(exc):
+            raise _in_use("Qdrant Edge", location.path) from None
+        hint = "; check that the server runs and QDRANT_URL is right" if location.url else ""
+        raise StoreUnavailable(
+            f"{location.describe()} failed to {what}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
+
+
+def _retrieved(point) -> RetrievedChunk:
+    """A search hit (a ``ScoredPoint`` of either client) as Legion's message."""
+    payload = point.payload or {}
+    return RetrievedChunk(
+        source=str(payload.get("source", "")),
+        chunk=int(payload.get("chunk", 0)),
+        score=round(float(point.score), 4),
+        text=str(payload.get("text", "")),
+    )
+
+
 class StoreLocation(BaseModel):
     """Where the vectors live: a server (``url``), or a folder (``path``) of one of the embedded
     stores (``backend``: ``local`` for qdrant-client's local mode, ``edge`` for Qdrant Edge)."""
@@ -119,25 +155,11 @@ class VectorStore:
                 self._client = QdrantClient(path=location.path)
         except RuntimeError as exc:
             if "already accessed" in str(exc):
-                raise StoreUnavailable(
-                    f"the Qdrant folder {location.path} is open in another process (a running "
-                    "Legion's retriever actor holds it): send documents through that server with "
-                    "`legion ingest --url http://HOST:PORT`, stop it first, or use a Qdrant server "
-                    "(QDRANT_URL)"
-                ) from None
+                raise _in_use("Qdrant", location.path, ", or use a Qdrant server (QDRANT_URL)") from None
             raise
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
-        # Every failure of the store itself (connection, HTTP, local storage) becomes one error.
-        try:
-            return fn(*args, **kwargs)
-        except LegionError:
-            raise
-        except Exception as exc:
-            raise StoreUnavailable(
-                f"{self.location.describe()} failed to {what}: {type(exc).__name__}: {exc}"
-                + ("; check that the server runs and QDRANT_URL is right" if self.location.url else "")
-            ) from None
+        return _store_call(self.location, what, fn, *args, **kwargs)
 
     def probe(self) -> None:
         """Raise ``StoreUnavailable`` now if the store cannot answer (before any slow work)."""
@@ -220,15 +242,7 @@ class VectorStore:
             score_threshold=threshold,
             with_payload=True,
         )
-        return [
-            RetrievedChunk(
-                source=str(p.payload.get("source", "")),
-                chunk=int(p.payload.get("chunk", 0)),
-                score=round(float(p.score), 4),
-                text=str(p.payload.get("text", "")),
-            )
-            for p in found.points
-        ]
+        return [_retrieved(p) for p in found.points]
 
     def close(self) -> None:
         try:
@@ -260,27 +274,10 @@ class EdgeVectorStore:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._owner.close()
-            raise StoreUnavailable(
-                f"the Qdrant Edge folder {location.path} is open in another process (a running "
-                "Legion's retriever actor holds it): send documents through that server with "
-                "`legion ingest --url http://HOST:PORT`, or stop it first"
-            ) from None
+            raise _in_use("Qdrant Edge", location.path) from None
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LegionError:
-            raise
-        except Exception as exc:
-            if "WouldBlock" in str(exc):
-                raise StoreUnavailable(
-                    f"the Qdrant Edge folder {self.location.path} is open in another process (a running "
-                    "Legion's retriever actor holds it): send documents through that server with "
-                    "`legion ingest --url http://HOST:PORT`, or stop it first"
-                ) from None
-            raise StoreUnavailable(
-                f"{self.location.describe()} failed to {what}: {type(exc).__name__}: {exc}"
-            ) from None
+        return _store_call(self.location, what, fn, *args, **kwargs)
 
     def _dir(self, name: str) -> Path:
         return self._root / name
@@ -406,15 +403,7 @@ class EdgeVectorStore:
             params=SearchParams(hnsw_ef=self.hnsw_ef) if self.hnsw_ef else None,
         )
         found = self._call("search", self._shard(name).query, request)
-        return [
-            RetrievedChunk(
-                source=str(p.payload.get("source", "")),
-                chunk=int(p.payload.get("chunk", 0)),
-                score=round(float(p.score), 4),
-                text=str(p.payload.get("text", "")),
-            )
-            for p in found
-        ]
+        return [_retrieved(p) for p in found]
 
     def finish(self, name: str) -> None:
         """After an ingest: build the HNSW index of what it added (blocking; the shard has no

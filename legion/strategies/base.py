@@ -28,6 +28,12 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _LEADING = re.compile(r"^(answer|final answer|the answer is|it is|it's)\s*[:\-]?\s*")
 
 
+# The arguments of ``SingleRound.tally``: answer groups by normalised answer, agents' weights
+# (None: equal), the agents' log-likelihoods of every option (None: not scored).
+Groups = Mapping[str, list[Candidate]]
+Weights = Mapping[str, float] | None
+
+
 def normalize_answer(text: str) -> str:
     """Reduce an answer to the form votes compare: first line, lower case, no articles,
     punctuation or extra spaces; ``"The answer is: Paris."`` and ``"paris"`` are equal.
@@ -69,6 +75,9 @@ class OptionScores:
             "loglik": {a: [round(x, 4) for x in v] for a, v in self.loglik.items()},
             **({"prior": {a: [round(x, 4) for x in v] for a, v in self.prior.items()}} if self.prior else {}),
         }
+
+
+Scores = OptionScores | None  # the third argument of ``SingleRound.tally``
 
 
 def _softmax(xs: Sequence[float]) -> list[float]:
@@ -134,7 +143,7 @@ class Strategy(Protocol):
 
 class SingleRound:
     """A strategy that decides over the agents' first answers: fan out once, score the distinct
-    answers when it ``needs_scores`` and they differ, then ``decide`` (which the subclass defines)."""
+    answers when it ``needs_scores`` and they differ, then ``decide``: the subclass's ``tally``."""
 
     name = ""
     needs_scores = False
@@ -150,6 +159,22 @@ class SingleRound:
             scores = await session.option_scores(cands)
         return self.decide(cands, session.weights, scores)
 
+    def decide(
+        self,
+        candidates: Sequence[Candidate],
+        weights: Mapping[str, float] | None = None,
+        scores: OptionScores | None = None,
+    ) -> Decision:
+        """The decision over ``candidates``: abstained when no agent gave an answer, else the
+        subclass's ``tally`` of the answer groups and the options to rank (``ballot``)."""
+        groups, options = ballot(candidates, scores)
+        if not options:
+            return abstained()
+        return self.tally(groups, options, weights, scores)
+
+    def tally(self, groups: Groups, options: Sequence[str], weights: Weights, scores: Scores) -> Decision:
+        raise NotImplementedError
+
 
 def usable(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The candidates with an answer. Raises ``NoCandidates`` when every agent failed;
@@ -159,6 +184,15 @@ def usable(candidates: Sequence[Candidate]) -> list[Candidate]:
         failed = ", ".join(f"{c.agent}: {c.error}" for c in candidates) or "no agents"
         raise NoCandidates(f"every agent failed ({failed}); retry, or check /v1/agents")
     return [c for c in answered if c.normalized]
+
+
+def ballot(
+    candidates: Sequence[Candidate], scores: OptionScores | None
+) -> tuple[dict[str, list[Candidate]], list[str]]:
+    """The usable candidates grouped by answer, and the answers to rank: the scored options
+    when there are scores, else the groups. No answers to rank means every agent abstained."""
+    groups = group_candidates(usable(candidates))
+    return groups, list(scores.options) if scores is not None and scores.options else list(groups)
 
 
 def abstained() -> Decision:

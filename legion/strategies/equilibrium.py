@@ -21,12 +21,12 @@ import numpy as np
 
 from legion.messages import Candidate, Decision
 from legion.strategies.base import (
+    Groups,
     OptionScores,
+    Scores,
     SingleRound,
-    abstained,
-    group_candidates,
+    Weights,
     representative_text,
-    usable,
 )
 
 if TYPE_CHECKING:
@@ -235,17 +235,7 @@ class EquilibriumRanking(SingleRound):
         )
         return initial_generator(share / share.sum()), initial_discriminator(conf), "votes+confidence"
 
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        ok = usable(candidates)
-        groups = group_candidates(ok)
-        keys = list(scores.options) if scores is not None and scores.options else list(groups)
-        if not keys:
-            return abstained()
+    def tally(self, groups: Groups, keys: Sequence[str], weights: Weights, scores: Scores) -> Decision:
         if len(keys) == 1:
             key = keys[0]
             return Decision(

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from legion.messages import Candidate, Decision
 from legion.strategies.base import (
+    Groups,
     OptionScores,
+    Scores,
     SingleRound,
-    abstained,
-    group_candidates,
+    Weights,
     ranked_decision,
-    usable,
 )
 
 if TYPE_CHECKING:
@@ -30,15 +30,7 @@ class Plurality(SingleRound):
     needs_scores = False
     uses_trust = False
 
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        groups = group_candidates(usable(candidates))
-        if not groups:
-            return abstained()
+    def tally(self, groups: Groups, options: Sequence[str], weights: Weights, scores: Scores) -> Decision:
         votes = {
             key: float(sum((weights or {}).get(c.agent, 1.0) for c in members))
             for key, members in groups.items()
@@ -52,21 +44,10 @@ class TrustWeighted(Plurality):
     name = "trust"
     uses_trust = True
 
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        d = super().decide(candidates, weights, scores)
+    def tally(self, groups: Groups, options: Sequence[str], weights: Weights, scores: Scores) -> Decision:
+        d = super().tally(groups, options, weights, scores)
         d.details["weights"] = {a: round(w, 4) for a, w in (weights or {}).items()}
         return d
-
-
-def _options(groups: Mapping[str, list[Candidate]], scores: OptionScores | None) -> list[str]:
-    if scores is not None and scores.options:
-        return list(scores.options)
-    return list(groups)
 
 
 class Borda(SingleRound):
@@ -79,20 +60,10 @@ class Borda(SingleRound):
     needs_scores = True
     uses_trust = False
 
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        ok = usable(candidates)
-        groups = group_candidates(ok)
-        options = _options(groups, scores)
-        if not options:
-            return abstained()
+    def tally(self, groups: Groups, options: Sequence[str], weights: Weights, scores: Scores) -> Decision:
         m = len(options)
         points = dict.fromkeys(options, 0.0)
-        voters = _voters(ok, scores)
+        voters = _voters(groups, scores)
         for agent, values in voters.items():
             w = (weights or {}).get(agent, 1.0)
             for k, p in _borda_points(options, values).items():
@@ -102,13 +73,16 @@ class Borda(SingleRound):
         )
 
 
-def _voters(ok: Sequence[Candidate], scores: OptionScores | None) -> dict[str, dict[str, float]]:
+def _voters(
+    groups: Mapping[str, list[Candidate]], scores: OptionScores | None
+) -> dict[str, dict[str, float]]:
     # Each voting agent's value of every option: its log-likelihood when scores exist, else
     # 1 for its own answer and 0 for the rest.
     if scores is not None and scores.loglik:
         return {a: dict(zip(scores.options, v, strict=True)) for a, v in scores.loglik.items()}
-    options = list(group_candidates(ok))
-    return {c.agent: {k: (1.0 if k == c.normalized else 0.0) for k in options} for c in ok}
+    return {
+        c.agent: {k: float(k == c.normalized) for k in groups} for members in groups.values() for c in members
+    }
 
 
 def _borda_points(options: Sequence[str], values: Mapping[str, float]) -> dict[str, float]:
@@ -144,21 +118,11 @@ class Approval(SingleRound):
     def configure(self, settings: ArbiterConfig) -> Approval:
         return Approval(settings.approval_ratio)
 
-    def decide(
-        self,
-        candidates: Sequence[Candidate],
-        weights: Mapping[str, float] | None = None,
-        scores: OptionScores | None = None,
-    ) -> Decision:
-        ok = usable(candidates)
-        groups = group_candidates(ok)
-        options = _options(groups, scores)
-        if not options:
-            return abstained()
+    def tally(self, groups: Groups, options: Sequence[str], weights: Weights, scores: Scores) -> Decision:
         points = dict.fromkeys(options, 0.0)
         approvals: dict[str, list[str]] = {}
         cut = math.log(self.ratio)
-        for agent, values in _voters(ok, scores).items():
+        for agent, values in _voters(groups, scores).items():
             top = max(values.values())
             approved = [k for k in options if values[k] - top >= cut - 1e-12]
             approvals[agent] = approved
