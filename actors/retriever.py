@@ -14,7 +14,7 @@ import ray
 from legion.config import LegionConfig
 from legion.logging_setup import configure_logging
 from legion.messages import Document, IngestReport, Retrieval
-from legion.vectorstore import Retriever, StoreLocation
+from legion.vectorstore import Retriever, StoreLocation, agent_free_threads
 
 
 class RetrieverActor:
@@ -24,6 +24,7 @@ class RetrieverActor:
         cfg = LegionConfig(**config)
         configure_logging(cfg.log_level, cfg.log_format)  # this worker's log format
         threads = max(1, math.floor(cfg.rag.num_cpus))
+        self._rag = cfg.rag
         self._retriever = Retriever(cfg.rag, StoreLocation(**location), threads=threads)
 
     def search(
@@ -36,7 +37,17 @@ class RetrieverActor:
         return self._retriever.search(query, collection=collection, top_k=top_k, threshold=threshold)
 
     def ingest(self, documents: list[Document], collection: str | None = None) -> IngestReport:
-        return self._retriever.ingest(documents, collection=collection)
+        return self._retriever.ingest(documents, collection=collection, threads=self._ingest_threads())
+
+    def _ingest_threads(self) -> int:
+        # Embedding runs on the cores nobody reserved now (agents keep theirs). The cluster's
+        # free CPUs stand in for this node's: exact on one node, an upper bound on several,
+        # capped by this node's core count.
+        if self._rag.ingest_threads:
+            return self._rag.ingest_threads
+        node = ray.get_runtime_context().get_node_id()
+        node_cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0)
+        return agent_free_threads(node_cpus, ray.available_resources().get("CPU", 0.0), self._rag.num_cpus)
 
     def count(self, collection: str | None = None) -> int:
         return self._retriever.count(collection)

@@ -456,6 +456,14 @@ class RagConfig(_Strict):
     chunk_chars: int = Field(600, ge=50, le=20000, description="Characters per chunk.")
     chunk_overlap: int = Field(100, ge=0, le=10000, description="Characters shared by neighbouring chunks.")
     embed_batch_size: int = Field(32, ge=1, le=4096, description="Chunks embedded per batch.")
+    ingest_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Threads that embed chunks during an ingest through a running Legion. None: the "
+        "agent-free cores, i.e. the CPUs of the retriever's node that Ray has not reserved for agents "
+        "or other actors when the ingest starts (at least 1). Searches use num_cpus's share.",
+    )
     upsert_batch_size: int = Field(128, ge=1, le=10000, description="Points upserted per request.")
     max_upload_chars: int = Field(
         5_000_000, ge=1, le=1_000_000_000, description="Largest POST /v1/documents body, in characters."

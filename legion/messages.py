@@ -186,3 +186,4 @@ class IngestReport(BaseModel):
     removed: int  # stale chunks of re-ingested documents that got shorter
     seconds: float
     skipped: int = 0  # documents already stored with the same text and chunking, left as they were
+    embed_threads: int = 1  # threads that embedded this ingest's chunks

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -66,6 +67,13 @@ def _retrieved(point) -> RetrievedChunk:
         score=round(float(point.score), 4),
         text=str(payload.get("text", "")),
     )
+
+
+def agent_free_threads(node_cpus: float, available_cpus: float, own_share: float) -> int:
+    """Threads for work that should use only the cores nobody reserved: the CPUs Ray has not
+    handed out (``available_cpus``, plus the caller's own reservation ``own_share``, which is
+    its to use), never more than the node has, at least 1."""
+    return max(1, min(math.floor(node_cpus), math.floor(available_cpus + own_share + 1e-9)))
 
 
 class StoreLocation(BaseModel):
@@ -120,14 +128,26 @@ class Embedder:
 
         # Like llama.cpp's threads: from the actor's share, never the host's core count.
         torch.set_num_threads(threads)
+        self._threads = threads
+        self._encode_lock = threading.Lock()  # torch's thread count is the process's
         path = str(model_path or bundled_embedder_path())
         self._model = SentenceTransformer(path, device="cpu", local_files_only=True)
         self.dim = int(self._model.get_embedding_dimension())
 
-    def embed(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
-        vectors = self._model.encode(
-            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
-        )
+    def embed(self, texts: list[str], batch_size: int = 32, threads: int | None = None) -> list[list[float]]:
+        """Unit vectors of ``texts``, on ``threads`` threads (default: the constructor's)."""
+        import torch
+
+        with self._encode_lock:
+            if threads and threads != self._threads:
+                torch.set_num_threads(threads)
+            try:
+                vectors = self._model.encode(
+                    texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+                )
+            finally:
+                if threads and threads != self._threads:
+                    torch.set_num_threads(self._threads)
         return [v.tolist() for v in vectors]
 
 
@@ -535,11 +555,13 @@ class Retriever:
         collection: str | None = None,
         progress: bool = False,
         total: int | None = None,
+        threads: int | None = None,
     ) -> IngestReport:
         """Chunk, embed and upsert ``documents`` as they come (one batch of chunks in memory at a
         time); re-ingesting a source replaces its chunks. A document already stored with the
         same text and chunking is skipped, so a run that stopped part-way resumes where it was.
-        ``total`` (the number of documents, when known) sizes the progress bar."""
+        ``total`` (the number of documents, when known) sizes the progress bar; ``threads``
+        embeds on that many threads (default: the retriever's)."""
         t0 = time.perf_counter()
         name = collection or self.rag.collection
         embedder, store = self._ready()
@@ -547,14 +569,20 @@ class Retriever:
             store.ensure_collection(name, embedder.dim)
         advance = progress_bar(total, "doc", f"ingesting into {name}") if progress and total else None
         report = IngestReport(
-            collection=name, location=self.location.describe(), documents=0, chunks=0, removed=0, seconds=0.0
+            collection=name,
+            location=self.location.describe(),
+            documents=0,
+            chunks=0,
+            removed=0,
+            seconds=0.0,
+            embed_threads=threads or self._threads,
         )
         batch: list[Chunk] = []
         waiting: list[tuple[str, int]] = []  # documents whose chunks are (partly) in ``batch``
 
         def flush() -> None:
             if batch:
-                vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size)
+                vectors = embedder.embed([c.text for c in batch], self.rag.embed_batch_size, threads)
                 with self._store_lock:
                     store.upsert(name, batch, vectors)
                 batch.clear()

@@ -76,6 +76,18 @@ def test_ingest_search_and_reingest_without_duplicates(cfg, embedder):
     r.close()
 
 
+def test_embedding_on_more_threads_gives_the_same_vectors_and_gives_the_threads_back(embedder):
+    import torch
+
+    texts = [p for p in _FACTS.split("\n\n") if p.strip()]
+    before = torch.get_num_threads()
+    one = embedder.embed(texts, 2, threads=1)
+    two = embedder.embed(texts, 2, threads=2)
+    assert torch.get_num_threads() == before
+    for a, b in zip(one, two, strict=True):
+        assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.9999  # unit vectors: cosine
+
+
 @pytest.mark.parametrize("backend", ["edge", "local"])
 def test_local_folder_has_one_owner_and_a_second_says_what_to_do(tmp_path, backend, embedder):
     cfg = config_from_dict({"data_dir": str(tmp_path), "rag": {"vector_store": backend}})

@@ -21,7 +21,13 @@ import pytest
 
 from legion.errors import InvalidRequest
 from legion.ingest import Chunk, chunk_id
-from legion.vectorstore import CollectionMissing, StoreLocation, StoreUnavailable, open_store
+from legion.vectorstore import (
+    CollectionMissing,
+    StoreLocation,
+    StoreUnavailable,
+    agent_free_threads,
+    open_store,
+)
 
 DIM = 16
 BACKENDS = ["local", "edge"]
@@ -172,7 +178,7 @@ class _CountingEmbedder:
     def __init__(self):
         self.texts = 0
 
-    def embed(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
+    def embed(self, texts: list[str], batch_size: int = 32, threads: int | None = None) -> list[list[float]]:
         self.texts += len(texts)
         out = []
         for t in texts:
@@ -261,3 +267,17 @@ def _chunks_of(r, doc):
     from legion.ingest import chunk_document
 
     return chunk_document(doc, r.rag.chunk_chars, r.rag.chunk_overlap)
+
+
+@pytest.mark.parametrize(
+    ("node", "available", "own", "threads"),
+    [
+        (2, 0.15, 0.05, 1),  # the default agents hold 1.8 of 2 cores: one thread
+        (16, 10.0, 0.05, 10),  # ten cores nobody reserved
+        (16, 40.0, 0.05, 16),  # other nodes' free CPUs never give more than this node has
+        (8, 0.0, 2.0, 2),  # its own reservation is its to use
+        (4, 0.0, 0.0, 1),  # always at least one
+    ],
+)
+def test_ingest_embeds_on_the_cores_nobody_reserved(node, available, own, threads):
+    assert agent_free_threads(node, available, own) == threads
