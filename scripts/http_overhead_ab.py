@@ -46,7 +46,8 @@ def _run(checkout: Path, requests: int) -> dict:
         text=True,
         check=False,
     )
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+    ray = Path(sys.executable).with_name("ray")  # this venv's CLI, on PATH or not
+    subprocess.run([str(ray), "stop", "--force"], capture_output=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
