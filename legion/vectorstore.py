@@ -85,14 +85,26 @@ class Embedder:
         # Like llama.cpp's threads: from the actor's share, never the host's core count.
         torch.set_num_threads(threads)
         path = str(model_path or bundled_embedder_path())
+        self._path = path
         self._model = SentenceTransformer(path, device="cpu", local_files_only=True)
         self.dim = int(self._model.get_embedding_dimension())
+
+    @property
+    def name(self) -> str:
+        """The model's name, as ``/v1/embeddings`` and ``/v1/models`` call it."""
+        return Path(self._path).name
 
     def embed(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
         vectors = self._model.encode(
             texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
         )
         return [v.tolist() for v in vectors]
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads of ``texts`` (each cut at its maximum sequence length)."""
+        limit = self._model.get_max_seq_length() or 512
+        ids = self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        return sum(min(len(i), limit) for i in ids)
 
 
 def _payload(c: Chunk) -> dict:
@@ -491,7 +503,7 @@ class Retriever:
         finally:
             self._loaded.set()
 
-    def _ready(self) -> tuple[Embedder, VectorStore | EdgeVectorStore]:
+    def _embedder_ready(self) -> Embedder:
         if not self._loaded.wait(self.rag.load_timeout_s):
             raise NotReady(
                 f"the retriever is still loading its embedding model after {self.rag.load_timeout_s}s"
@@ -499,6 +511,10 @@ class Retriever:
         if self._error is not None:
             raise self._error
         assert self._embedder is not None
+        return self._embedder
+
+    def _ready(self) -> tuple[Embedder, VectorStore | EdgeVectorStore]:
+        self._embedder_ready()
         with self._store_lock:
             if self._store is None:
                 rag = self.rag
@@ -538,6 +554,11 @@ class Retriever:
             log.warning("retrieval skipped: %s", exc.message)
             return Retrieval(info=RetrievalInfo(used=False, collection=name, reason=exc.message))
         return Retrieval(info=RetrievalInfo(used=True, collection=name), chunks=chunks)
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The unit-length vectors of ``texts`` (as retrieval stores them) and the tokens read."""
+        embedder = self._embedder_ready()
+        return embedder.embed(texts), embedder.count_tokens(texts)
 
     def ingest(
         self,
