@@ -7,7 +7,7 @@ import pytest
 
 from legion.agent import build_prompt, chat_turns
 from legion.chat_template import NAMED_TEMPLATES, ChatTemplate, ModelChatInfo, chat_template_for
-from legion.config import AgentConfig, config_from_dict
+from legion.config import AgentConfig, LegionConfig, config_from_dict
 from legion.errors import ConfigError, InvalidRequest
 from legion.guard import DATA_NOTICE
 from legion.messages import ChatTurn
@@ -204,6 +204,14 @@ def test_bad_chat_config_names_the_field(agent, field, says):
         config_from_dict({"agents": [{"name": "a", **agent}]})
     line = next(e for e in err.value.details["errors"] if e.startswith(field + ":"))
     assert says in line
+
+
+def test_a_chat_agents_config_survives_the_round_trip_serve_gives_it():
+    # build_app dumps the config and every replica reads it again: the dumped default
+    # prompt_template is no choice of the user's and must not make a chat agent invalid.
+    cfg = config_from_dict({"agents": [{"name": "a", "prompt_format": "chat", "chat_template": "gemma"}]})
+    again = LegionConfig(**cfg.model_dump(mode="json"))
+    assert again.agents[0].prompt_format == "chat" and again.agents[0].chat_template == "gemma"
 
 
 def test_chat_agents_have_no_stops_unless_given_and_completion_agents_keep_theirs():
