@@ -1,6 +1,7 @@
 """Legion's Ray Serve ingress: the native task API and the OpenAI-compatible API.
 
-Routes are short adapters over ``legion.pipeline.TaskPipeline``. Each replica builds its
+Routes are short adapters over ``legion.pipeline.TaskPipeline`` and, for completions,
+embeddings and models, ``legion.completions.OpenAIRoutes``. Each replica builds its
 FastAPI app (handlers, middleware, the console's files) in ``__serve_build_asgi_app__``, from
 its own config: nothing is wired at import. ``build_app(config)`` is the one builder, used by
 ``serve run serve_app:app``, by ``deploy/serve_config.yaml`` and by ``legion serve``.
