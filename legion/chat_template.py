@@ -308,7 +308,7 @@ class ChatTemplate:
         if shape is not None:
             if self._strip_bos and shape.startswith(self.bos_token):
                 shape = shape[len(self.bos_token) :]
-            split = re.split("(" + "|".join(map(re.escape, marks)) + ")", shape)
+            split = re.split("(" + "|".join(map(re.escape, marks)) + ")", shape) if marks else [shape]
             parts = [(marks.get(p, p), p not in marks) for p in split if p]
         if shape is None or "".join(p for p, _ in parts) != text:
             if not self._unsplit_warned:

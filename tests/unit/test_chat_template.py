@@ -335,3 +335,8 @@ def test_a_rendered_bos_is_dropped_from_the_pieces_too():
     )
     pieces = chat.render_pieces(CONVERSATION[1:2])
     assert pieces[:3] == [2, "user", 3] and 1 not in pieces
+
+
+def test_a_conversation_without_messages_is_all_template():
+    chat = _chatml_with_control()
+    assert chat.render_pieces([]) == [151644, "assistant\n"]
