@@ -115,3 +115,64 @@ def test_models_list_strategies_agents_and_the_embedder():
     a = next(m for m in out["data"] if m["id"] == "agent:a")
     assert a["legion_model"]["file"] == "x.gguf" and a["legion_agent"] == "a"
     assert "legion_model" not in out["data"][0]
+
+
+class _Agents:
+    """The Arbiter's side of a completion, standing in for Ray (the routes are under test)."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail = fail
+        self.asked: list[tuple[str, str]] = []
+
+    async def complete(self, agent, req):
+        self.asked.append((agent, req.prompt))
+        if self.fail:
+            raise self.fail
+        return _gen()
+
+    async def agents(self):
+        raise RuntimeError("the Arbiter is restarting")
+
+
+def _routes(agents: _Agents):
+    from legion.completions import OpenAIRoutes
+
+    routes = OpenAIRoutes(CFG, agents, embedder=None)
+    routes._embedding_model = "all-MiniLM-L6-v2"
+    return routes
+
+
+async def _read(stream) -> list[str]:
+    return [event async for event in stream]
+
+
+def test_a_streamed_completion_is_one_chunk_then_done():
+    import asyncio
+    import json
+
+    agents = _Agents()
+    events = asyncio.run(_read(_routes(agents).stream(CompletionBody(model="agent:b", prompt="Capital:"))))
+    assert agents.asked == [("b", "Capital:")]
+    assert events[-1] == "data: [DONE]\n\n" and len(events) == 2
+    chunk = json.loads(events[0].removeprefix("data: "))
+    assert chunk["object"] == "text_completion" and chunk["choices"][0]["text"] == " Paris."
+
+
+def test_a_bad_stream_body_fails_before_the_stream_and_a_late_error_is_an_error_chunk():
+    import asyncio
+    import json
+
+    with pytest.raises(ModelNotFound):
+        _routes(_Agents()).stream(CompletionBody(model="agent:zz", prompt="x"))
+    failing = _Agents(fail=InvalidRequest("the prompt is 9000 tokens; shorten it"))
+    events = asyncio.run(_read(_routes(failing).stream(CompletionBody(prompt="x"))))
+    err = json.loads(events[0].removeprefix("data: "))["error"]
+    assert "shorten it" in err["message"] and err["code"] == "invalid_request"
+    assert events[-1] == "data: [DONE]\n\n"
+
+
+def test_models_still_list_the_strategies_while_the_arbiter_is_away():
+    import asyncio
+
+    ids = [m.id for m in asyncio.run(_routes(_Agents()).models()).data]
+    assert "legion" in ids and ids[-1] == "all-MiniLM-L6-v2" and not any(i.startswith("agent:") for i in ids)
