@@ -333,7 +333,7 @@ class LlamaEngine:
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """``text``'s tokens. ``special`` parses control-token texts (``<start_of_turn>``) into
         the tokens; only for text Legion wrote itself, never for user text (see
-        ``legion.chat_template.ChatTemplate.render_parts``)."""
+        ``legion.chat_template.ChatTemplate.render_pieces``)."""
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lc.llama_token * cap)()
