@@ -1,6 +1,7 @@
 """Legion's Ray Serve ingress: the native task API and the OpenAI-compatible API.
 
-Routes are short adapters over ``legion.pipeline.TaskPipeline``. Each replica builds its
+Routes are short adapters over ``legion.pipeline.TaskPipeline`` and, for completions,
+embeddings and models, ``legion.completions.OpenAIRoutes``. Each replica builds its
 FastAPI app (handlers, middleware, the console's files) in ``__serve_build_asgi_app__``, from
 its own config: nothing is wired at import. ``build_app(config)`` is the one builder, used by
 ``serve run serve_app:app``, by ``deploy/serve_config.yaml`` and by ``legion serve``.
@@ -14,7 +15,6 @@ from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -31,19 +31,22 @@ from legion.api import (
     AgentList,
     ChatBody,
     ChatCompletion,
-    ChatCompletionChunk,
+    Completion,
+    CompletionBody,
     DocumentsBody,
+    EmbeddingBody,
+    EmbeddingList,
     ModelList,
     SessionInfo,
     TaskBody,
     TaskResponse,
     chat_response,
     documents_request,
-    models_response,
     sse_event,
     task_response,
 )
 from legion.cache import CacheInfo
+from legion.completions import OpenAIRoutes
 from legion.config import LegionConfig, load_config
 from legion.errors import LegionError, NotReady
 from legion.health import HealthReport, service_health
@@ -60,6 +63,7 @@ from legion.http import (
 )
 from legion.logging_setup import configure_logging
 from legion.messages import IngestReport
+from legion.openapi import openapi_schema
 from legion.pipeline import Prepared, TaskPipeline
 from legion.security import SecurityMiddleware, SecurityPolicy
 from legion.vectorstore import store_location
@@ -107,6 +111,7 @@ class LegionIngress:
             self.retriever.ensure_started()
         # State lives outside the replica: SQLite files shared by every replica, one retriever actor.
         self.pipeline = TaskPipeline.from_config(self.cfg, self.arbiter, self.retriever)
+        self.openai = OpenAIRoutes(self.cfg, self.arbiter, self.retriever)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return _build_api(self)
@@ -151,6 +156,21 @@ class LegionIngress:
             return self._stream(prep, ChatEvents(prep.req.id, body.model), headers)
         return _json(chat_response(await self.pipeline.complete(prep), body.model), headers)
 
+    @_route(
+        "POST",
+        "/v1/completions",
+        response_model=Completion,
+        responses={200: {"content": {"text/event-stream": {}}, **_SSE}},
+    )
+    async def completions(self, body: CompletionBody) -> Response:
+        if body.stream:
+            return StreamingResponse(self.openai.stream(body), media_type="text/event-stream")
+        return _json(await self.openai.complete(body))
+
+    @_route("POST", "/v1/embeddings", response_model=EmbeddingList)
+    async def embeddings(self, body: EmbeddingBody) -> Response:
+        return _json(await self.openai.embed(body))
+
     def _stream(self, prep: Prepared, events: TaskEvents | ChatEvents, headers: dict) -> StreamingResponse:
         run = partial(self.pipeline.complete, prep)
         return StreamingResponse(
@@ -189,7 +209,7 @@ class LegionIngress:
 
     @_route("GET", "/v1/models", response_model=ModelList)
     async def models(self) -> Response:
-        return _json(models_response())
+        return _json(await self.openai.models())
 
     @_route("GET", "/v1/sessions/{session_id}", response_model=SessionInfo)
     async def session(self, session_id: str) -> Response:
@@ -235,38 +255,11 @@ def _build_api(ingress: LegionIngress) -> FastAPI:
         log.warning("actor unavailable: %s", type(exc).__name__)
         return retry_shortly("a Legion actor is restarting; retry shortly")
 
-    api.openapi = partial(_openapi, api, ingress.security)
+    api.openapi = partial(openapi_schema, api, ingress.security)
     api.add_middleware(RequestLog)
     api.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     api.add_middleware(SecurityMiddleware, policy=lambda: ingress.security, error_response=legion_response)
     return api
-
-
-def _openapi(api: FastAPI, security: SecurityPolicy) -> dict:
-    """FastAPI's schema, the streamed chat chunk's schema, and bearer authentication where this
-    replica has API keys."""
-    if api.openapi_schema is None:
-        schema = get_openapi(
-            title=api.title, version=api.version, description=api.description, routes=api.routes
-        )
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(chunk.pop("$defs", {}))
-        schemas[ChatCompletionChunk.__name__] = chunk
-        stream = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
-        stream["text/event-stream"]["schema"] = {
-            "$ref": f"#/components/schemas/{ChatCompletionChunk.__name__}"
-        }
-        if security.keys.enabled:
-            schema["components"]["securitySchemes"] = {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key."}
-            }
-            schema["security"] = [{"bearerAuth": []}]
-            for public in ("/healthz",):
-                for op in schema["paths"].get(public, {}).values():
-                    op["security"] = []  # open, for load balancers
-        api.openapi_schema = schema
-    return api.openapi_schema
 
 
 def build_app(config: LegionConfig) -> Application:

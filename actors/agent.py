@@ -18,7 +18,7 @@ from legion import metrics
 from legion.agent import Agent
 from legion.config import AgentConfig
 from legion.logging_setup import configure_logging, log_context
-from legion.messages import AgentHealth, GenerateRequest, Generation
+from legion.messages import AgentHealth, CompletionRequest, GenerateRequest, Generation
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class AgentActor:
                 metrics.engine_state(self._tag, stats)
             time.sleep(2.0)
 
-    def _logged(self, req: GenerateRequest, call):
+    def _logged(self, req: GenerateRequest | CompletionRequest, call):
         # Every line logged while generating carries the HTTP request's id and this agent's name.
         t0 = time.perf_counter()
         with log_context(request_id=req.request_id, agent=self._agent.cfg.name):
@@ -54,6 +54,11 @@ class AgentActor:
         gens = self._logged(req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s))
         metrics.tokens_generated(self._tag, sum(g.completion_tokens for g in gens))
         return gens
+
+    def complete(self, req: CompletionRequest, load_timeout_s: float = 120.0) -> Generation:
+        gen = self._logged(req, lambda: self._agent.complete(req, timeout_s=load_timeout_s))
+        metrics.tokens_generated(self._tag, gen.completion_tokens)
+        return gen
 
     def score(self, context: str, continuations: list[str], load_timeout_s: float = 120.0):
         return self._agent.score(context, continuations, timeout_s=load_timeout_s)

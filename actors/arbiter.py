@@ -20,7 +20,7 @@ from legion import metrics
 from legion.arbiter import Arbiter, Event
 from legion.config import LegionConfig
 from legion.logging_setup import configure_logging
-from legion.messages import TaskRequest, TaskResult
+from legion.messages import CompletionRequest, Generation, TaskRequest, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,12 @@ class ArbiterActor:
                 entry["stats"] = None
             out.append(entry)
         return out
+
+    async def complete(self, agent: str, req: CompletionRequest) -> Generation:
+        """``agent``'s completion of a raw prompt (``POST /v1/completions``), on the replica of
+        its pool with the least work."""
+        self._ensure_autoscaler()
+        return await self._arbiter.agents.complete(agent, req)
 
     async def ready(self) -> bool:
         return all(e["health"]["state"] == "ready" for e in await self.agents())

@@ -16,14 +16,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 
 from legion.config import AgentConfig, LegionConfig
 
+BUNDLED_MODEL = "bundled (Gemma 3 270M Q4_K_M)"  # what an empty model_path runs
+
 log = logging.getLogger(__name__)
 
-_WORK = frozenset({"generate", "generate_n", "score"})
+_WORK = frozenset({"generate", "generate_n", "score", "complete"})
 
 
 @dataclass
@@ -57,7 +60,16 @@ class AgentPool:
         self._busy_since: float | None = None
         self._idle_since: float | None = time.monotonic()
         self.scale_events: list[dict] = []
-        for method in ("generate", "generate_n", "score", "health", "stats", "config", "wait_loaded"):
+        for method in (
+            "generate",
+            "generate_n",
+            "score",
+            "complete",
+            "health",
+            "stats",
+            "config",
+            "wait_loaded",
+        ):
             setattr(self, method, _Method(self, method))
 
     # ------------------------------------------------------------------ replicas
@@ -109,6 +121,7 @@ class AgentPool:
     def info(self) -> dict:
         with self._lock:
             return {
+                "model_file": Path(self.agent.model_path).name if self.agent.model_path else BUNDLED_MODEL,
                 "replicas": [{"name": r.name, "in_flight": r.in_flight} for r in self._replicas],
                 "min_replicas": self.agent.min_replicas,
                 "max_replicas": self.agent.max_replicas,

@@ -19,6 +19,7 @@ from legion.arbiter import Event, describe_failure
 from legion.engine import ScoredContinuation
 from legion.errors import AgentUnavailable, InternalError, NotReady, StoreUnavailable
 from legion.messages import (
+    CompletionRequest,
     Document,
     GenerateRequest,
     Generation,
@@ -68,6 +69,9 @@ class RayAgents:
 
     async def score(self, agent: str, prompt: str, continuations: list[str]) -> list[ScoredContinuation]:
         return await self._call(agent, "score", prompt, continuations)
+
+    async def complete(self, agent: str, req: CompletionRequest) -> Generation:
+        return await self._call(agent, "complete", req)
 
     async def _call(self, agent: str, method: str, *args: Any) -> Any:
         try:
@@ -139,6 +143,10 @@ class ArbiterClient:
         """Each agent's config, pool, health, stats and trust weight."""
         return await self._handle.agents.remote()
 
+    async def complete(self, agent: str, req: CompletionRequest) -> Generation:
+        """One agent's completion of a raw prompt, through the Arbiter's pool of it."""
+        return await resolve(self._handle.complete.remote(agent, req))
+
 
 class RetrieverClient:
     """The ingress's way to the retriever actor (``legion.pipeline.Retrieve``), started with
@@ -160,6 +168,13 @@ class RetrieverClient:
             raise StoreUnavailable(
                 f"the retriever actor failed ({type(exc).__name__}); it restarts, retry later"
             ) from None
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The embedding model's vectors of ``texts`` and the tokens it read."""
+        try:
+            return await resolve(self.ensure_started().embed.remote(texts))
+        except RayActorError:
+            raise StoreUnavailable("the retriever actor failed; it restarts, retry shortly") from None
 
     async def ingest(self, documents: list[Document], collection: str) -> IngestReport:
         try:

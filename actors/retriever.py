@@ -36,6 +36,9 @@ class RetrieverActor:
     ) -> Retrieval:
         return self._retriever.search(query, collection=collection, top_k=top_k, threshold=threshold)
 
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return self._retriever.embed(texts)
+
     def ingest(self, documents: list[Document], collection: str | None = None) -> IngestReport:
         return self._retriever.ingest(documents, collection=collection, threads=self._ingest_threads())
 

@@ -17,7 +17,7 @@ from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundl
 from legion.equivalence import prompt_markers
 from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
 from legion.guard import DATA_NOTICE, frame_as_data, neutralize, quote_as_data
-from legion.messages import AgentHealth, AgentStats, ChatTurn, GenerateRequest, Generation
+from legion.messages import AgentHealth, AgentStats, ChatTurn, CompletionRequest, GenerateRequest, Generation
 from legion.preflight import check_model
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,22 @@ class Agent:
             self.engine(timeout_s)
         return build_prompt(self.cfg, task, context, chat=self._chat, history=history)
 
+    def prompt_for_engine(
+        self, task: str, context: str = "", history: Sequence[ChatTurn] = (), timeout_s: float | None = None
+    ) -> str | list[int]:
+        """``prompt`` as the engine takes it: a completion prompt as text (tokenized as text);
+        a chat prompt as tokens, its template's markers as control tokens and the messages'
+        text as text, so user text never becomes a control token (``ChatTemplate.render_pieces``)."""
+        if self.cfg.prompt_format != "chat":
+            return self.prompt(task, context, history)
+        engine = self.engine(timeout_s)
+        assert self._chat is not None
+        pieces = self._chat.render_pieces(chat_turns(self.cfg, task, context, history))
+        tokens = engine.tokenize("", add_bos=True)  # BOS, where the model takes one
+        for piece in pieces:
+            tokens += [piece] if isinstance(piece, int) else engine.tokenize(piece, add_bos=False)
+        return tokens
+
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> Generation:
         """One completion of ``req`` (``req.n`` is ignored; see ``generate_n``)."""
         return self.generate_n(req.model_copy(update={"n": 1}), timeout_s)[0]
@@ -166,7 +182,7 @@ class Agent:
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
         """
         engine = self.engine(timeout_s)
-        prompt = self.prompt(req.task, req.context, req.history)
+        prompt = self.prompt_for_engine(req.task, req.context, req.history)
         with self._stats_lock:
             self._stats.in_flight += 1
         try:
@@ -184,6 +200,37 @@ class Agent:
             self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
         return gens
 
+    def complete(self, req: CompletionRequest, timeout_s: float | None = None) -> Generation:
+        """The model's continuation of ``req.prompt``, the client's own text as it is (no role
+        prompt, no template; tokenized as text, so it holds no control tokens). Sampling
+        fields left ``None`` come from the agent's config; ``req.stop`` replaces its stops."""
+        engine = self.engine(timeout_s)
+        s = self.cfg.sampling
+        params = SamplingParams(
+            max_tokens=req.max_tokens,
+            temperature=s.temperature if req.temperature is None else req.temperature,
+            top_p=s.top_p if req.top_p is None else req.top_p,
+            top_k=s.top_k,
+            seed=s.seed if req.seed is None else req.seed,
+            stop=tuple(req.stop),
+        )
+        with self._stats_lock:
+            self._stats.in_flight += 1
+        try:
+            (gen,) = engine.submit_generate(req.prompt, params, 1, req.timeout_s).result()
+        except LegionError:
+            with self._stats_lock:
+                self._stats.errors += 1
+            raise
+        finally:
+            with self._stats_lock:
+                self._stats.in_flight -= 1
+        with self._stats_lock:
+            self._stats.requests += 1
+            self._stats.prompt_tokens += gen.prompt_tokens
+            self._stats.completion_tokens += gen.completion_tokens
+        return gen
+
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until loading has finished (or failed); False on timeout."""
         return self._loaded.wait(timeout_s)
@@ -196,7 +243,10 @@ class Agent:
     def health(self) -> AgentHealth:
         loaded = self._engine is not None
         state = "ready" if loaded else ("failed" if self._loaded.is_set() else "loading")
-        return AgentHealth(name=self.cfg.name, loaded=loaded, state=state, error=self._load_error)
+        model = self._engine.describe() if self._engine is not None else None
+        return AgentHealth(
+            name=self.cfg.name, loaded=loaded, state=state, error=self._load_error, model=model
+        )
 
     def stats(self) -> dict:
         """Request counters, plus the engine's batch counters once the model is loaded.

@@ -6,11 +6,13 @@ The ingress turns a body into a ``TaskRequest``; every rule a client can break r
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from legion.config import LegionConfig
@@ -19,7 +21,10 @@ from legion.history import Turn
 from legion.messages import (
     AgentHealth,
     Candidate,
+    CompletionRequest,
     Document,
+    Generation,
+    ModelDescription,
     RetrievalInfo,
     Source,
     TaskRequest,
@@ -29,6 +34,7 @@ from legion.messages import (
 from legion.strategies import get_strategy, strategy_names
 
 MODEL_PREFIX = "legion"
+AGENT_PREFIX = "agent:"  # /v1/completions' model: one agent, by name
 
 
 class ErrorInfo(BaseModel):
@@ -413,22 +419,38 @@ class ChatChunks:
         return out
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(_Response):
+    _omit_if_none = frozenset({"legion_agent", "legion_model"})
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "legion"
+    legion_agent: str | None = Field(None, description="agent:<name> entries: the agent.")
+    legion_model: ModelDescription | None = Field(
+        None, description="agent:<name> entries: the GGUF it runs, as llama.cpp reports it (once loaded)."
+    )
 
 
 class ModelList(BaseModel):
-    """``GET /v1/models``: ``legion`` (the default strategy) and ``legion:<strategy>`` for each one."""
+    """``GET /v1/models``: ``legion`` (the default strategy), ``legion:<strategy>`` for each one
+    (chat and tasks), ``agent:<name>`` for each agent with the model it runs (completions), and
+    the embedding model (embeddings)."""
 
     object: Literal["list"] = "list"
     data: list[ModelInfo]
 
 
-def models_response() -> ModelList:
-    return ModelList(data=[ModelInfo(id=m) for m in model_ids()])
+def models_response(agents: list[dict] | None = None, embedding_model: str | None = None) -> ModelList:
+    """The strategies; with ``agents`` (``GET /v1/agents``' entries) each agent's model, and the
+    embedding model."""
+    data = [ModelInfo(id=m) for m in model_ids()]
+    for a in agents or []:
+        model = (a.get("health") or {}).get("model")
+        data.append(ModelInfo(id=f"{AGENT_PREFIX}{a['name']}", legion_agent=a["name"], legion_model=model))
+    if embedding_model:
+        data.append(ModelInfo(id=embedding_model))
+    return ModelList(data=data)
 
 
 class TrustInfo(BaseModel):
@@ -443,6 +465,7 @@ class ReplicaInfo(BaseModel):
 
 
 class PoolInfo(BaseModel):
+    model_file: str = Field("", description="The GGUF file its replicas load (model_path's name).")
     replicas: list[ReplicaInfo]
     min_replicas: int
     max_replicas: int
@@ -499,3 +522,221 @@ def documents_request(body: DocumentsBody, cfg: LegionConfig) -> tuple[list[Docu
     if not any(d.text.strip() for d in body.documents):
         raise InvalidRequest("every document is empty: send the text to ingest in 'text'")
     return body.documents, body.collection or cfg.rag.collection
+
+
+# ---------------------------------------------------------------- /v1/completions, /v1/embeddings
+class CompletionBody(BaseModel):
+    """``POST /v1/completions`` (OpenAI-compatible; unknown OpenAI fields are ignored). One agent
+    continues ``prompt`` as it is: ``model`` names it (``agent:<name>``; ``legion`` is the first)."""
+
+    model: str = Field(
+        MODEL_PREFIX, description="agent:<name> (see GET /v1/models), or legion: the first agent."
+    )
+    prompt: str | list[str] = Field(..., description="The text to continue (a list of exactly one text).")
+    max_tokens: int = Field(16, description="Tokens to generate (OpenAI's default, 16).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default: the agent's.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 texts that end the completion.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Return each token's log-probability (top_logprobs holds the chosen token).",
+    )
+    echo: bool = Field(False, description="Put the prompt before the completion in text.")
+    stream: bool = Field(False, description="Server-sent chunks: the completion in one chunk, then [DONE].")
+    n: int = 1
+    suffix: str | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    """``POST /v1/completions`` (OpenAI's shape); ``object`` is the same in each streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+def agent_for_model(model: str, agents: list[str]) -> str:
+    """The agent ``model`` names: ``agent:<name>``, a bare agent name, or ``legion`` (the first)."""
+    if model == MODEL_PREFIX and agents:
+        return agents[0]
+    name = model[len(AGENT_PREFIX) :] if model.startswith(AGENT_PREFIX) else model
+    if name in agents:
+        return name
+    allowed = [MODEL_PREFIX] + [AGENT_PREFIX + a for a in agents]
+    raise ModelNotFound(
+        f"model {model!r} is no agent; completions run on one agent: use one of {', '.join(allowed)}",
+        details={"allowed": allowed},
+    )
+
+
+def completion_request(body: CompletionBody, cfg: LegionConfig) -> tuple[str, CompletionRequest]:
+    """The agent and the request for a completion body; ``InvalidRequest`` says what to fix."""
+    agent = agent_for_model(body.model, [a.name for a in cfg.agents])
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                f"prompt holds {len(prompt)} texts; send one text (one request per prompt)",
+                details={"field": "prompt"},
+            )
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidRequest("prompt is empty: send the text to continue", details={"field": "prompt"})
+    if len(prompt) > cfg.serve.max_task_chars:
+        raise PayloadTooLarge(f"prompt is {len(prompt)} characters; the limit is {cfg.serve.max_task_chars}")
+    if body.n != 1:
+        raise InvalidRequest("n must be 1: one completion per request", details={"field": "n"})
+    if body.suffix:
+        raise InvalidRequest(
+            "suffix (fill-in-the-middle) is not supported: leave it out", details={"field": "suffix"}
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise InvalidRequest("stop takes up to 4 non-empty texts", details={"field": "stop"})
+    req = CompletionRequest(
+        prompt=prompt,
+        max_tokens=check_max_tokens(body.max_tokens, cfg),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        timeout_s=cfg.serve.request_timeout_s,
+    )
+    return agent, req
+
+
+def completion_response(
+    gen: Generation, body: CompletionBody, prompt: str, completion_id: str, model: str
+) -> Completion:
+    """The completion in OpenAI's shape: ``echo`` puts the prompt first (its tokens carry no
+    log-probabilities), ``logprobs`` each generated token's."""
+    text = (prompt if body.echo else "") + gen.text
+    logprobs = None
+    if body.logprobs is not None:
+        offset = len(prompt) if body.echo else 0
+        offsets = []
+        for t in gen.tokens:
+            offsets.append(offset)
+            offset += len(t)
+        tokens, lps = list(gen.tokens), list(gen.token_logprobs)
+        top: list[dict[str, float] | None] = [{t: lp} for t, lp in zip(tokens, lps, strict=True)]
+        if body.echo:
+            tokens, lps, top, offsets = [prompt, *tokens], [None, *lps], [None, *top], [0, *offsets]
+        logprobs = CompletionLogprobs(
+            tokens=tokens, token_logprobs=lps, top_logprobs=top, text_offset=offsets
+        )
+    finish = "length" if gen.finish_reason in ("length", "timeout") else "stop"
+    return Completion(
+        id=completion_id,
+        created=int(time.time()),
+        model=model,
+        choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
+        usage=Usage(
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            total_tokens=gen.prompt_tokens + gen.completion_tokens,
+        ),
+    )
+
+
+class EmbeddingBody(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI-compatible): the retrieval embedding model's vectors."""
+
+    model: str = Field(..., description="The embedding model's id (see GET /v1/models).")
+    input: str | list[str] = Field(..., description="A text or a list of texts (not token arrays).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
+    )
+    dimensions: int | None = Field(None, description="Must be the model's own dimension, if given.")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """``POST /v1/embeddings``: unit-length vectors, in the order of ``input``."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+def embedding_texts(body: EmbeddingBody, cfg: LegionConfig, model: str) -> list[str]:
+    """The texts to embed; ``ModelNotFound`` or ``InvalidRequest`` say what to fix."""
+    if body.model != model:
+        raise ModelNotFound(
+            f"model {body.model!r} is not the embedding model; use {model!r}", details={"allowed": [model]}
+        )
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not texts:
+        raise InvalidRequest("input is empty: send a text or a list of texts", details={"field": "input"})
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise PayloadTooLarge(
+            f"input holds {len(texts)} texts; the limit is {MAX_EMBEDDING_INPUTS} per request"
+        )
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise InvalidRequest(
+            f"input[{empty[0]}] is empty: every text needs some content", details={"field": "input"}
+        )
+    size = sum(len(t) for t in texts)
+    if size > cfg.rag.max_upload_chars:
+        raise PayloadTooLarge(f"input holds {size} characters; the limit is {cfg.rag.max_upload_chars}")
+    return texts
+
+
+def embedding_response(
+    vectors: list[list[float]], tokens: int, body: EmbeddingBody, model: str
+) -> EmbeddingList:
+    dim = len(vectors[0]) if vectors else 0
+    if body.dimensions is not None and body.dimensions != dim:
+        raise InvalidRequest(
+            f"dimensions={body.dimensions}, but {model} makes {dim}-dimensional vectors: "
+            f"leave it out or send {dim}",
+            details={"field": "dimensions", "allowed": [dim]},
+        )
+
+    def encode(v: list[float]) -> list[float] | str:
+        if body.encoding_format == "float":
+            return v
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+    return EmbeddingList(
+        data=[Embedding(index=i, embedding=encode(v)) for i, v in enumerate(vectors)],
+        model=model,
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -154,6 +156,9 @@ class ModelChatInfo:
     eog_ids: tuple[int, ...]  # every token llama.cpp ends generation at (llama_vocab_is_eog)
     eog_tokens: tuple[str, ...]  # their texts
     add_bos: bool  # llama.cpp puts BOS before a prompt itself
+    # Text -> id of every token llama.cpp parses out of text only when asked to (CONTROL and
+    # UNKNOWN attributes): the markers a template writes, which user text must never produce.
+    control_tokens: tuple[tuple[str, int], ...] = ()
 
 
 _backend_lock = threading.Lock()
@@ -197,8 +202,15 @@ def read_model_chat_info(path: str | Path) -> ModelChatInfo:
         arch = buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
         raw = lc.llama_model_chat_template(model, None)
         template = raw.decode("utf-8", errors="replace") if raw else None
-        # No call lists the end-of-generation set; ask about every token (0.15 s for 262k).
-        eog = tuple(t for t in range(lc.llama_vocab_n_tokens(vocab)) if lc.llama_vocab_is_eog(vocab, t))
+        # No call lists the end-of-generation set or the control tokens; ask about every token
+        # (0.3 s for 262k).
+        special = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+        eog, control = [], []
+        for t in range(lc.llama_vocab_n_tokens(vocab)):
+            if lc.llama_vocab_is_eog(vocab, t):
+                eog.append(t)
+            if lc.llama_vocab_get_attr(vocab, t) & special and (piece := text(t)):
+                control.append((piece, t))
         return ModelChatInfo(
             path=path,
             architecture=arch,
@@ -206,9 +218,10 @@ def read_model_chat_info(path: str | Path) -> ModelChatInfo:
             bos_token=text(lc.llama_vocab_bos(vocab)),
             eos_token=text(lc.llama_vocab_eos(vocab)),
             eot_token=text(lc.llama_vocab_eot(vocab)),
-            eog_ids=eog,
+            eog_ids=tuple(eog),
             eog_tokens=tuple(text(t) for t in eog),
             add_bos=bool(lc.llama_vocab_get_add_bos(vocab)),
+            control_tokens=tuple(control),
         )
     finally:
         lc.llama_model_free(model)
@@ -235,6 +248,7 @@ class ChatTemplate:
         stop: Sequence[str] = (),
         strip_bos: bool = False,
         eog_ids: Sequence[int] = (),
+        control_tokens: Sequence[tuple[str, int]] = (),
     ):
         try:
             self._template = _environment().from_string(source)
@@ -249,6 +263,11 @@ class ChatTemplate:
         self.stop = tuple(stop)
         self.eog_ids = tuple(eog_ids)
         self._strip_bos = strip_bos and bool(bos_token)
+        self._control = dict(control_tokens)
+        # Longest first, as llama.cpp matches them (``<|im_start|>`` before ``<|im``).
+        marks = sorted(self._control, key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, marks))) if marks else None
+        self._unsplit_warned = False
         self.supports_system = self._probe_system()
 
     def render(
@@ -261,9 +280,70 @@ class ChatTemplate:
         ``raise_exception``, for instance roles that do not alternate) or reaches for
         something the sandbox forbids.
         """
+        return self._checked_render(self._messages(turns), add_generation_prompt)
+
+    def render_pieces(
+        self, turns: Sequence[ChatTurn | Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> list[str | int]:
+        """The prompt of ``render`` as the engine should read it: the control tokens the
+        template itself writes (``<start_of_turn>``, ``<|im_start|>``) as token ids, and
+        everything else as text to tokenize without parsing control tokens.
+
+        The messages' text is never searched for control tokens, so no text a user sends can
+        become one, whatever the model's vocabulary. To tell the template's text from the
+        messages', the template is rendered a second time with a random marker in place of each
+        message; if putting the messages back does not give ``render``'s text (a template that
+        rewrites or inspects the content), the whole prompt is text (no control tokens: safe,
+        but the model reads its markers spelled out), with a warning.
+        """
+        messages = self._messages(turns)
+        text = self._checked_render(messages, add_generation_prompt)
+        marks = {f"\ue000{secrets.token_hex(8)}\ue001": m["content"] for m in messages}
+        masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        try:
+            shape = self._render(masked, add_generation_prompt)
+        except TemplateError:
+            shape = None
+        parts: list[tuple[str, bool]] = []  # (text, written by the template)
+        if shape is not None:
+            if self._strip_bos and shape.startswith(self.bos_token):
+                shape = shape[len(self.bos_token) :]
+            split = re.split("(" + "|".join(map(re.escape, marks)) + ")", shape) if marks else [shape]
+            parts = [(marks.get(p, p), p not in marks) for p in split if p]
+        if shape is None or "".join(p for p, _ in parts) != text:
+            if not self._unsplit_warned:
+                self._unsplit_warned = True
+                log.warning(
+                    "chat template %s changes the messages' text as it renders them: its control "
+                    "tokens are read as plain text (user text cannot forge them either way)",
+                    self.name,
+                )
+            return [text] if text else []
+        pieces: list[str | int] = []
+        for part, by_template in parts:
+            for piece in self._split_control(part) if by_template else [part]:
+                if isinstance(piece, str) and pieces and isinstance(pieces[-1], str):
+                    pieces[-1] += piece  # one run of text, as llama.cpp tokenizes it
+                elif piece != "":
+                    pieces.append(piece)
+        return pieces
+
+    def _split_control(self, text: str) -> list[str | int]:
+        if self._control_re is None:
+            return [text]
+        out: list[str | int] = []
+        at = 0
+        for m in self._control_re.finditer(text):
+            out += [text[at : m.start()], self._control[m.group()]]
+            at = m.end()
+        out.append(text[at:])
+        return out
+
+    def _messages(self, turns: Sequence[ChatTurn | Mapping[str, str]]) -> list[dict[str, str]]:
         messages = [_as_message(t) for t in turns]
-        if not self.supports_system:
-            messages = _fold_system(messages)
+        return messages if self.supports_system else _fold_system(messages)
+
+    def _checked_render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
             out = self._render(messages, add_generation_prompt)
         except SecurityError as exc:
@@ -349,6 +429,7 @@ def chat_template_for(cfg: AgentConfig, info: ModelChatInfo) -> ChatTemplate:
             stop=stop,
             strip_bos=info.add_bos,
             eog_ids=info.eog_ids,
+            control_tokens=info.control_tokens,
         )
         sample = [
             ChatTurn(role="system", content="You are terse."),

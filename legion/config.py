@@ -234,7 +234,9 @@ class AgentConfig(_Strict):
                     "chat_template applies to prompt_format: chat only: set prompt_format: chat "
                     "or remove chat_template"
                 )
-        elif "prompt_template" in self.model_fields_set:
+        elif self.prompt_template != type(self).model_fields["prompt_template"].default:
+            # A changed one only: a config dumped and read again (as Serve hands it to each
+            # replica) names the default, which is no choice the user made.
             raise ValueError(
                 "prompt_template applies to prompt_format: completion only; with chat, role_prompt "
                 "is the system message and the task the user message: remove prompt_template"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from legion.errors import InvalidRequest, LegionError, ModelLoadError, NotReady, Overloaded
-from legion.messages import Generation
+from legion.messages import Generation, ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class _Seq:
     out_tokens: list[int] = field(default_factory=list)
     out_bytes: bytearray = field(default_factory=bytearray)
     logprob_sum: float = 0.0
+    logprobs: list[float] = field(default_factory=list)  # each out_tokens entry's
     text: str = ""
     finish: str | None = None
     logits_index: int = -1  # row of its next-token logits in the last decode; -1: none
@@ -350,15 +351,18 @@ class LlamaEngine:
         self._thread.start()
 
     # ----------------------------------------------------------------- tokens
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """``text``'s tokens. ``special`` parses control-token texts (``<start_of_turn>``) into
+        the tokens; only for text Legion wrote itself, never for user text (see
+        ``legion.chat_template.ChatTemplate.render_pieces``)."""
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lc.llama_token * cap)()
-        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, False)
+        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
         if n < 0:
             cap = -n
             buf = (self._lc.llama_token * cap)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, False)
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
         return list(buf[:n])
 
     def _piece(self, token: int) -> bytes:
@@ -372,18 +376,39 @@ class LlamaEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
+    def describe(self) -> ModelDescription:
+        """Which model this engine runs, as llama.cpp reports it."""
+        lc = self._lc
+        buf = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self._model, buf, len(buf))
+        desc = buf.value.decode("utf-8", errors="replace")
+        arch = ctypes.create_string_buffer(128)
+        n = lc.llama_model_meta_val_str(self._model, b"general.architecture", arch, len(arch))
+        return ModelDescription(
+            file=Path(self.model_path).name,
+            path=self.model_path,
+            architecture=arch.value.decode("utf-8", errors="replace") if n >= 0 else desc.split(" ")[0],
+            description=desc,
+            size_bytes=int(lc.llama_model_size(self._model)),
+            n_params=int(lc.llama_model_n_params(self._model)),
+            n_ctx_train=int(lc.llama_model_n_ctx_train(self._model)),
+        )
+
     # ----------------------------------------------------------------- public API
     def submit_generate(
-        self, prompt: str, params: SamplingParams, n: int = 1, timeout_s: float | None = None
+        self, prompt: str | Sequence[int], params: SamplingParams, n: int = 1, timeout_s: float | None = None
     ) -> Future:
-        """Queue ``n`` completions of ``prompt`` (the prompt is evaluated once for all ``n``).
+        """Queue ``n`` completions of ``prompt`` (the prompt is evaluated once for all ``n``):
+        text, tokenized as plain text, or tokens (a chat prompt's, from ``Agent``).
 
         The future's result is a list of ``n`` generations. Past ``timeout_s`` the sequences
         stop where they are with ``finish_reason == "timeout"``.
         """
         if not 1 <= n <= self.n_parallel:
             raise InvalidRequest(f"n must be between 1 and {self.n_parallel} (n_parallel), got {n}")
-        toks = self.tokenize(prompt)
+        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not toks:
+            raise InvalidRequest("the prompt is empty: send some text")
         if len(toks) + params.max_tokens > self.n_ctx:
             raise InvalidRequest(
                 f"the prompt is {len(toks)} tokens and max_tokens is {params.max_tokens}; "
@@ -690,6 +715,7 @@ class LlamaEngine:
                 finish_reason=s.finish or "length",
                 mean_logprob=(s.logprob_sum / len(s.out_tokens)) if s.out_tokens else 0.0,
                 seconds=elapsed,
+                **self._token_logprobs(s),
             )
             for s in job.seqs
         ]
@@ -697,6 +723,19 @@ class LlamaEngine:
         with self._cv:
             self._counters["tokens"] += sum(g.completion_tokens for g in gens)
         job.future.set_result(gens)
+
+    def _token_logprobs(self, s: _Seq) -> dict:
+        """The tokens that make up ``s.text`` (a stop sequence may have cut the last ones off)
+        and their log-probabilities."""
+        tokens: list[str] = []
+        size, got = len(s.text.encode("utf-8")), 0
+        for tok in s.out_tokens:
+            if got >= size:
+                break
+            piece = self._piece(tok)
+            got += len(piece)
+            tokens.append(piece.decode("utf-8", errors="replace"))
+        return {"tokens": tokens, "token_logprobs": [round(x, 5) for x in s.logprobs[: len(tokens)]]}
 
     # ----------------------------------------------------------------- llama.cpp calls
     def _logits(self, index: int) -> np.ndarray:
@@ -800,6 +839,7 @@ class LlamaEngine:
             return
         s.out_tokens.append(tok)
         s.logprob_sum += logprob
+        s.logprobs.append(logprob)
         s.out_bytes += self._piece(tok)
         text = s.out_bytes.decode("utf-8", errors="ignore")
         cut = min((i for i in (text.find(x) for x in s.params.stop if x) if i >= 0), default=-1)

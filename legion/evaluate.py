@@ -244,6 +244,15 @@ class Scorer:
             self.engines[path] = eng
         return self.engines[path]
 
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Each agent's model as llama.cpp describes it (only its file name when every score
+        came from the score cache and the model never loaded)."""
+        out = {}
+        for a in self.agents:
+            eng = self.engines.get(self._model(a))
+            out[a.name] = eng.describe().model_dump() if eng else {"file": Path(self._model(a)).name}
+        return out
+
     def calls(self, a: AgentConfig, item: Item) -> list[tuple[str, list[str]]]:
         """The scoring calls of agent ``a`` on ``item``: its view, then the reference if its
         rule needs one."""
@@ -560,6 +569,8 @@ def evaluate(
     picks: dict[str, list[int]] = {a.name: [] for a in chosen}
     try:
         scored = scorer.score_items(items, progress)
+        if report is not None and isinstance(scorer, Scorer):
+            report["models"] = scorer.models()
         if report is not None and baseline_items > 0 and isinstance(scorer, Scorer):
             n = min(baseline_items, len(items))
             report["plain_s_per_item"] = plain_baseline(scorer, n, len(items))
@@ -845,6 +856,12 @@ def run_eval_cli(args: Any) -> int:
 def _report_lines(report: dict[str, Any]) -> list[str]:
     """The timing ratios and the agreement between agents, as printed under the table."""
     lines: list[str] = []
+    models = report.get("models", {})
+    if models:
+        lines.append("models:")
+        for name, m in models.items():
+            about = f" ({m['description']}, {m['size_bytes'] / 2**20:.0f} MiB)" if "description" in m else ""
+            lines.append(f"  {name}: {m['file']}{about}")
     t = report.get("timing", {})
     rows = t.get("agents", {})
     for name, r in rows.items():

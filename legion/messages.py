@@ -34,6 +34,20 @@ class GenerateRequest(BaseModel):
     history: list[ChatTurn] = Field(default_factory=list)
 
 
+class CompletionRequest(BaseModel):
+    """A raw-prompt completion by one agent (``POST /v1/completions``): the prompt is the
+    client's own text, used as it is, with no role prompt and no template."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float | None = None  # None: the agent's sampling config
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    timeout_s: float | None = None
+    request_id: str | None = None
+
+
 class Generation(BaseModel):
     """One completion from an engine."""
 
@@ -43,6 +57,9 @@ class Generation(BaseModel):
     finish_reason: str  # "stop" (stop sequence or end of text) or "length"
     mean_logprob: float  # mean log-probability of the generated tokens under the model
     seconds: float
+    # Each generated token's text and log-probability (what /v1/completions' logprobs shows).
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
 
 
 class Candidate(BaseModel):
@@ -125,6 +142,18 @@ class AgentStats(BaseModel):
     completion_tokens: int = 0
 
 
+class ModelDescription(BaseModel):
+    """The GGUF an agent runs, as llama.cpp reports it once loaded."""
+
+    file: str = Field(..., description="The GGUF's file name.")
+    path: str
+    architecture: str = Field(..., description="general.architecture, e.g. gemma3, llama, qwen2.")
+    description: str = Field(..., description="llama_model_desc: architecture, size, quantisation.")
+    size_bytes: int = Field(..., description="llama_model_size: the weights' bytes.")
+    n_params: int = Field(..., description="llama_model_n_params.")
+    n_ctx_train: int = Field(..., description="The context length it was trained with.")
+
+
 class AgentHealth(BaseModel):
     """``state``: ``loading`` (the model is loading, or the actor is restarting), ``ready`` (it
     loaded and decoded a token), ``failed`` (it cannot serve: ``error`` says why)."""
@@ -135,6 +164,7 @@ class AgentHealth(BaseModel):
     error: str | None = None
     node_id: str | None = None
     pid: int | None = None
+    model: ModelDescription | None = Field(None, description="The model it runs (once loaded).")
 
 
 class TaskRequest(BaseModel):

@@ -32,13 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPES = ("read", "tasks", "admin")
-"""``read``: GET routes; ``tasks``: asking (tasks, chat); ``admin``: every other write (ingest, cache)."""
+"""``read``: GET routes; ``tasks``: asking (tasks, chat, completions, embeddings); ``admin``: every
+other write (ingest, cache)."""
 
 API_KEYS_ENV = "LEGION_API_KEYS"
 MIN_KEY_CHARS = 16
 _HASH_PREFIX = "sha256:"
 _PUBLIC_PATHS = frozenset({"/healthz", "/favicon.ico"})
-_TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions"})
+_TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 Scope = MutableMapping[str, Any]

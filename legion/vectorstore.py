@@ -131,8 +131,14 @@ class Embedder:
         self._threads = threads
         self._encode_lock = threading.Lock()  # torch's thread count is the process's
         path = str(model_path or bundled_embedder_path())
+        self._path = path
         self._model = SentenceTransformer(path, device="cpu", local_files_only=True)
         self.dim = int(self._model.get_embedding_dimension())
+
+    @property
+    def name(self) -> str:
+        """The model's name, as ``/v1/embeddings`` and ``/v1/models`` call it."""
+        return Path(self._path).name
 
     def embed(self, texts: list[str], batch_size: int = 32, threads: int | None = None) -> list[list[float]]:
         """Unit vectors of ``texts``, on ``threads`` threads (default: the constructor's)."""
@@ -149,6 +155,12 @@ class Embedder:
                 if threads and threads != self._threads:
                     torch.set_num_threads(self._threads)
         return [v.tolist() for v in vectors]
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads of ``texts`` (each cut at its maximum sequence length)."""
+        limit = self._model.get_max_seq_length() or 512
+        ids = self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        return sum(min(len(i), limit) for i in ids)
 
 
 def _payload(c: Chunk) -> dict:
@@ -500,7 +512,7 @@ class Retriever:
         finally:
             self._loaded.set()
 
-    def _ready(self) -> tuple[Embedder, VectorStore | EdgeVectorStore]:
+    def _embedder_ready(self) -> Embedder:
         if not self._loaded.wait(self.rag.load_timeout_s):
             raise NotReady(
                 f"the retriever is still loading its embedding model after {self.rag.load_timeout_s}s"
@@ -508,6 +520,10 @@ class Retriever:
         if self._error is not None:
             raise self._error
         assert self._embedder is not None
+        return self._embedder
+
+    def _ready(self) -> tuple[Embedder, VectorStore | EdgeVectorStore]:
+        self._embedder_ready()
         with self._store_lock:
             if self._store is None:
                 rag = self.rag
@@ -547,6 +563,11 @@ class Retriever:
             log.warning("retrieval skipped: %s", exc.message)
             return Retrieval(info=RetrievalInfo(used=False, collection=name, reason=exc.message))
         return Retrieval(info=RetrievalInfo(used=True, collection=name), chunks=chunks)
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The unit-length vectors of ``texts`` (as retrieval stores them) and the tokens read."""
+        embedder = self._embedder_ready()
+        return embedder.embed(texts), embedder.count_tokens(texts)
 
     def ingest(
         self,

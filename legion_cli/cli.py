@@ -177,6 +177,10 @@ def _bench(args: argparse.Namespace) -> int:
     from legion.engine import bundled_model_path
 
     _preflight([bundled_model_path()])
+    if args.model_memory:
+        from legion_cli.model_memory import run_model_memory
+
+        return run_model_memory(args.model_path, args.json)
     if args.rag:
         from legion_cli.rag_bench import run_rag_bench
 
@@ -378,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pip --target folders) side by side, ratios to the first",
     )
     b.add_argument("--threads", type=int, default=2, help="with --llama-builds: llama.cpp threads")
+    b.add_argument(
+        "--model-memory",
+        action="store_true",
+        help="instead: RSS and PSS of two agent processes on one GGUF file against two on two files "
+        "(the model and a copy of it), side by side",
+    )
+    b.add_argument("--model-path", help="with --model-memory: the GGUF (default: the bundled Gemma)")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("ingest", help="chunk, embed and store documents (.txt, .md, .html) for retrieval")

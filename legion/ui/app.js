@@ -389,6 +389,9 @@ function showAgents(agents) {
     const state = h.state === "failed" ? "failed" : h.loaded ? "loaded" : h.error ? "down" : "loading";
     return el("tr", { "data-agent": a.name },
       el("td", {}, a.name), el("td", {}, a.role),
+      el("td", { class: "model", title: h.model ? `${h.model.path} · ${h.model.n_params} parameters` : "" },
+        h.model ? `${h.model.file} (${h.model.description}, ${fmt(h.model.size_bytes / 2 ** 20, 0)} MiB)`
+          : (a.pool && a.pool.model_file) || "–"),
       el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),
       el("td", {}, inFlight), el("td", {}, replicas.length),
       el("td", {}, fmt(s.tokens_per_s, 1)), el("td", {}, s.requests === undefined ? "–" : s.requests),
@@ -436,7 +439,7 @@ async function loadModels() {
     const select = $("strategy");
     select.replaceChildren(el("option", { value: "" }, "default"));
     for (const m of models) {
-      const name = m.id.includes(":") ? m.id.split(":")[1] : null;
+      const name = m.id.startsWith("legion:") ? m.id.split(":")[1] : null; // not the agents' models
       if (name) select.append(el("option", { value: name }, name));
     }
   } catch (err) {

@@ -155,3 +155,11 @@ def test_candidates_are_each_agents_most_likely_choice():
     s = OptionScores(options=["0", "1"], texts=["a", "b"], loglik={"x": [-2.0, -1.0]}, n_tokens={"x": [1, 2]})
     [c] = candidates_from(s, [AgentConfig(name="x")])
     assert (c.normalized, c.text, c.score) == ("1", "b", -0.5)
+
+
+def test_the_eval_report_names_each_agents_model():
+    from legion.evaluate import _report_lines
+
+    gemma = {"file": "gemma.gguf", "description": "gemma3 270M Q4_K - Medium", "size_bytes": 253 * 2**20}
+    lines = _report_lines({"models": {"a": gemma, "b": {"file": "tiny.gguf"}}})
+    assert lines[:3] == ["models:", "  a: gemma.gguf (gemma3 270M Q4_K - Medium, 253 MiB)", "  b: tiny.gguf"]
