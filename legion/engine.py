@@ -135,7 +135,8 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 
 # llama_token_data as NumPy sees it, to fill and read a llama_token_data_array in one pass.
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-# Candidates a rejected pick checks against its grammar, best logits first: a few, many, all.
+# Candidates a rejected pick checks against its grammar, best logits first: a few, many, all
+# (of those whose first byte it allows).
 _GRAMMAR_WAVES = (64, 2048)
 
 
@@ -328,6 +329,8 @@ class LlamaEngine:
         self._filler_token = bos if bos >= 0 else 0
         eos = lc.llama_vocab_eos(self._vocab)
         self._eog_token = eos if eos >= 0 else lc.llama_vocab_eot(self._vocab)
+        self._first_bytes_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._first_bytes_lock = threading.Lock()
         self._prefix_cache = PrefixCache(range(n_parallel, n_streams))
         # token -> (its text holds a blank line, starts with a newline, ends with one)
         self._breaks: dict[int, tuple[bool, bool, bool]] = {}
@@ -402,6 +405,7 @@ class LlamaEngine:
             job.deadline = job.submitted + timeout_s
         try:
             if params.grammar is not None:
+                self._first_bytes()  # built once, here rather than in the scheduler's step
                 for s in seqs:  # one sampler per sequence: each holds its own parse state
                     s.grammar = self._new_grammar(params.grammar)
             return self._enqueue(job)
@@ -816,8 +820,13 @@ class LlamaEngine:
         step. So: draw from the unconstrained logits and check that one token; nearly always the
         grammar allows it. Only when it rejects it, draw again from the grammar-masked
         distribution: the allowed tokens in order of logit, the top-k of them, then temperature
-        and top-p as usual (greedy: the best allowed token). Candidates are checked in waves of
-        the best logits (64, 2048, then all) until the wave holds top-k allowed tokens.
+        and top-p as usual (greedy: the best allowed token).
+
+        That redraw checks as few tokens as it can. A token whose first byte the grammar
+        rejects is rejected, so one check of the single-byte tokens (at most 256) rules out
+        every token that starts with a rejected byte: where the grammar forces a literal (a
+        key, a brace) that leaves a few hundred. The rest are checked in waves of the best
+        logits (64, 2048, then all) until a wave holds top-k allowed tokens.
 
         The end of generation (EOG) is allowed only where the grammar is complete. A sequence
         whose grammar is complete ends as soon as the model's own pick falls outside it (text
@@ -830,21 +839,45 @@ class LlamaEngine:
             return tok
         if self._grammar_allows(g, np.array([self._eog_token], dtype=np.int32))[0]:
             return self._eog_token
+        first, probe_bytes, probe_ids = self._first_bytes()
+        byte_ok = np.ones(257, dtype=bool)  # a byte without a token of its own stays possible
+        byte_ok[256] = False  # tokens with no text (control tokens)
+        byte_ok[probe_bytes] = self._grammar_allows(g, probe_ids)
+        cands = np.flatnonzero(byte_ok[first])
         p = s.params
         need = 1 if p.temperature <= 0.0 else (p.top_k if p.top_k > 0 else self.n_vocab)
-        allowed = np.empty(0, dtype=np.int64)
-        for wave in (*_GRAMMAR_WAVES, self.n_vocab):
-            if wave >= self.n_vocab:
-                idx = np.arange(self.n_vocab)
-            else:
-                idx = _top_k(logits, max(wave, need) if need < self.n_vocab else self.n_vocab)
-            idx = idx[np.argsort(-logits[idx], kind="stable")]
-            allowed = idx[self._grammar_allows(g, idx)]
-            if len(allowed) >= need or len(idx) >= self.n_vocab:
+        sub = logits[cands]
+        allowed = cands[:0]
+        for wave in (*_GRAMMAR_WAVES, len(cands)):
+            k = min(max(wave, need), len(cands))
+            pos = np.arange(len(cands)) if k >= len(cands) else _top_k(sub, k)
+            ids = cands[pos[np.argsort(-sub[pos], kind="stable")]]
+            allowed = ids[self._grammar_allows(g, ids)]
+            if len(allowed) >= need or k >= len(cands):
                 break
         if len(allowed) == 0:
             return -1
         return self._sample(logits, s, among=allowed[:need])
+
+    def _first_bytes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every token's first byte (256: no text), and the single-byte tokens as (bytes, ids)."""
+        with self._first_bytes_lock:
+            if self._first_bytes_cache is None:
+                first = np.full(self.n_vocab, 256, dtype=np.int16)
+                single: dict[int, int] = {}
+                for tok in range(self.n_vocab):
+                    piece = self._piece(tok)
+                    if piece:
+                        first[tok] = piece[0]
+                        if len(piece) == 1:
+                            single.setdefault(piece[0], tok)
+                probe = sorted(single)
+                self._first_bytes_cache = (
+                    first,
+                    np.array(probe, dtype=np.int64),
+                    np.array([single[b] for b in probe], dtype=np.int32),
+                )
+            return self._first_bytes_cache
 
     def _grammar_allows(self, grammar: int, ids: np.ndarray) -> np.ndarray:
         """Which of the tokens ``ids`` the grammar sampler allows next (a bool per id)."""
