@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from legion.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
+from legion.constrained import instruction
 from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
 from legion.equivalence import prompt_markers
 from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
@@ -145,6 +146,7 @@ class Agent:
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
             stop=self._stops,
+            grammar=None if req.output is None else req.output.grammar,
         )
 
     def prompt(
@@ -182,7 +184,8 @@ class Agent:
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
         """
         engine = self.engine(timeout_s)
-        prompt = self.prompt_for_engine(req.task, req.context, req.history)
+        task = req.task if req.output is None else f"{req.task}\n\n{instruction(req.output)}"
+        prompt = self.prompt_for_engine(task, req.context, req.history)
         with self._stats_lock:
             self._stats.in_flight += 1
         try:

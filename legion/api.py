@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from legion.config import LegionConfig
+from legion.constrained import response_format_spec, schema_spec
 from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from legion.history import Turn
 from legion.messages import (
@@ -89,6 +90,15 @@ class TaskBody(BaseModel):
         description="Answer as server-sent events: candidate and trace events as the agents work, "
         "then result (this response's JSON), then done; a failure is an error event.",
     )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="A JSON schema (draft 2020-12): every agent answers with JSON that matches it, "
+        "and the answer is one of those. An invalid schema is a 400.",
+    )
+    vote_field: str | None = Field(
+        None, description="With schema: vote on this required top-level field instead of the whole answer."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -118,6 +128,9 @@ class ChatBody(BaseModel):
     cache: bool = True
     use_rag: bool | None = None
     collection: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    response_format: dict[str, Any] | None = Field(
+        None, description='OpenAI\'s: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}.'
+    )
 
 
 def new_id(prefix: str = "task") -> str:
@@ -150,11 +163,14 @@ def check_max_tokens(value: int | None, cfg: LegionConfig) -> int | None:
 def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
     strategy = body.strategy or cfg.arbiter.default_strategy
     get_strategy(strategy)
+    if body.vote_field is not None and body.json_schema is None:
+        raise InvalidRequest("vote_field needs a schema: send 'schema' with the field as a required property")
     return TaskRequest(
         id=new_id(),
         task=check_task_text(body.task, cfg),
         strategy=strategy,
         max_tokens=check_max_tokens(body.max_tokens, cfg),
+        output=None if body.json_schema is None else schema_spec(body.json_schema, body.vote_field),
     )
 
 
@@ -238,6 +254,7 @@ def chat_request(
         strategy=strategy_for_model(body.model, cfg),
         max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
         context=context,
+        output=response_format_spec(body.response_format),
     )
 
 

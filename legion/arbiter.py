@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from legion import metrics
 from legion.agent import build_prompt
 from legion.config import LegionConfig
+from legion.constrained import AnswerMismatch, parse_answer, vote_key
 from legion.engine import ScoredContinuation
 from legion.equivalence import canonical
 from legion.errors import ErrorCode, LegionError, Overloaded, TaskTimeout
@@ -59,6 +60,30 @@ def _overloaded(detail: str) -> Overloaded:
         f"every agent is saturated ({detail}); retry after the Retry-After delay",
         details={"retry_after_s": 2},
     )
+
+
+def _check_constrained(c: Candidate, gen: GenerateRequest) -> Candidate:
+    """A constrained answer with its vote key (canonical JSON), or, when it does not parse or
+    validate, a failed candidate that says why: it takes no part in the vote."""
+    try:
+        value = parse_answer(c.text, gen.output)
+    except AnswerMismatch as exc:
+        why = str(exc)
+        if c.finish_reason == "length":
+            why = f"the answer was cut at max_tokens ({c.completion_tokens} tokens): {why}; raise max_tokens"
+        elif c.finish_reason == "timeout":
+            why = f"the answer was cut by the task's timeout: {why}"
+        return c.model_copy(update={"error": why, "normalized": ""})
+    return c.model_copy(update={"normalized": vote_key(value, gen.output)})
+
+
+def _constrained_answer(s: _Session, key: str, fallback: str) -> str:
+    """The whole JSON text of the best-scoring candidate whose vote key won (a strategy's
+    representative text is an answer's first line, which is not JSON)."""
+    pool = [c for c in [*s.latest, *(s.first or [])] if c.ok and c.normalized == key]
+    if not pool:
+        return fallback
+    return max(pool, key=lambda c: c.score if c.score is not None else float("-inf")).text
 
 
 class _Session:
@@ -103,6 +128,9 @@ class _Session:
             context=ctx,
             request_id=self.req.request_id,
             timeout_s=self.remaining_s(),
+            # The schema binds every answer to the task itself (fan-out, debate rounds, the
+            # integrator), not a plan or the sub-questions a strategy asks on the way.
+            output=self.req.output if task == self.task else None,
         )
 
     def remaining_s(self) -> float | None:
@@ -134,7 +162,7 @@ class _Session:
             return Candidate(
                 agent=name, role=role, error=describe_failure(exc), error_code=code, latency_ms=self.now_ms()
             )
-        return Candidate(
+        c = Candidate(
             agent=name,
             role=role,
             text=out.text.strip(),
@@ -143,7 +171,9 @@ class _Session:
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             latency_ms=self.now_ms(),
+            finish_reason=out.finish_reason,
         )
+        return c if gen.output is None else _check_constrained(c, gen)
 
     async def _gather(
         self, requests: Mapping[str, GenerateRequest], step: str, trace_each: bool
@@ -183,7 +213,10 @@ class _Session:
                 latency_ms=self.now_ms(),
             )
         # Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split.
-        ordered, merged = canonical([out[n] for n in requests])
+        # Constrained (JSON) answers already carry their canonical JSON as the key.
+        constrained = any(r.output is not None for r in requests.values())
+        answers = [out[n] for n in requests]
+        ordered, merged = (answers, {}) if constrained else canonical(answers)
         if merged:
             self.trace("equivalent_answers", during=step, groups=merged)
         for c in ordered:
@@ -211,7 +244,8 @@ class _Session:
         options: dict[str, str] = {}
         for c in candidates:
             if c.ok and c.normalized:
-                options.setdefault(c.normalized, c.text.splitlines()[0].strip() if c.text.strip() else c.text)
+                whole = self.req.output is not None or not c.text.strip()  # JSON: the whole answer
+                options.setdefault(c.normalized, c.text if whole else c.text.splitlines()[0].strip())
         if not options:
             return None
         keys, texts = list(options), list(options.values())
@@ -288,6 +322,8 @@ class Arbiter:
             s.weights = await asyncio.to_thread(self.trust.weights, names)
             s.trace("trust", weights={a: round(w, 4) for a, w in s.weights.items()})
         decision = await strategy.deliberate(s)
+        if s.req.output is not None:
+            decision.answer = _constrained_answer(s, decision.answer_key, decision.answer)
         first = s.first or s.latest
         first_ok = [c for c in first if c.ok]
         agreement = (

@@ -8,8 +8,10 @@ a fan-out, are evaluated once and their KV cells copied to the other sequences w
 ``llama_memory_seq_cp``; scoring evaluates a context once for all its continuations the same
 way. An automatic prefix cache (``PrefixCache``) keeps the KV cells of prompt prefixes that
 recur, such as an agent's role prompt and few-shot exemplars, in streams of their own, so a
-fixed prefix is evaluated once per engine rather than once per request. Any thread may call
-``generate``, ``generate_batch``, ``score`` or the ``submit_*`` methods.
+fixed prefix is evaluated once per engine rather than once per request. A sequence may carry
+a grammar (GBNF, ``SamplingParams.grammar``): llama.cpp's grammar sampler then holds its text
+to the grammar while it shares each decode with free sequences (see ``LlamaEngine._pick``). Any
+thread may call ``generate``, ``generate_batch``, ``score`` or the ``submit_*`` methods.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legion.errors import InvalidRequest, LegionError, ModelLoadError, NotReady, Overloaded
+from legion.errors import InvalidRequest, InvalidSchema, LegionError, ModelLoadError, NotReady, Overloaded
 from legion.messages import Generation, ModelDescription
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,12 @@ def bundled_model_path() -> str:
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. ``temperature == 0`` is greedy."""
+    """How to pick each next token. ``temperature == 0`` is greedy.
+
+    ``grammar``: GBNF text (root rule ``root``) the output must follow; the sequence then ends
+    when its grammar is complete and the model would write on past it, and ``stop`` does not
+    apply (the grammar decides where the text ends).
+    """
 
     max_tokens: int = 48
     temperature: float = 0.0
@@ -79,6 +86,7 @@ class SamplingParams:
     top_k: int = 40
     seed: int = 0
     stop: Sequence[str] = ()
+    grammar: str | None = None
 
 
 @dataclass
@@ -105,6 +113,7 @@ class _Seq:
     finish: str | None = None
     logits_index: int = -1  # row of its next-token logits in the last decode; -1: none
     n_past: int = 0  # tokens in its KV stream
+    grammar: int | None = None  # its llama.cpp grammar sampler (a pointer), freed with the job
 
 
 @dataclass
@@ -144,6 +153,13 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
 def _log_softmax_at(logits: np.ndarray, token: int) -> float:
     m = float(logits.max())
     return float(logits[token]) - m - float(np.log(np.exp(logits - m).sum()))
+
+
+# llama_token_data as NumPy sees it, to fill and read a llama_token_data_array in one pass.
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+# Candidates a rejected pick checks against its grammar, best logits first: a few, many, all
+# (of those whose first byte it allows).
+_GRAMMAR_WAVES = (64, 2048)
 
 
 # llama.cpp pads the cells a row attends over to a multiple of 256 (at least 256), and its CPU
@@ -333,6 +349,10 @@ class LlamaEngine:
         self._batch = lc.llama_batch_init(n_batch + n_parallel, 0, 1)
         bos = lc.llama_vocab_bos(self._vocab)
         self._filler_token = bos if bos >= 0 else 0
+        eos = lc.llama_vocab_eos(self._vocab)
+        self._eog_token = eos if eos >= 0 else lc.llama_vocab_eot(self._vocab)
+        self._first_bytes_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._first_bytes_lock = threading.Lock()
         self._prefix_cache = PrefixCache(range(n_parallel, n_streams))
         # token -> (its text holds a blank line, starts with a newline, ends with one)
         self._breaks: dict[int, tuple[bool, bool, bool]] = {}
@@ -402,7 +422,8 @@ class LlamaEngine:
         text, tokenized as plain text, or tokens (a chat prompt's, from ``Agent``).
 
         The future's result is a list of ``n`` generations. Past ``timeout_s`` the sequences
-        stop where they are with ``finish_reason == "timeout"``.
+        stop where they are with ``finish_reason == "timeout"``. A ``params.grammar`` that
+        llama.cpp cannot parse raises ``InvalidSchema``.
         """
         if not 1 <= n <= self.n_parallel:
             raise InvalidRequest(f"n must be between 1 and {self.n_parallel} (n_parallel), got {n}")
@@ -428,7 +449,15 @@ class LlamaEngine:
         )
         if timeout_s is not None:
             job.deadline = job.submitted + timeout_s
-        return self._enqueue(job)
+        try:
+            if params.grammar is not None:
+                self._first_bytes()  # built once, here rather than in the scheduler's step
+                for s in seqs:  # one sampler per sequence: each holds its own parse state
+                    s.grammar = self._new_grammar(params.grammar)
+            return self._enqueue(job)
+        except BaseException:
+            self._free_grammars(job)
+            raise
 
     def submit_score(self, context: str, continuations: Sequence[str]) -> Future:
         """Queue the scoring of ``continuations`` after ``context`` (see ``score``)."""
@@ -556,6 +585,7 @@ class LlamaEngine:
         return out
 
     def _release(self, job: _Job, seq_ids: Sequence[int]) -> None:
+        self._free_grammars(job)
         for sid in seq_ids:
             self._lc.llama_memory_seq_rm(self._mem, sid, -1, -1)
         with self._cv:
@@ -596,6 +626,7 @@ class LlamaEngine:
             with self._cv:
                 self._counters["busy_s"] += time.perf_counter() - t0
         for job in pending:
+            self._free_grammars(job)
             if not job.future.done():
                 job.future.set_exception(NotReady("the engine shut down"))
 
@@ -811,12 +842,19 @@ class LlamaEngine:
                 self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
                 self._lc.llama_memory_seq_cp(self._mem, seq_id, slot, -1, -1)
 
-    def _sample(self, logits: np.ndarray, s: _Seq) -> int:
+    def _sample(self, logits: np.ndarray, s: _Seq, among: np.ndarray | None = None) -> int:
+        """A token drawn by ``s``'s sampling parameters: from all of ``logits``, or from the
+        candidates ``among`` (ids, best logit first, the top-k already taken) when given."""
         p = s.params
+        if among is not None and p.temperature <= 0.0:
+            return int(among[0])
         if p.temperature <= 0.0:
             return int(np.argmax(logits))
-        k = p.top_k if 0 < p.top_k < logits.shape[0] else logits.shape[0]
-        idx = _top_k(logits, k) if k < logits.shape[0] else np.arange(logits.shape[0])
+        if among is not None:
+            idx = among
+        else:
+            k = p.top_k if 0 < p.top_k < logits.shape[0] else logits.shape[0]
+            idx = _top_k(logits, k) if k < logits.shape[0] else np.arange(logits.shape[0])
         vals = logits[idx].astype(np.float64) / p.temperature
         order = np.argsort(-vals)
         idx, vals = idx[order], vals[order]
@@ -828,21 +866,118 @@ class LlamaEngine:
         return int(s.rng.choice(idx, p=probs))
 
     def _pick(self, pick: tuple[_Seq, np.ndarray]) -> tuple[int, float]:
-        """The next token of a sequence and its log-probability (any thread)."""
+        """The next token of a sequence and its log-probability under the model (any thread)."""
         s, logits = pick
-        tok = self._sample(logits, s)
+        tok = self._sample(logits, s) if s.grammar is None else self._sample_constrained(logits, s)
+        if tok < 0:
+            return tok, 0.0
         return tok, _log_softmax_at(logits, tok)
 
+    def _sample_constrained(self, logits: np.ndarray, s: _Seq) -> int:
+        """The next token of a sequence with a grammar, as llama.cpp's common sampler picks it.
+
+        Applying a grammar costs a check per candidate token, too slow for Gemma's 262k every
+        step. So: draw from the unconstrained logits and check that one token; nearly always the
+        grammar allows it. Only when it rejects it, draw again from the grammar-masked
+        distribution: the allowed tokens in order of logit, the top-k of them, then temperature
+        and top-p as usual (greedy: the best allowed token).
+
+        That redraw checks as few tokens as it can. A token whose first byte the grammar
+        rejects is rejected, so one check of the single-byte tokens (at most 256) rules out
+        every token that starts with a rejected byte: where the grammar forces a literal (a
+        key, a brace) that leaves a few hundred. The rest are checked in waves of the best
+        logits (64, 2048, then all) until a wave holds top-k allowed tokens.
+
+        The end of generation (EOG) is allowed only where the grammar is complete. A sequence
+        whose grammar is complete ends as soon as the model's own pick falls outside it (text
+        after the JSON, say) instead of being steered into what else the grammar allows.
+        Returns -1 when no token at all fits the grammar (a grammar with a dead end).
+        """
+        g = s.grammar
+        tok = self._sample(logits, s)
+        if self._grammar_allows(g, np.array([tok], dtype=np.int32))[0]:
+            return tok
+        if self._grammar_allows(g, np.array([self._eog_token], dtype=np.int32))[0]:
+            return self._eog_token
+        first, probe_bytes, probe_ids = self._first_bytes()
+        byte_ok = np.ones(257, dtype=bool)  # a byte without a token of its own stays possible
+        byte_ok[256] = False  # tokens with no text (control tokens)
+        byte_ok[probe_bytes] = self._grammar_allows(g, probe_ids)
+        cands = np.flatnonzero(byte_ok[first])
+        p = s.params
+        need = 1 if p.temperature <= 0.0 else (p.top_k if p.top_k > 0 else self.n_vocab)
+        sub = logits[cands]
+        allowed = cands[:0]
+        for wave in (*_GRAMMAR_WAVES, len(cands)):
+            k = min(max(wave, need), len(cands))
+            pos = np.arange(len(cands)) if k >= len(cands) else _top_k(sub, k)
+            ids = cands[pos[np.argsort(-sub[pos], kind="stable")]]
+            allowed = ids[self._grammar_allows(g, ids)]
+            if len(allowed) >= need or k >= len(cands):
+                break
+        if len(allowed) == 0:
+            return -1
+        return self._sample(logits, s, among=allowed[:need])
+
+    def _first_bytes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every token's first byte (256: no text), and the single-byte tokens as (bytes, ids)."""
+        with self._first_bytes_lock:
+            if self._first_bytes_cache is None:
+                first = np.full(self.n_vocab, 256, dtype=np.int16)
+                single: dict[int, int] = {}
+                for tok in range(self.n_vocab):
+                    piece = self._piece(tok)
+                    if piece:
+                        first[tok] = piece[0]
+                        if len(piece) == 1:
+                            single.setdefault(piece[0], tok)
+                probe = sorted(single)
+                self._first_bytes_cache = (
+                    first,
+                    np.array(probe, dtype=np.int64),
+                    np.array([single[b] for b in probe], dtype=np.int32),
+                )
+            return self._first_bytes_cache
+
+    def _grammar_allows(self, grammar: int, ids: np.ndarray) -> np.ndarray:
+        """Which of the tokens ``ids`` the grammar sampler allows next (a bool per id)."""
+        lc = self._lc
+        buf = (lc.llama_token_data * len(ids))()
+        view = np.frombuffer(buf, dtype=_TOKEN_DATA)
+        view["id"] = ids
+        view["logit"] = 0.0
+        cur = lc.llama_token_data_array(buf, len(ids), -1, False)
+        lc.llama_sampler_apply(grammar, ctypes.byref(cur))  # rejected tokens' logits become -inf
+        return np.isfinite(view["logit"])
+
+    def _new_grammar(self, grammar: str) -> int:
+        ptr = self._lc.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not ptr:
+            raise InvalidSchema("llama.cpp could not parse the grammar (GBNF); check its rules and 'root'")
+        return ptr
+
+    def _free_grammars(self, job: _Job) -> None:
+        for s in job.seqs:
+            if s.grammar is not None:
+                self._lc.llama_sampler_free(s.grammar)
+                s.grammar = None
+
     def _accept(self, s: _Seq, tok: int, logprob: float) -> None:
+        if tok < 0:  # nothing fits the grammar: the text so far is all there is
+            s.finish = "stop"
+            return
         if self._lc.llama_vocab_is_eog(self._vocab, tok):
             s.finish = "stop"
             return
+        if s.grammar is not None:
+            self._lc.llama_sampler_accept(s.grammar, tok)  # only tokens it allowed get here
         s.out_tokens.append(tok)
         s.logprob_sum += logprob
         s.logprobs.append(logprob)
         s.out_bytes += self._piece(tok)
         text = s.out_bytes.decode("utf-8", errors="ignore")
-        cut = min((i for i in (text.find(x) for x in s.params.stop if x) if i >= 0), default=-1)
+        stops = s.params.stop if s.grammar is None else ()
+        cut = min((i for i in (text.find(x) for x in stops if x) if i >= 0), default=-1)
         if cut >= 0:
             s.text = text[:cut]
             s.finish = "stop"

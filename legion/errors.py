@@ -12,6 +12,7 @@ class ErrorCode(StrEnum):
     """Stable machine-readable error codes, returned as ``error.code`` over HTTP."""
 
     INVALID_REQUEST = "invalid_request"
+    INVALID_SCHEMA = "invalid_schema"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_STRATEGY = "unknown_strategy"
     MODEL_NOT_FOUND = "model_not_found"
@@ -30,6 +31,7 @@ class ErrorCode(StrEnum):
 
 _HTTP_STATUS = {
     ErrorCode.INVALID_REQUEST: 422,
+    ErrorCode.INVALID_SCHEMA: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNKNOWN_STRATEGY: 422,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -90,6 +92,13 @@ class ConfigError(LegionError):
 
 class InvalidRequest(LegionError):
     code = ErrorCode.INVALID_REQUEST
+
+
+class InvalidSchema(LegionError):
+    """A JSON schema or ``response_format`` Legion cannot constrain answers to; the message says
+    what is wrong with it (a 400, as OpenAI answers a bad ``response_format``)."""
+
+    code = ErrorCode.INVALID_SCHEMA
 
 
 class UnknownStrategy(LegionError):

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from legion.constrained import OutputSpec
+
 
 class ChatTurn(BaseModel):
     """One turn of a conversation as a chat agent's template sees it."""
@@ -32,6 +34,7 @@ class GenerateRequest(BaseModel):
     # Earlier turns (user/assistant) of the conversation: a chat agent renders them as turns of
     # its template, a completion agent quotes them before the task (legion.agent.build_prompt).
     history: list[ChatTurn] = Field(default_factory=list)
+    output: OutputSpec | None = None  # constrained output: the grammar the answer must follow
 
 
 class CompletionRequest(BaseModel):
@@ -54,7 +57,7 @@ class Generation(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (stop sequence or end of text) or "length"
+    finish_reason: str  # "stop" (stop sequence, end of text, grammar complete), "length" or "timeout"
     mean_logprob: float  # mean log-probability of the generated tokens under the model
     seconds: float
     # Each generated token's text and log-probability (what /v1/completions' logprobs shows).
@@ -75,6 +78,7 @@ class Candidate(BaseModel):
     latency_ms: float = 0.0
     error: str | None = None
     error_code: str | None = None  # the ErrorCode value when the agent refused with a LegionError
+    finish_reason: str | None = None  # the engine's: stop, length (cut at max_tokens) or timeout
 
     @property
     def ok(self) -> bool:
@@ -177,6 +181,7 @@ class TaskRequest(BaseModel):
     context: str = ""
     request_id: str | None = None  # the HTTP request's X-Request-Id; the Arbiter passes it on
     timeout_s: float | None = None  # the whole task's budget; past it the Arbiter answers 504
+    output: OutputSpec | None = None  # constrained output (a JSON schema); in the cache key
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

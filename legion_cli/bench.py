@@ -12,6 +12,8 @@
 4. The prefix cache: time to first token of prompts that share a ~500-token fixed prefix (a
    role prompt and exemplars), on an engine with the automatic prefix cache against one
    without, alternated (``--prefix-cache`` runs only this).
+5. Constrained output (``--constrained`` runs only this): decode tokens/s of 8 concurrent
+   generations under a JSON-schema grammar against 8 free ones on one engine, alternated.
 """
 
 from __future__ import annotations
@@ -387,6 +389,75 @@ def _print_prefix_cache(p: dict) -> None:
     )
 
 
+# A schema whose answers cannot end before max_tokens (the string is at least 2000 characters
+# long): both sides decode exactly max_tokens tokens per sequence, at the same batch occupancy.
+_LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "minLength": 2000}},
+    "required": ["answer"],
+}
+
+
+def _constrained_vs_free(model_path: str, threads: int, max_tokens: int, repeats: int, n: int = 8) -> dict:
+    """Tokens/s of ``n`` concurrent generations under a JSON-schema grammar against ``n`` free
+    ones on the same engine and prompts, alternated in ``repeats`` pairs (median of the pair
+    ratios). The constrained sequences pay for the grammar: a check of every picked token,
+    and a masked redraw where the grammar rejects the model's pick."""
+    from dataclasses import replace
+
+    from legion.constrained import instruction, schema_spec
+    from legion.engine import LlamaEngine
+
+    spec = schema_spec(_LONG_SCHEMA)
+    grammar = spec.grammar
+    # Both sides get the instruction a constrained agent adds to its task (legion.agent).
+    prompts = [_as_agent_sees(f"{instruction(spec)}\n{p}") for p in _PROMPTS]
+    free = _params(max_tokens)
+    constrained = replace(free, grammar=grammar)
+    engine = LlamaEngine(model_path, n_threads=threads, n_parallel=n)
+    try:
+        engine.generate(prompts[0], replace(constrained, max_tokens=4))  # warm-up
+
+        def tokens_per_s(params) -> tuple[float, int]:
+            batch = [(prompts[i % len(prompts)], replace(params, seed=params.seed + i)) for i in range(n)]
+            t0 = time.perf_counter()
+            gens = engine.generate_batch(batch)
+            tokens = sum(g.completion_tokens for g in gens)
+            return tokens / (time.perf_counter() - t0), tokens
+
+        pairs, free_tps, con_tps = [], [], []
+        for r in range(max(1, repeats)):
+            sides = [(free, free_tps), (constrained, con_tps)][:: 1 if r % 2 == 0 else -1]
+            got = {}
+            for params, out in sides:
+                tps, tokens = tokens_per_s(params)
+                out.append(tps)
+                got[params.grammar is not None] = (tps, tokens)
+            if got[True][1] != got[False][1]:
+                raise RuntimeError(f"the sides decoded {got[True][1]} and {got[False][1]} tokens")
+            pairs.append(got[True][0] / got[False][0])
+    finally:
+        engine.close()
+    return {
+        "threads": threads,
+        "sequences": n,
+        "max_tokens": max_tokens,
+        "pairs": len(pairs),
+        "free_tokens_per_s": round(statistics.median(free_tps), 1),
+        "constrained_tokens_per_s": round(statistics.median(con_tps), 1),
+        "pair_ratios": [round(x, 3) for x in pairs],
+        "constrained_vs_free_tokens_per_s_ratio": round(statistics.median(pairs), 3),
+    }
+
+
+def _print_constrained(c: dict) -> None:
+    print(
+        f"{c['sequences']} concurrent generations of {c['max_tokens']} tokens ({c['threads']} threads, "
+        f"{c['pairs']} pairs): free {c['free_tokens_per_s']} tok/s, JSON-schema constrained "
+        f"{c['constrained_tokens_per_s']} tok/s, ratio {c['constrained_vs_free_tokens_per_s_ratio']}"
+    )
+
+
 def _noop_app():
     """A Serve app that answers a POST with a constant: the floor any Serve HTTP request pays
     (Serve's proxy, its hop to a replica and back), measured beside Legion's own route."""
@@ -485,6 +556,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     model_path = bundled_model_path()
     cores = float(os.cpu_count() or 1)
+    if getattr(args, "constrained", False):
+        _progress("constrained output: JSON-schema grammar against free generation ...")
+        c = _constrained_vs_free(model_path, max(1, int(cores)), args.max_tokens, args.repeats)
+        if args.json:
+            print(json.dumps({"model": os.path.basename(model_path), "constrained": c}))
+        else:
+            _print_constrained(c)
+        return 0
     if getattr(args, "prefix_cache", False):
         _progress("prefix cache: time to first token with and without it ...")
         p = _prefix_cache_ttft(model_path, max(1, int(cores)), args.repeats)

@@ -354,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only: time to first token after a ~500-token fixed prefix, with and without the prefix cache",
     )
     b.add_argument(
+        "--constrained",
+        action="store_true",
+        help="only: tokens/s of 8 generations under a JSON-schema grammar against 8 free ones, and the ratio",
+    )
+    b.add_argument(
         "--rag",
         action="store_true",
         help="instead: recall@5 and accuracy with/without retrieval on the shipped documents, "

@@ -54,3 +54,14 @@ def test_bench_prefix_cache_alone():
     assert out.returncode == 0, out.stderr[-3000:]
     p = json.loads(out.stdout.strip().splitlines()[-1])["prefix_cache"]
     assert p["requests"] == 4 and p["ttft_cached_vs_uncached_ratio"] > 0
+
+
+def test_bench_constrained_alone():
+    cmd = [sys.executable, "-m", "legion_cli", "bench", "--constrained", "--json", "--repeats", "1"]
+    cmd += ["--max-tokens", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = json.loads(out.stdout.strip().splitlines()[-1])["constrained"]
+    assert c["pairs"] == 1 and c["sequences"] == 8 and c["max_tokens"] == 4
+    assert c["free_tokens_per_s"] > 0 and c["constrained_tokens_per_s"] > 0
+    assert c["constrained_vs_free_tokens_per_s_ratio"] == c["pair_ratios"][0] > 0
