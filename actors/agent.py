@@ -60,8 +60,8 @@ class AgentActor:
         metrics.tokens_generated(self._tag, gen.completion_tokens)
         return gen
 
-    def score(self, context: str, continuations: list[str], load_timeout_s: float = 120.0):
-        return self._agent.score(context, continuations, timeout_s=load_timeout_s)
+    def score(self, task: str, context: str, continuations: list[str], load_timeout_s: float = 120.0):
+        return self._agent.score(task, context, continuations, timeout_s=load_timeout_s)
 
     def health(self) -> AgentHealth:
         h = self._agent.health()

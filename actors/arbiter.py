@@ -12,10 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from ray.exceptions import ActorDiedError
-
 from actors.pool import AgentPool
-from actors.remote import RayAgents, agent_error
+from actors.remote import RayAgents
 from legion import metrics
 from legion.arbiter import Arbiter, Event
 from legion.config import LegionConfig
@@ -35,11 +33,6 @@ class ArbiterActor:
         }
         self._arbiter = Arbiter(self.cfg, RayAgents(self._pools))
         self._autoscaler: asyncio.Task | None = None
-
-    def _agent(self, name: str) -> AgentPool:
-        """The agent's pool; it takes calls like an actor handle (``.generate.remote(req)``)."""
-        self._ensure_autoscaler()
-        return self._pools[name]
 
     def _ensure_autoscaler(self) -> None:
         if self._autoscaler is None or self._autoscaler.done():
@@ -86,47 +79,9 @@ class ArbiterActor:
                 yield item
 
     async def agents(self) -> list[dict]:
-        """Each agent's config, health, stats and trust weight (health ``None`` if it did not answer)."""
-        names = [a.name for a in self.cfg.agents]
-        try:
-            trust = await asyncio.to_thread(self._arbiter.trust.records, names)
-        except Exception:
-            log.exception("could not read the trust weights")
-            trust = {}
-        out = []
-        for a in self.cfg.agents:
-            entry = {
-                "name": a.name,
-                "role": a.role,
-                "config": a.model_dump(mode="json"),
-                "pool": self._pools[a.name].info(),
-            }
-            t = trust.get(a.name)
-            entry["trust"] = (
-                {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
-                if t
-                else None
-            )
-            try:
-                h = self._agent(a.name)
-                health, stats = await asyncio.wait_for(
-                    asyncio.gather(h.health.remote(), h.stats.remote()), timeout=5.0
-                )
-                entry["health"] = health.model_dump()
-                entry["stats"] = stats
-            except Exception as exc:  # an agent that is dead or restarting
-                # Dead for good (restarts used up, or the named actor is gone) is failed; a
-                # restarting or unresponsive one may still come back.
-                dead = isinstance(exc, ActorDiedError | ValueError)
-                entry["health"] = {
-                    "name": a.name,
-                    "loaded": False,
-                    "state": "failed" if dead else "loading",
-                    "error": agent_error(exc),
-                }
-                entry["stats"] = None
-            out.append(entry)
-        return out
+        """``legion.arbiter.Arbiter.describe_agents``: each agent's config, pool, trust, health, stats."""
+        self._ensure_autoscaler()
+        return await self._arbiter.describe_agents()
 
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         """``agent``'s completion of a raw prompt (``POST /v1/completions``), on the replica of

@@ -17,8 +17,9 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from actors.pool import AgentPool
 from legion.arbiter import Event, describe_failure
 from legion.engine import ScoredContinuation
-from legion.errors import AgentUnavailable, InternalError, NotReady, StoreUnavailable
+from legion.errors import AgentGone, AgentUnavailable, InternalError, NotReady, StoreUnavailable
 from legion.messages import (
+    AgentHealth,
     CompletionRequest,
     Document,
     GenerateRequest,
@@ -64,11 +65,26 @@ class RayAgents:
     def saturated(self) -> bool:
         return all(pool.saturated() for pool in self._pools.values())
 
+    async def status(self, agent: str) -> tuple[AgentHealth, dict]:
+        pool = self._pools[agent]
+        try:
+            health, stats = await asyncio.gather(pool.health.remote(), pool.stats.remote())
+        except (ActorDiedError, ValueError) as exc:  # restarts used up, or the named actor is gone
+            raise AgentGone(agent_error(exc)) from None
+        except Exception as exc:  # restarting, or it broke: it may come back
+            raise AgentUnavailable(agent_error(exc)) from None
+        return health, stats
+
+    def pool_info(self, agent: str) -> dict:
+        return self._pools[agent].info()
+
     async def generate(self, agent: str, req: GenerateRequest) -> Generation:
         return await self._call(agent, "generate", req)
 
-    async def score(self, agent: str, prompt: str, continuations: list[str]) -> list[ScoredContinuation]:
-        return await self._call(agent, "score", prompt, continuations)
+    async def score(
+        self, agent: str, task: str, context: str, continuations: list[str]
+    ) -> list[ScoredContinuation]:
+        return await self._call(agent, "score", task, context, continuations)
 
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         return await self._call(agent, "complete", req)

@@ -239,9 +239,13 @@ class Agent:
         return self._loaded.wait(timeout_s)
 
     def score(
-        self, context: str, continuations: list[str], timeout_s: float | None = None
+        self, task: str, context: str, continuations: list[str], timeout_s: float | None = None
     ) -> list[ScoredContinuation]:
-        return self.engine(timeout_s).score(context, continuations)
+        """Log-likelihood of each continuation after this agent's own prompt for ``task`` and
+        ``context`` (its prompt format and template: a chat agent's prompt ends where its
+        reply begins)."""
+        prompt = self.prompt_for_engine(task, context, timeout_s=timeout_s)
+        return self.engine(timeout_s).score(prompt, continuations)
 
     def health(self) -> AgentHealth:
         loaded = self._engine is not None

@@ -16,13 +16,20 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from legion import metrics
-from legion.agent import build_prompt
 from legion.config import LegionConfig
 from legion.constrained import AnswerMismatch, parse_answer, vote_key
 from legion.engine import ScoredContinuation
 from legion.equivalence import canonical
-from legion.errors import ErrorCode, LegionError, Overloaded, TaskTimeout
-from legion.messages import Candidate, GenerateRequest, Generation, TaskRequest, TaskResult, TraceEvent
+from legion.errors import AgentGone, ErrorCode, LegionError, Overloaded, TaskTimeout
+from legion.messages import (
+    AgentHealth,
+    Candidate,
+    GenerateRequest,
+    Generation,
+    TaskRequest,
+    TaskResult,
+    TraceEvent,
+)
 from legion.strategies import OptionScores, Strategy, build_strategy, normalize_answer
 from legion.streaming import relay
 from legion.trust import TrustStore, agreement_losses
@@ -41,10 +48,22 @@ class Agents(Protocol):
         """Whether no agent can take another call now (every one's sequences and queue are full)."""
         ...
 
+    async def status(self, agent: str) -> tuple[AgentHealth, dict]:
+        """The agent's health and its stats. Raises ``AgentGone`` when it is gone for good,
+        another error when it is restarting or does not answer."""
+        ...
+
+    def pool_info(self, agent: str) -> dict:
+        """The agent's replicas and their autoscaling bounds (no call to the agent)."""
+        ...
+
     async def generate(self, agent: str, req: GenerateRequest) -> Generation: ...
 
-    async def score(self, agent: str, prompt: str, continuations: list[str]) -> list[ScoredContinuation]:
-        """The agent's log-likelihood of each continuation after ``prompt``."""
+    async def score(
+        self, agent: str, task: str, context: str, continuations: list[str]
+    ) -> list[ScoredContinuation]:
+        """The agent's log-likelihood of each continuation after its own prompt for ``task``
+        with ``context`` (rendered by the agent: its role, its prompt format, its template)."""
         ...
 
 
@@ -256,11 +275,9 @@ class _Session:
         t0 = self.now_ms()
 
         async def both(agent) -> tuple[list[ScoredContinuation], list[ScoredContinuation]]:
-            task = build_prompt(agent, self.task, self.req.context)
-            prior = build_prompt(agent, "N/A")
             calls = (
-                self._agents.score(agent.name, task, conts),
-                self._agents.score(agent.name, prior, conts),
+                self._agents.score(agent.name, self.task, self.req.context, conts),
+                self._agents.score(agent.name, "N/A", "", conts),  # the question-free prior
             )
             try:
                 return await asyncio.wait_for(asyncio.gather(*calls), timeout)
@@ -311,6 +328,44 @@ class Arbiter:
                 "Retry with a smaller max_tokens or a simpler strategy",
                 trace=[e.model_dump() for e in session.events],
             ) from None
+
+    async def describe_agents(self, timeout_s: float = 5.0) -> list[dict]:
+        """Each agent's config, pool, trust record, health and stats (``GET /v1/agents``). An
+        agent that does not answer within ``timeout_s`` is ``loading`` (it may come back), one
+        gone for good ``failed``; either way its stats are ``None``."""
+        names = [a.name for a in self.cfg.agents]
+        try:
+            trust = await asyncio.to_thread(self.trust.records, names)
+        except Exception:
+            log.exception("could not read the trust weights")
+            trust = {}
+
+        async def entry(a) -> dict:
+            t = trust.get(a.name)
+            out = {
+                "name": a.name,
+                "role": a.role,
+                "config": a.model_dump(mode="json"),
+                "pool": self.agents.pool_info(a.name),
+                "trust": {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
+                if t
+                else None,
+            }
+            try:
+                health, out["stats"] = await asyncio.wait_for(self.agents.status(a.name), timeout_s)
+                out["health"] = health.model_dump()
+            except Exception as exc:
+                state = "failed" if isinstance(exc, AgentGone) else "loading"
+                error = (
+                    f"no answer within {timeout_s:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else describe_failure(exc)
+                )
+                out["health"] = {"name": a.name, "loaded": False, "state": state, "error": error}
+                out["stats"] = None
+            return out
+
+        return list(await asyncio.gather(*(entry(a) for a in self.cfg.agents)))
 
     def stream(self, req: TaskRequest) -> AsyncIterator[Event | TaskResult]:
         """``run``'s events as they happen, then its result; its errors after the events."""

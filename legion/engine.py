@@ -459,10 +459,14 @@ class LlamaEngine:
             self._free_grammars(job)
             raise
 
-    def submit_score(self, context: str, continuations: Sequence[str]) -> Future:
+    def submit_score(self, context: str | Sequence[int], continuations: Sequence[str]) -> Future:
         """Queue the scoring of ``continuations`` after ``context`` (see ``score``)."""
-        ctx = self.tokenize(context)
-        full = [self.tokenize(context + c) for c in continuations]
+        if isinstance(context, str):
+            ctx = self.tokenize(context)
+            full = [self.tokenize(context + c) for c in continuations]
+        else:  # tokens (a chat prompt's): each continuation tokenized on its own, as plain text
+            ctx = list(context)
+            full = [ctx + self.tokenize(c, add_bos=False) for c in continuations]
         longest = max((len(f) for f in full), default=0)
         if longest > self.n_ctx:
             raise InvalidRequest(
@@ -498,12 +502,13 @@ class LlamaEngine:
         futures = [self.submit_generate(p, params) for p, params in requests]
         return [f.result()[0] for f in futures]
 
-    def score(self, context: str, continuations: Sequence[str]) -> list[ScoredContinuation]:
+    def score(self, context: str | Sequence[int], continuations: Sequence[str]) -> list[ScoredContinuation]:
         """Log-likelihood of each continuation after ``context``.
 
         The text scored for continuation ``c`` is ``context + c`` (put any separating space
-        in ``c``). The context's tokens are evaluated once; each continuation reuses their
-        KV cells through a copied sequence.
+        in ``c``); a context given as tokens is followed by ``c``'s own tokens. The context's
+        tokens are evaluated once; each continuation reuses their KV cells through a copied
+        sequence.
         """
         if not continuations:
             return []

@@ -166,6 +166,10 @@ class AgentUnavailable(NotReady):
     """An agent's actor is gone or restarting; it rejoins by itself."""
 
 
+class AgentGone(AgentUnavailable):
+    """An agent's actor is gone for good (its restarts are used up, or it was removed)."""
+
+
 class TaskTimeout(LegionError):
     """The task ran past its ``timeout_s``; ``trace`` holds what the Arbiter did until then."""
 

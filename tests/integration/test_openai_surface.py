@@ -188,6 +188,22 @@ def test_a_pool_of_two_different_models_answers(mix_app, tiny_model):
     assert by_agent["gemma"]["text"].strip()
 
 
+def test_scoring_strategies_score_each_answer_after_each_agents_own_template(mix_app):
+    # Borda asks every agent for its log-likelihood of every distinct answer: each agent scores
+    # after its own chat prompt (the Arbiter used to build completion prompts for this, which a
+    # chat agent refused, so its scores were missing).
+    r = httpx.post(
+        f"{mix_app}/v1/tasks", json={"task": "Name a primary color.", "strategy": "borda"}, timeout=300
+    )
+    assert r.status_code == 200, r.text
+    trace = r.json()["trace"]
+    assert [e for e in trace if e["step"] == "agent_failed"] == []
+    # The tiny model always says its scripted reply, so the two answers differ and get scored.
+    (s,) = [e["data"] for e in trace if e["step"] == "scores"]
+    assert set(s["loglik"]) == {"gemma", "tiny"} and set(s["prior"]) == {"gemma", "tiny"}
+    assert all(len(v) == len(s["options"]) == 2 for v in s["loglik"].values())
+
+
 def test_a_raw_completion_on_the_tiny_agent_stops_at_its_end_of_turn_token(mix_app, tiny_model):
     oai = OpenAI(base_url=f"{mix_app}/v1", api_key="unused", timeout=300, max_retries=0)
     # After a newline the tiny model says its reply, then <|tiny_end|>, which ends generation.

@@ -10,8 +10,16 @@ import pytest
 from legion.arbiter import Arbiter
 from legion.config import config_from_dict
 from legion.engine import ScoredContinuation
-from legion.errors import AgentUnavailable, NoCandidates, Overloaded, TaskTimeout
-from legion.messages import Candidate, GenerateRequest, Generation, TaskRequest, TaskResult, TraceEvent
+from legion.errors import AgentGone, AgentUnavailable, NoCandidates, Overloaded, TaskTimeout
+from legion.messages import (
+    AgentHealth,
+    Candidate,
+    GenerateRequest,
+    Generation,
+    TaskRequest,
+    TaskResult,
+    TraceEvent,
+)
 
 NAMES = ("solver", "reasoner", "critic")
 
@@ -54,12 +62,14 @@ class ScriptedAgents:
             seconds=0.0,
         )
 
-    async def score(self, agent: str, prompt: str, continuations: list[str]) -> list[ScoredContinuation]:
-        self.scored.append((agent, prompt))
+    async def score(
+        self, agent: str, task: str, context: str, continuations: list[str]
+    ) -> list[ScoredContinuation]:
+        self.scored.append((agent, task))
         table = self._loglik[agent]
         if isinstance(table, BaseException):
             raise table
-        prior = "N/A" in prompt
+        prior = task == "N/A"
         return [
             ScoredContinuation(
                 logprob=-1.0 if prior else table[c.strip()], n_tokens=1, n_bytes=len(c), is_greedy=False
@@ -268,3 +278,44 @@ def test_equivalent_free_text_answers_share_one_vote_and_the_trace_shows_the_gro
     assert r.answer in ("4", "2 + 2 = 4") and max(r.votes.values()) == 2.0, r.votes
     (event,) = [e for e in r.trace if e.step == "equivalent_answers"]
     assert event.data["during"] == "fanout" and event.data["groups"]
+
+
+class StatusAgents(ScriptedAgents):
+    """Agents whose health checks answer, fail for good, or hang, by name."""
+
+    def __init__(self, status):
+        super().__init__(lambda agent, req: "Paris")
+        self._status = status
+
+    def pool_info(self, agent: str) -> dict:
+        return {"replicas": [{"name": agent, "in_flight": 0}], "min_replicas": 1, "max_replicas": 1}
+
+    async def status(self, agent: str):
+        what = self._status[agent]
+        if what == "hang":
+            await asyncio.Event().wait()
+        if isinstance(what, BaseException):
+            raise what
+        return AgentHealth(name=agent, loaded=True, state="ready"), {"requests": 3}
+
+
+def test_the_agent_list_says_which_agents_answer_which_may_come_back_and_which_are_gone(tmp_path):
+    agents = StatusAgents(
+        {"solver": "ok", "reasoner": AgentGone("its actor died for good"), "critic": "hang"}
+    )
+    arbiter = make(tmp_path, agents)
+    asyncio.run(arbiter.run(task()))  # a vote, so that the agents have trust records
+    listed = {e["name"]: e for e in asyncio.run(arbiter.describe_agents(timeout_s=0.2))}
+    assert [e for e in listed] == list(NAMES)
+    assert listed["solver"]["health"]["state"] == "ready" and listed["solver"]["stats"] == {"requests": 3}
+    assert listed["reasoner"]["health"] == {
+        "name": "reasoner",
+        "loaded": False,
+        "state": "failed",
+        "error": "its actor died for good",
+    }
+    assert listed["critic"]["health"]["state"] == "loading" and listed["critic"]["stats"] is None
+    assert "no answer within 0.2 s" in listed["critic"]["health"]["error"]
+    for e in listed.values():
+        assert e["pool"]["replicas"][0]["name"] == e["name"] and e["config"]["name"] == e["name"]
+        assert e["trust"]["updates"] == 1
