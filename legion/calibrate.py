@@ -254,7 +254,9 @@ class ProfileAgent(_StrictModel):
         ..., description="1 / |weight| (None for weight 0): the temperature its distribution is read at."
     )
     view: dict[str, Any] = Field(..., description="The agent's view fields it was fitted for (VIEW_FIELDS).")
-    train_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Its own accuracy on the fit's items.")
+    train_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="Its own accuracy on the fit's items."
+    )
 
     @field_validator("weight")
     @classmethod
@@ -269,7 +271,9 @@ class ProfileAgent(_StrictModel):
         missing = [f for f in VIEW_FIELDS if f not in v]
         extra = [f for f in v if f not in VIEW_FIELDS]
         if missing or extra:
-            raise ValueError(f"must hold exactly {', '.join(VIEW_FIELDS)}; missing {missing}, unknown {extra}")
+            raise ValueError(
+                f"must hold exactly {', '.join(VIEW_FIELDS)}; missing {missing}, unknown {extra}"
+            )
         return v
 
 
@@ -304,7 +308,9 @@ class Profile(_StrictModel):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v != PROFILE_VERSION:
-            raise ValueError(f"this Legion reads profile version {PROFILE_VERSION}; refit with legion calibrate")
+            raise ValueError(
+                f"this Legion reads profile version {PROFILE_VERSION}; refit with legion calibrate"
+            )
         return v
 
     @model_validator(mode="after")
@@ -352,7 +358,8 @@ def parse_profile(data: Any, source: str = "profile") -> Profile:
     except ValidationError as exc:
         lines = [f"{_field_path(e)}: {e.get('msg', 'invalid')}" for e in exc.errors()]
         raise ConfigError(
-            f"{source} is not a valid Arbiter profile:\n  " + "\n  ".join(lines)
+            f"{source} is not a valid Arbiter profile:\n  "
+            + "\n  ".join(lines)
             + "\n  (write one with legion calibrate)",
             details={"errors": lines},
         ) from None
@@ -397,7 +404,9 @@ def check_agents(profile: Profile, agents: Sequence[Any], source: str = "the pro
         diff = [f for f in VIEW_FIELDS if now.get(f) != pa.view.get(f)]
         if diff:
             shown = ", ".join(f"{f}: {pa.view.get(f)!r} in the profile, {now.get(f)!r} now" for f in diff)
-            raise ConfigError(f"agent {name!r} differs from the view {source} was fitted for ({shown}): refit")
+            raise ConfigError(
+                f"agent {name!r} differs from the view {source} was fitted for ({shown}): refit"
+            )
 
 
 # ---------------------------------------------------------------------------------- fitting
@@ -470,9 +479,7 @@ def make_profile(
     )
 
 
-def combine(
-    profile: Profile, features: Mapping[str, Sequence[float]]
-) -> tuple[np.ndarray, dict[str, float]]:
+def combine(profile: Profile, features: Mapping[str, Sequence[float]]) -> tuple[np.ndarray, dict[str, float]]:
     """``P(choice)`` under the profile from each agent's scores of the choices (agents not in
     ``features``, e.g. one that failed, are left out), and the weights used."""
     used = {a.name: a.weight for a in profile.agents if a.name in features}
@@ -543,7 +550,11 @@ def score_files(
         kept = [it for it in items if it.id not in taken]
         excluded += len(items) - len(kept)
         log.info(
-            "%s: %d items, %d left out as exemplars (pool %s)", path, len(kept), len(items) - len(kept), pool_path
+            "%s: %d items, %d left out as exemplars (pool %s)",
+            path,
+            len(kept),
+            len(items) - len(kept),
+            pool_path,
         )
         scorer = Scorer(
             agents, pool, n_threads=n_threads, cache=ScoreCache(scores_path) if scores_path else None
@@ -609,11 +620,15 @@ def run_calibrate_cli(args: Any) -> int:
     )
     Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
     fi = profile.fit
-    print(f"fitted on {fi.items} items ({', '.join(f'{k}: {v}' for k, v in fi.items_per_file.items())}), "
-          f"{fi.excluded_exemplars} exemplars left out; method {fi.method}")
+    print(
+        f"fitted on {fi.items} items ({', '.join(f'{k}: {v}' for k, v in fi.items_per_file.items())}), "
+        f"{fi.excluded_exemplars} exemplars left out; method {fi.method}"
+    )
     print(f"{'agent':<16} {'weight':>8} {'alone':>7}")
     for a in profile.agents:
-        print(f"{a.name:<16} {a.weight:>8.3f} {a.train_accuracy if a.train_accuracy is not None else 0:>7.4f}")
+        print(
+            f"{a.name:<16} {a.weight:>8.3f} {a.train_accuracy if a.train_accuracy is not None else 0:>7.4f}"
+        )
     print(f"cross-validation ({folds} folds):  l2  log-loss  accuracy")
     for r in fi.cv:
         mark = "  <- chosen" if r["l2"] == fi.l2 else ""

@@ -654,7 +654,9 @@ class LegionConfig(BaseSettings):
             from legion.calibrate import check_agents, load_profile
 
             try:
-                check_agents(load_profile(self.arbiter.profile), self.agents, f"profile {self.arbiter.profile}")
+                check_agents(
+                    load_profile(self.arbiter.profile), self.agents, f"profile {self.arbiter.profile}"
+                )
             except ConfigError as exc:
                 raise ValueError(f"arbiter.profile: {exc.message}") from None
         return self

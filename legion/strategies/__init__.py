@@ -2,9 +2,9 @@
 so a new one plugs in without touching the Arbiter or the actors.
 
 One module per family: ``base`` (the protocols and shared helpers), ``voting`` (plurality,
-trust, Borda, approval), ``equilibrium`` (the Consensus Game), ``learned`` (weights fitted by ``legion calibrate``),
-``deliberation`` (debate,
-decomposition, conflict resolution). This package imports them; none of them imports it.
+trust, Borda, approval), ``equilibrium`` (the Consensus Game), ``learned`` (weights fitted by
+``legion calibrate``), ``deliberation`` (debate, decomposition, conflict resolution). This
+package imports them; none of them imports it.
 """
 
 from __future__ import annotations

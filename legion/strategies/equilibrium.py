@@ -277,7 +277,9 @@ class EquilibriumRanking(SingleRound):
         extra = {}
         if source.startswith("profile+"):
             # Both rankings: the calibrated distribution's alone, and the equilibrium's.
-            extra["calibrated_ranking"] = [keys[i] for i in sorted(range(len(keys)), key=lambda i: (-g1[0][i], i))]
+            extra["calibrated_ranking"] = [
+                keys[i] for i in sorted(range(len(keys)), key=lambda i: (-g1[0][i], i))
+            ]
             extra["equilibrium_ranking"] = ranking
         return Decision(
             answer=representative_text(winner, groups, scores),

@@ -112,5 +112,9 @@ class Learned(SingleRound):
             answer_key=ranking[0],
             votes={k: round(float(p[i]), 6) for i, k in enumerate(keys)},
             ranking=ranking,
-            details={"source": "scores", "profile": self.path, "weights": {a: round(x, 4) for a, x in used.items()}},
+            details={
+                "source": "scores",
+                "profile": self.path,
+                "weights": {a: round(x, 4) for a, x in used.items()},
+            },
         )

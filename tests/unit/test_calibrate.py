@@ -104,7 +104,7 @@ def agents(*names, **view):
 
 def a_profile(names=("x", "y"), weights=None, **view):
     cfgs = agents(*names, **view)
-    n, s, labels = synthetic(weights or [1.0] * len(names), 60, seed=6)
+    _, s, labels = synthetic(weights or [1.0] * len(names), 60, seed=6)
     scores = [{name: v for name, v in zip(names, item.values(), strict=True)} for item in s]
     result = fit(build_dataset(list(names), scores, labels), folds=3)
     if weights is not None:
@@ -178,7 +178,7 @@ def test_the_config_checks_its_profile_at_start_up(tmp_path):
         config_from_dict(
             {"agents": [{"name": "x"}, {"name": "y", "few_shot": 2}], "arbiter": {"profile": str(path)}}
         )
-    with pytest.raises(ConfigError, match="arbiter.profile: profile file .* does not exist"):
+    with pytest.raises(ConfigError, match=r"arbiter\.profile: profile file .* does not exist"):
         config_from_dict({"agents": [{"name": "x"}], "arbiter": {"profile": str(tmp_path / "no.json")}})
 
 
@@ -220,9 +220,13 @@ def test_learned_applies_the_fitted_views_rule_to_raw_serve_time_scores(tmp_path
     strat = build_strategy("learned", ArbiterConfig(profile=str(path)))
     cands = [Candidate(agent="x", role="solver", text="A", normalized="a", score=-1.0)]
     # Raw: "a" is likelier; after the content-free prior is subtracted, "b" is.
-    raw = OptionScores(options=["a", "b"], texts=["A", "B"], loglik={"x": [-1.0, -2.0]}, prior={"x": [-0.5, -3.0]})
+    raw = OptionScores(
+        options=["a", "b"], texts=["A", "B"], loglik={"x": [-1.0, -2.0]}, prior={"x": [-0.5, -3.0]}
+    )
     assert strat.decide(cands, None, raw).answer_key == "b"
-    applied = OptionScores(options=["a", "b"], texts=["A", "B"], loglik={"x": [-1.0, -2.0]}, rule_applied=True)
+    applied = OptionScores(
+        options=["a", "b"], texts=["A", "B"], loglik={"x": [-1.0, -2.0]}, rule_applied=True
+    )
     assert strat.decide(cands, None, applied).answer_key == "a"
 
 
