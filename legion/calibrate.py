@@ -52,7 +52,7 @@ VIEW_FIELDS = (
     "prompt_form",
     "scoring",
 )
-L2_GRID = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 _NEG = -1e30  # the logit of a padded (absent) choice
 
 
@@ -421,10 +421,25 @@ class FitResult:
     single_accuracy: dict[str, float]
 
 
+def feature_scale(data: Dataset) -> np.ndarray:
+    """Each agent's spread of log-softmax scores ([A]): the standard deviation over the items'
+    choices of its scores less the item's mean. Views differ in scale (a sum over a long choice
+    against a letter's log-probability); the fit works on standardised features, so one L2
+    penalty treats every agent alike."""
+    n_choices = data.mask.sum(axis=1, keepdims=True)
+    mean = (data.x * data.mask[:, None, :]).sum(axis=2, keepdims=True) / n_choices[:, None, :]
+    dev = np.where(data.mask[:, None, :], data.x - mean, 0.0)
+    var = (dev**2).sum(axis=(0, 2)) / max(1, int(data.mask.sum()) - data.n)
+    return np.sqrt(np.maximum(var, 1e-12))
+
+
 def fit(data: Dataset, grid: Sequence[float] = L2_GRID, folds: int = 5, seed: int = 0) -> FitResult:
-    """Choose ``l2`` by cross-validation, then fit the weights on all of ``data``."""
-    l2, rows = cross_validate(data, grid, folds, seed)
-    w = fit_weights(data, l2)
+    """Choose ``l2`` by cross-validation on standardised features (``feature_scale``), then fit
+    the weights on all of ``data``; the weights are returned in the agents' own units."""
+    scale = feature_scale(data)
+    std = Dataset(data.agents, data.x / scale[None, :, None], data.mask, data.q)
+    l2, rows = cross_validate(std, grid, folds, seed)
+    w = fit_weights(std, l2) / scale
     labels = data.labels
     single = {
         a: round(float((np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1) == labels).mean()), 4)

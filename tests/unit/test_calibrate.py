@@ -82,6 +82,17 @@ def test_the_fit_beats_an_unweighted_pool_when_one_agent_is_noise():
     assert accuracy(result.weights, data) > accuracy(np.array([1.0, 1.0]), data)
 
 
+def test_the_fit_does_not_depend_on_an_agents_units():
+    # An agent whose scores are 100 times larger (a sum over long texts against a letter's
+    # log-probability) gets a weight 100 times smaller and the same penalty: same predictions.
+    names, scores, labels = synthetic([1.0, 0.3], 400, seed=7)
+    loud = [{"a0": [100 * v for v in s["a0"]], "a1": s["a1"]} for s in scores]
+    base = fit(build_dataset(names, scores, labels))
+    scaled = fit(build_dataset(names, loud, labels))
+    assert scaled.l2 == base.l2
+    assert np.allclose(scaled.weights * [100, 1], base.weights, rtol=1e-3, atol=1e-6)
+
+
 def test_dawid_skene_recovers_agent_accuracies_without_labels():
     rng = np.random.default_rng(5)
     n, m = 3000, 4
