@@ -338,6 +338,12 @@ class ArbiterConfig(_Strict):
         "start-up: it must be a valid profile fitted for exactly the configured agents and their views.",
     )
 
+    @field_validator("profile")
+    @classmethod
+    def _absolute_profile(cls, v: str | None) -> str | None:
+        # Made absolute where the config is first read: Ray workers start in other directories.
+        return None if v is None else str(Path(v).expanduser().resolve())
+
 
 class ServeConfig(_Strict):
     app_name: str = Field("legion", pattern=_NAME_PATTERN, description="Serve app and actor prefix.")
