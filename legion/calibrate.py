@@ -288,7 +288,12 @@ class FitInfo(_StrictModel):
     l2: float = Field(..., ge=0.0, description="The L2 penalty chosen by cross-validation.")
     folds: int = Field(..., ge=2)
     cv: list[dict[str, float]] = Field(..., description="Held-out log-loss and accuracy of every l2 tried.")
-    cv_accuracy: float = Field(..., ge=0.0, le=1.0, description="Held-out accuracy at the chosen l2.")
+    cv_accuracy: float = Field(
+        ...,
+        ge=0.0,
+        le=1.0,
+        description="Held-out accuracy at the chosen l2 (dawid_skene: agreement with its labels).",
+    )
     train_accuracy: float = Field(..., ge=0.0, le=1.0, description="Accuracy of the final fit on its items.")
     best_single: str = Field(..., description="The agent most accurate alone on the fit's items.")
     best_single_accuracy: float = Field(..., ge=0.0, le=1.0)
@@ -639,10 +644,10 @@ def run_calibrate_cli(args: Any) -> int:
         f"fitted on {fi.items} items ({', '.join(f'{k}: {v}' for k, v in fi.items_per_file.items())}), "
         f"{fi.excluded_exemplars} exemplars left out; method {fi.method}"
     )
-    print(f"{'agent':<16} {'weight':>8} {'alone':>7}")
+    print(f"{'agent':<16} {'weight':>10} {'alone':>7}")
     for a in profile.agents:
         print(
-            f"{a.name:<16} {a.weight:>8.3f} {a.train_accuracy if a.train_accuracy is not None else 0:>7.4f}"
+            f"{a.name:<16} {a.weight:>10.4g} {a.train_accuracy if a.train_accuracy is not None else 0:>7.4f}"
         )
     print(f"cross-validation ({folds} folds):  l2  log-loss  accuracy")
     for r in fi.cv:
@@ -652,4 +657,8 @@ def run_calibrate_cli(args: Any) -> int:
         f"held-out accuracy {fi.cv_accuracy:.4f} against the best single agent {fi.best_single} "
         f"{fi.best_single_accuracy:.4f} (on all fit items); profile written to {args.out}"
     )
+    if args.unlabelled:
+        print(
+            "(no labels: every accuracy above is agreement with the Dawid-Skene labels, not with the answers)"
+        )
     return 0
