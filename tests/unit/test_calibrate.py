@@ -325,3 +325,31 @@ def test_the_arbiter_serves_learned_from_its_profile(tmp_path):
     decision = next(e for e in learned.trace if e.step == "decision")
     assert decision.data["weights"] == {"solver": 2.0, "reasoner": 0.0, "critic": 0.0}
     assert decision.data["profile"] == str(path) and decision.data["ranking"] == ["paris", "lyon"]
+
+
+def test_v1_agents_shows_the_profile(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import serve_app
+    from legion.pipeline import TaskPipeline
+    from legion.security import SecurityPolicy
+    from tests.unit.test_pipeline import FakeRetriever
+    from tests.unit.test_routes import AgentsArbiter
+
+    def client(**arbiter):
+        # As tests/unit/test_routes.py builds its ingress, with arbiter settings of its own.
+        data = {"agents": [{"name": "solver"}], "data_dir": str(tmp_path), "arbiter": arbiter}
+        cfg = config_from_dict(data)
+        ingress = object.__new__(serve_app.LegionIngress)
+        ingress.cfg, ingress.security = cfg, SecurityPolicy(cfg)
+        ingress.arbiter, ingress.retriever = AgentsArbiter(), FakeRetriever()
+        ingress.pipeline = TaskPipeline.from_config(cfg, ingress.arbiter, ingress.retriever)
+        return TestClient(serve_app._build_api(ingress))
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(a_profile(("solver",), [1.5]).model_dump(mode="json")))
+    body = client(profile=str(path)).get("/v1/agents").json()
+    assert body["profile"]["weights"] == {"solver": 1.5} and body["profile"]["path"] == str(path)
+    assert body["profile"]["method"] == "conditional_logit" and body["profile"]["items"] == 60
+    assert body["agents"][0]["name"] == "solver"
+    assert client().get("/v1/agents").json()["profile"] is None
