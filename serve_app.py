@@ -46,6 +46,7 @@ from legion.api import (
     task_response,
 )
 from legion.cache import CacheInfo
+from legion.calibrate import load_profile
 from legion.completions import OpenAIRoutes
 from legion.config import LegionConfig, load_config
 from legion.errors import LegionError, NotReady
@@ -193,7 +194,9 @@ class LegionIngress:
         return StreamingResponse(self._watch_agents(watch_s), media_type="text/event-stream")
 
     async def _agent_list(self) -> AgentList:
-        return AgentList(agents=await self.arbiter.agents())
+        path = self.cfg.arbiter.profile
+        profile = load_profile(path).summary(path) if path else None
+        return AgentList(agents=await self.arbiter.agents(), profile=profile)
 
     async def _watch_agents(self, every_s: float):
         end = time.monotonic() + AGENTS_WATCH_S

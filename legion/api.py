@@ -505,6 +505,9 @@ class AgentList(BaseModel):
     """``GET /v1/agents``."""
 
     agents: list[AgentInfo]
+    profile: dict[str, Any] | None = Field(
+        None, description="The Arbiter profile in use (arbiter.profile): weights and fit figures."
+    )
 
 
 class SessionInfo(BaseModel):

@@ -332,6 +332,19 @@ class ArbiterConfig(_Strict):
         "equilibrium", description="The further round a split vote triggers."
     )
     decompose_max_subtasks: int = Field(4, ge=2, le=16, description="Most subtasks a planner may make.")
+    profile: str | None = Field(
+        None,
+        min_length=1,
+        description="A profile written by legion calibrate (JSON): the fitted weights of the agents "
+        "that the learned strategy combines their scores with, and equilibrium starts from. Checked at "
+        "start-up: it must be a valid profile fitted for exactly the configured agents and their views.",
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _absolute_profile(cls, v: str | None) -> str | None:
+        # Made absolute where the config is first read: Ray workers start in other directories.
+        return None if v is None else str(Path(v).expanduser().resolve())
 
 
 class ServeConfig(_Strict):
@@ -649,6 +662,19 @@ class LegionConfig(BaseSettings):
             if a.name in seen:
                 raise ValueError(f"agent names must be unique; '{a.name}' appears twice")
             seen.add(a.name)
+        return self
+
+    @model_validator(mode="after")
+    def _profile_fits_agents(self) -> LegionConfig:
+        if self.arbiter.profile is not None:
+            from legion.calibrate import check_agents, load_profile
+
+            try:
+                check_agents(
+                    load_profile(self.arbiter.profile), self.agents, f"profile {self.arbiter.profile}"
+                )
+            except ConfigError as exc:
+                raise ValueError(f"arbiter.profile: {exc.message}") from None
         return self
 
     @classmethod

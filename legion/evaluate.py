@@ -335,6 +335,7 @@ class Scorer:
                     options=[str(i) for i in range(len(it.choices))],
                     texts=list(it.choices),
                     n_bytes=[len(c.encode("utf-8")) for c in conts],
+                    rule_applied=True,
                 )
             )
         agent_s: list[dict[str, float]] = [{} for _ in items]
@@ -505,13 +506,16 @@ def candidates_from(scores: OptionScores, agents: Sequence[AgentConfig]) -> list
     return out
 
 
-def check_strategies(names: Sequence[str]) -> list[str]:
-    """The strategies to run, each known and meaningful on scored choices."""
+def check_strategies(names: Sequence[str], profile: bool = True) -> list[str]:
+    """The strategies to run, each known and meaningful on scored choices (``learned`` only
+    with a ``profile``)."""
     known = strategy_names()
     runnable = [s for s in known if s not in GENERATIVE_ONLY]
     for s in names:
         if s not in known:
             raise InvalidRequest(f"unknown strategy {s!r}; legion eval runs: {', '.join(runnable)}")
+        if s == "learned" and not profile:
+            raise InvalidRequest("strategy 'learned' needs a profile: pass --profile (from legion calibrate)")
         if s in GENERATIVE_ONLY:
             raise InvalidRequest(
                 f"strategy {s!r} needs agents that write free text; legion eval scores fixed "
@@ -520,8 +524,9 @@ def check_strategies(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def default_strategies() -> list[str]:
-    return [s for s in strategy_names() if s not in GENERATIVE_ONLY]
+def default_strategies(profile: bool = False) -> list[str]:
+    """Every strategy that decides over scored choices (``learned`` only with a profile)."""
+    return [s for s in strategy_names() if s not in GENERATIVE_ONLY and (profile or s != "learned")]
 
 
 def evaluate(
@@ -554,7 +559,7 @@ def evaluate(
         raise InvalidRequest(
             f"no agent named {', '.join(agents or [])}; configured: {[a.name for a in cfg.agents]}"
         )
-    names = check_strategies(strategies)
+    names = check_strategies(strategies, profile=cfg.arbiter.profile is not None)
     own = scorer is None
     if scorer is None:
         prior = cfg.arbiter.equilibrium_discriminator == "pmi"
@@ -714,6 +719,7 @@ def _restrict(scores: OptionScores, agents: Sequence[AgentConfig]) -> OptionScor
         prior={a: v for a, v in scores.prior.items() if a in keep},
         n_tokens={a: v for a, v in scores.n_tokens.items() if a in keep},
         n_bytes=scores.n_bytes,
+        rule_applied=scores.rule_applied,
     )
 
 
@@ -795,17 +801,26 @@ def run_eval_cli(args: Any) -> int:
 
     cfg = load_config(args.config)
     items = load_items(args.data, args.limit)
+    agents = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
+    profile_path = getattr(args, "profile", None)
+    if profile_path:
+        from legion.calibrate import check_agents, load_profile
+
+        # The profile must be fitted for exactly the agents evaluated, each in the same view.
+        chosen = [a for a in cfg.agents if agents is None or a.name in agents]
+        check_agents(load_profile(profile_path), chosen, f"profile {profile_path}")
+        arbiter = cfg.arbiter.model_copy(update={"profile": str(profile_path)})
+        cfg = cfg.model_copy(update={"arbiter": arbiter})
     strategies = (
         [s.strip() for s in args.strategies.split(",") if s.strip()]
         if args.strategies
-        else default_strategies()
+        else default_strategies(profile=bool(profile_path))
     )
-    check_strategies(strategies)
+    check_strategies(strategies, profile=bool(profile_path))
     shots_path = Path(args.shots) if args.shots else train_file_for(args.data)
     shots = load_items(shots_path) if shots_path is not None and any(a.few_shot for a in cfg.agents) else []
     if any(a.few_shot for a in cfg.agents):
         log.info("few-shot exemplars from %s", shots_path if shots else "(none found: zero-shot)")
-    agents = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
     curve: dict[int, dict[str, float]] | None = {} if getattr(args, "plot", None) else None
     report: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -834,6 +849,7 @@ def run_eval_cli(args: Any) -> int:
             "threads": args.threads,
             "agents": [a.model_dump(mode="json") for a in cfg.agents],
             "shots": str(shots_path) if shots else None,
+            "profile": str(profile_path) if profile_path else None,
             **({"by_agents": curve} if curve is not None else {}),
         }
         Path(args.out).write_text(

@@ -84,16 +84,20 @@ def exemplar_seed(agent: Any) -> int:
     return seed if seed is not None else zlib.crc32(agent.name.encode())
 
 
+def exemplar_items(agent: Any, pool: Sequence[_ItemLike]) -> list[_ItemLike]:
+    """The ``few_shot`` training items the agent draws from ``pool`` with its seed."""
+    k = getattr(agent, "few_shot", 0)
+    if not k or not pool:
+        return []
+    rng = random.Random(exemplar_seed(agent))
+    return rng.sample(list(pool), min(k, len(pool)))
+
+
 def exemplars(agent: Any, pool: Sequence[_ItemLike]) -> str:
     """The agent's few-shot block: ``few_shot`` training items drawn with its seed, each in
     its prompt form with its correct answer."""
-    k = getattr(agent, "few_shot", 0)
-    if not k or not pool:
-        return ""
-    rng = random.Random(exemplar_seed(agent))
-    picked = rng.sample(list(pool), min(k, len(pool)))
     form = getattr(agent, "prompt_form", "qa")
-    return "".join(solved(x, form) for x in picked)
+    return "".join(solved(x, form) for x in exemplar_items(agent, pool))
 
 
 def premise(form: str) -> str:

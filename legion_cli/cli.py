@@ -1,4 +1,4 @@
-"""The ``legion`` command: serve, ask, bench, eval, ingest, cache, audit, doctor, config."""
+"""The ``legion`` command: serve, ask, bench, eval, calibrate, ingest, cache, audit, doctor, config."""
 
 from __future__ import annotations
 
@@ -241,6 +241,20 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_cli(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from legion.calibrate import run_calibrate_cli
+    from legion.config import load_config
+
+    if args.limit is not None and args.limit < 1:
+        print("legion: --limit must be at least 1", file=sys.stderr)
+        return 2
+    if args.folds < 2:
+        print("legion: --folds must be at least 2", file=sys.stderr)
+        return 2
+    _preflight(_model_paths(load_config(args.config)))
+    return run_calibrate_cli(args)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from legion.config import load_config
     from legion.engine import bundled_model_path
@@ -435,7 +449,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a plain one-at-a-time llama-cpp-python scorer on this many items per agent "
         "and print the ratio (0: skip)",
     )
+    e.add_argument(
+        "--profile", help="an Arbiter profile (legion calibrate) for the learned and equilibrium strategies"
+    )
     e.set_defaults(func=_eval)
+
+    cb = sub.add_parser(
+        "calibrate",
+        help="fit how the Arbiter weighs its agents on labelled items; write a profile (arbiter.profile)",
+    )
+    cb.add_argument("--data", required=True, help="training JSONL file(s), comma-separated")
+    cb.add_argument("--config", help="YAML config whose agents are fitted")
+    cb.add_argument("--out", required=True, help="the profile (JSON) to write")
+    cb.add_argument("--limit", type=int, help="only the first N items of each file (file order)")
+    cb.add_argument("--agents", help="comma-separated agent names (default: every configured agent)")
+    cb.add_argument("--shots", help="JSONL for few-shot exemplars (default: each --data file itself)")
+    cb.add_argument("--scores", help="JSONL cache of scored choices, as for legion eval")
+    cb.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the in-process engines")
+    cb.add_argument("--folds", type=int, default=5, help="cross-validation folds choosing the L2 penalty")
+    cb.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="ignore the answers: fit to Dawid-Skene posteriors over the agents' picks (weak supervision)",
+    )
+    cb.set_defaults(func=_calibrate)
 
     au = sub.add_parser("audit", help="show the audit log (one record per HTTP request)")
     au.add_argument("action", choices=["tail"])

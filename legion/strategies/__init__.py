@@ -2,8 +2,9 @@
 so a new one plugs in without touching the Arbiter or the actors.
 
 One module per family: ``base`` (the protocols and shared helpers), ``voting`` (plurality,
-trust, Borda, approval), ``equilibrium`` (the Consensus Game), ``deliberation`` (debate,
-decomposition, conflict resolution). This package imports them; none of them imports it.
+trust, Borda, approval), ``equilibrium`` (the Consensus Game), ``learned`` (weights fitted by
+``legion calibrate``), ``deliberation`` (debate, decomposition, conflict resolution). This
+package imports them; none of them imports it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from legion.strategies.base import (
 )
 from legion.strategies.deliberation import ConflictResolution, Debate, Decomposition
 from legion.strategies.equilibrium import EquilibriumRanking
+from legion.strategies.learned import Learned
 from legion.strategies.voting import Approval, Borda, Plurality, TrustWeighted
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "Debate",
     "Decomposition",
     "EquilibriumRanking",
+    "Learned",
     "OptionScores",
     "Plurality",
     "Session",
@@ -89,6 +92,7 @@ for _strategy in (
     Approval(),
     TrustWeighted(),
     EquilibriumRanking(),
+    Learned(),
     Debate(),
     Decomposition(),
     ConflictResolution(),

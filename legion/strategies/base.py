@@ -64,6 +64,9 @@ class OptionScores:
     prior: dict[str, list[float]] = field(default_factory=dict)
     n_tokens: dict[str, list[int]] = field(default_factory=dict)
     n_bytes: list[int] = field(default_factory=list)
+    # True when ``loglik`` already holds each agent's scores under its own scoring rule
+    # (``legion eval``); at serve time it holds the raw log-likelihoods.
+    rule_applied: bool = False
 
     def probabilities(self, agent: str) -> list[float]:
         """The agent's softmax over the options of its log-likelihoods."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from legion.calibrate import Profile, load_profile
 from legion.messages import Candidate, Decision
 from legion.strategies.base import (
     Groups,
@@ -28,6 +29,7 @@ from legion.strategies.base import (
     Weights,
     representative_text,
 )
+from legion.strategies.learned import learned_distribution
 
 if TYPE_CHECKING:
     from legion.config import ArbiterConfig
@@ -181,6 +183,7 @@ class EquilibriumRanking(SingleRound):
         lam: float = 1.0,
         rank_by: str = "generator",
         discriminator: str = "length",
+        profile: Profile | None = None,
     ):
         if discriminator not in ("length", "pmi"):
             raise ValueError(f"discriminator must be length or pmi, got {discriminator!r}")
@@ -189,15 +192,17 @@ class EquilibriumRanking(SingleRound):
         self.lam = lam
         self.rank_by = rank_by
         self.discriminator = discriminator
+        self.profile = profile  # a fitted profile: the generator starts from its distribution
 
     def configure(self, settings: ArbiterConfig) -> EquilibriumRanking:
-        """A copy with the parameters of ``settings``."""
+        """A copy with the parameters of ``settings`` (and its profile, when one is set)."""
         return EquilibriumRanking(
             settings.equilibrium_iterations,
             settings.equilibrium_eta,
             settings.equilibrium_lambda,
             settings.equilibrium_rank_by,
             settings.equilibrium_discriminator,
+            load_profile(settings.profile) if settings.profile else None,
         )
 
     def _judged(self, scores: OptionScores, agent: str, idx: list[int]) -> np.ndarray | None:
@@ -225,6 +230,14 @@ class EquilibriumRanking(SingleRound):
             judged = {a: j for a in gen_logits if (j := self._judged(scores, a, idx)) is not None}
             p_disc = _pool(judged, weights) if judged else p_gen
             source = f"loglik+{self.discriminator}" if judged else "loglik"
+            calibrated = (
+                learned_distribution(scores, self.profile, keys) if self.profile is not None else None
+            )
+            if calibrated is not None:
+                # The fitted combination replaces the pooled generator: its P(y | question)
+                # is calibrated on labelled items.
+                p_gen = calibrated[0]
+                source = "profile+" + source
             return initial_generator(p_gen), initial_discriminator(p_disc), source
         # Candidates only: vote shares for the generator, answer confidence for the discriminator.
         share = np.array(
@@ -251,6 +264,13 @@ class EquilibriumRanking(SingleRound):
         order = sorted(range(len(keys)), key=lambda i: (-rank[i], i))
         ranking = [keys[i] for i in order]
         winner = ranking[0]
+        extra = {}
+        if source.startswith("profile+"):
+            # Both rankings: the calibrated distribution's alone, and the equilibrium's.
+            extra["calibrated_ranking"] = [
+                keys[i] for i in sorted(range(len(keys)), key=lambda i: (-g1[0][i], i))
+            ]
+            extra["equilibrium_ranking"] = ranking
         return Decision(
             answer=representative_text(winner, groups, scores),
             answer_key=winner,
@@ -268,5 +288,6 @@ class EquilibriumRanking(SingleRound):
                 "discriminator_init": [round(float(x), 6) for x in d1[CORRECT]],
                 "generator": [round(float(x), 6) for x in eq.generator[CORRECT]],
                 "discriminator": [round(float(x), 6) for x in eq.discriminator[CORRECT]],
+                **extra,
             },
         )

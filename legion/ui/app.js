@@ -379,7 +379,17 @@ async function loadCacheStats() {
 }
 
 // ------------------------------------------------------------------ agents and models
-function showAgents(agents) {
+// The Arbiter profile (legion calibrate) the learned strategy weighs the agents with.
+function showProfile(profile) {
+  $("agents-profile").textContent = profile
+    ? `Profile ${profile.path || ""}: ${profile.method}, ${profile.items} items, held-out accuracy ` +
+      `${fmt(profile.cv_accuracy, 3)} (best agent alone ${profile.best_single} ${fmt(profile.best_single_accuracy, 3)}); ` +
+      "weights " + Object.entries(profile.weights).map(([a, w]) => `${a} ${fmt(w, 2)}`).join(", ")
+    : "";
+}
+
+function showAgents(agents, profile) {
+  showProfile(profile);
   lastAgents = agents;
   $("agents").querySelector("tbody").replaceChildren(...agents.map((a) => {
     const h = a.health || {};
@@ -403,7 +413,8 @@ function showAgents(agents) {
 
 async function loadAgents() {
   try {
-    showAgents((await (await api("v1/agents")).json()).agents);
+    const body = await (await api("v1/agents")).json();
+    showAgents(body.agents, body.profile);
   } catch (err) {
     $("agents-updated").textContent = `(${err.message})`;
   }
@@ -419,7 +430,7 @@ async function watchAgents() {
       try {
         const r = await api("v1/agents?watch_s=3", { headers: { Accept: "text/event-stream" } });
         await readEvents(r, (name, data) => {
-          if (name === "agents") showAgents(data.agents);
+          if (name === "agents") showAgents(data.agents, data.profile);
           else if (name === "error") $("agents-updated").textContent = `(${data.error.message})`;
         });
       } catch (err) {
