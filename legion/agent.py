@@ -186,22 +186,7 @@ class Agent:
         engine = self.engine(timeout_s)
         task = req.task if req.output is None else f"{req.task}\n\n{instruction(req.output)}"
         prompt = self.prompt_for_engine(task, req.context, req.history)
-        with self._stats_lock:
-            self._stats.in_flight += 1
-        try:
-            gens = engine.submit_generate(prompt, self.sampling(req), req.n, req.timeout_s).result()
-        except LegionError:
-            with self._stats_lock:
-                self._stats.errors += 1
-            raise
-        finally:
-            with self._stats_lock:
-                self._stats.in_flight -= 1
-        with self._stats_lock:
-            self._stats.requests += 1
-            self._stats.prompt_tokens += gens[0].prompt_tokens
-            self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
-        return gens
+        return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
 
     def complete(self, req: CompletionRequest, timeout_s: float | None = None) -> Generation:
         """The model's continuation of ``req.prompt``, the client's own text as it is (no role
@@ -217,10 +202,23 @@ class Agent:
             seed=s.seed if req.seed is None else req.seed,
             stop=tuple(req.stop),
         )
+        (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s)
+        return gen
+
+    def _counted(
+        self,
+        engine: LlamaEngine,
+        prompt: str | list[int],
+        params: SamplingParams,
+        n: int,
+        timeout_s: float | None,
+    ) -> list[Generation]:
+        """``n`` generations of ``prompt``, counted in this agent's stats (in flight, errors,
+        requests, tokens)."""
         with self._stats_lock:
             self._stats.in_flight += 1
         try:
-            (gen,) = engine.submit_generate(req.prompt, params, 1, req.timeout_s).result()
+            gens = engine.submit_generate(prompt, params, n, timeout_s).result()
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1
@@ -230,9 +228,9 @@ class Agent:
                 self._stats.in_flight -= 1
         with self._stats_lock:
             self._stats.requests += 1
-            self._stats.prompt_tokens += gen.prompt_tokens
-            self._stats.completion_tokens += gen.completion_tokens
-        return gen
+            self._stats.prompt_tokens += gens[0].prompt_tokens
+            self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
+        return gens
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until loading has finished (or failed); False on timeout."""
