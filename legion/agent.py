@@ -201,6 +201,7 @@ class Agent:
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
             stop=tuple(req.stop),
+            top_logprobs=req.top_logprobs,
         )
         (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s)
         return gen

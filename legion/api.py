@@ -562,7 +562,8 @@ class CompletionBody(BaseModel):
         None,
         ge=0,
         le=5,
-        description="Return each token's log-probability (top_logprobs holds the chosen token).",
+        description="Return each token's log-probability and, in top_logprobs, the N most likely "
+        "tokens at that step (plus the chosen one).",
     )
     echo: bool = Field(False, description="Put the prompt before the completion in text.")
     stream: bool = Field(False, description="Server-sent chunks: the completion in one chunk, then [DONE].")
@@ -641,6 +642,7 @@ def completion_request(body: CompletionBody, cfg: LegionConfig) -> tuple[str, Co
         top_p=body.top_p,
         seed=body.seed,
         stop=stop,
+        top_logprobs=body.logprobs or 0,
         timeout_s=cfg.serve.request_timeout_s,
     )
     return agent, req
@@ -660,7 +662,11 @@ def completion_response(
             offsets.append(offset)
             offset += len(t)
         tokens, lps = list(gen.tokens), list(gen.token_logprobs)
-        top: list[dict[str, float] | None] = [{t: lp} for t, lp in zip(tokens, lps, strict=True)]
+        # The N most likely tokens at each step, and always the sampled one (as OpenAI does).
+        alts = gen.top_logprobs or [{} for _ in tokens]
+        top: list[dict[str, float] | None] = [
+            {**a, t: lp} for t, lp, a in zip(tokens, lps, alts, strict=True)
+        ]
         if body.echo:
             tokens, lps, top, offsets = [prompt, *tokens], [None, *lps], [None, *top], [0, *offsets]
         logprobs = CompletionLogprobs(

@@ -87,6 +87,7 @@ class SamplingParams:
     seed: int = 0
     stop: Sequence[str] = ()
     grammar: str | None = None
+    top_logprobs: int = 0  # for each generated token, the model's N most likely tokens too
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _Seq:
     out_bytes: bytearray = field(default_factory=bytearray)
     logprob_sum: float = 0.0
     logprobs: list[float] = field(default_factory=list)  # each out_tokens entry's
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # top_logprobs per token
     text: str = ""
     finish: str | None = None
     logits_index: int = -1  # row of its next-token logits in the last decode; -1: none
@@ -148,6 +150,14 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
     floor = np.partition(logits[:n].reshape(-1, width).max(axis=1), -k)[-k]
     cand = np.flatnonzero(logits >= floor)
     return cand[np.argpartition(logits[cand], -k)[-k:]]
+
+
+def _most_likely(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The ``n`` most likely tokens and their log-probabilities, most likely first."""
+    idx = _top_k(logits, n)
+    m = float(logits.max())
+    lse = m + float(np.log(np.exp(logits - m).sum()))
+    return sorted(((int(i), float(logits[i]) - lse) for i in idx), key=lambda x: -x[1])
 
 
 def _log_softmax_at(logits: np.ndarray, token: int) -> float:
@@ -723,7 +733,9 @@ class LlamaEngine:
             chosen = list(self._pool.map(self._pick, picks))
         else:
             chosen = [self._pick(p) for p in picks]
-        for (s, _), (tok, logprob) in zip(picks, chosen, strict=True):
+        for (s, logits), (tok, logprob) in zip(picks, chosen, strict=True):
+            if s.params.top_logprobs > 0 and tok >= 0:
+                s.alternatives.append(_most_likely(logits, s.params.top_logprobs))
             self._accept(s, tok, logprob)
 
     def _settle(self, jobs: list[_Job]) -> list[_Job]:
@@ -771,7 +783,13 @@ class LlamaEngine:
             piece = self._piece(tok)
             got += len(piece)
             tokens.append(piece.decode("utf-8", errors="replace"))
-        return {"tokens": tokens, "token_logprobs": [round(x, 5) for x in s.logprobs[: len(tokens)]]}
+        out = {"tokens": tokens, "token_logprobs": [round(x, 5) for x in s.logprobs[: len(tokens)]]}
+        if s.params.top_logprobs > 0:
+            out["top_logprobs"] = [
+                {self._piece(t).decode("utf-8", errors="replace"): round(lp, 5) for t, lp in alts}
+                for alts in s.alternatives[: len(tokens)]
+            ]
+        return out
 
     # ----------------------------------------------------------------- llama.cpp calls
     def _logits(self, index: int) -> np.ndarray:

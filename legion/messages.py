@@ -47,6 +47,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    top_logprobs: int = 0  # the N most likely tokens at each step (OpenAI's logprobs=N)
     timeout_s: float | None = None
     request_id: str | None = None
 
@@ -63,6 +64,8 @@ class Generation(BaseModel):
     # Each generated token's text and log-probability (what /v1/completions' logprobs shows).
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float] = Field(default_factory=list)
+    # With SamplingParams.top_logprobs: each token's most likely alternatives (text -> logprob).
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 class Candidate(BaseModel):

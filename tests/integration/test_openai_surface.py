@@ -71,6 +71,27 @@ def test_logprobs_echo_and_stop(oai):
     assert s.choices[0].finish_reason == "stop"
 
 
+def test_top_logprobs_are_the_most_likely_tokens_and_hold_the_sampled_one(oai):
+    prompt = "The capital of France is"
+    greedy = oai.completions.create(
+        model="agent:solver", prompt=prompt, max_tokens=6, temperature=0, logprobs=3
+    ).choices[0]
+    lp = greedy.logprobs
+    # (Two tokens may spell the same text, e.g. partial UTF-8 pieces: then a step lists fewer.)
+    assert any(len(top) == 3 for top in lp.top_logprobs)
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        values = list(top.values())
+        assert len(top) <= 3 and values == sorted(values, reverse=True)
+        assert top[token] == max(values) and abs(top[token] - chosen) < 1e-4  # greedy takes the best
+        assert all(v <= 0 for v in values) and sum(math.exp(v) for v in values) <= 1 + 1e-6
+    # Sampled tokens are reported even when they are not among the three most likely.
+    sampled = oai.completions.create(
+        model="agent:solver", prompt=prompt, max_tokens=12, temperature=1.5, seed=7, logprobs=3
+    ).choices[0]
+    slp = sampled.logprobs
+    assert all(t in top and len(top) <= 4 for t, top in zip(slp.tokens, slp.top_logprobs, strict=True))
+
+
 def test_bad_completion_requests_say_what_to_fix(oai):
     with pytest.raises(openai.NotFoundError, match="agent:solver"):
         oai.completions.create(model="agent:nobody", prompt="Hi", max_tokens=4)
