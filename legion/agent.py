@@ -204,6 +204,8 @@ class Agent:
             top_logprobs=req.top_logprobs,
         )
         (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s)
+        if req.echo_logprobs:
+            gen.prompt_token_texts, gen.prompt_token_logprobs = engine.prompt_logprobs(req.prompt)
         return gen
 
     def _counted(

@@ -643,6 +643,7 @@ def completion_request(body: CompletionBody, cfg: LegionConfig) -> tuple[str, Co
         seed=body.seed,
         stop=stop,
         top_logprobs=body.logprobs or 0,
+        echo_logprobs=body.echo and body.logprobs is not None,
         timeout_s=cfg.serve.request_timeout_s,
     )
     return agent, req
@@ -651,8 +652,8 @@ def completion_request(body: CompletionBody, cfg: LegionConfig) -> tuple[str, Co
 def completion_response(
     gen: Generation, body: CompletionBody, prompt: str, completion_id: str, model: str
 ) -> Completion:
-    """The completion in OpenAI's shape: ``echo`` puts the prompt first (its tokens carry no
-    log-probabilities), ``logprobs`` each generated token's."""
+    """The completion in OpenAI's shape: ``echo`` puts the prompt first (with ``logprobs``, its
+    tokens and their log-probabilities too), ``logprobs`` each generated token's."""
     text = (prompt if body.echo else "") + gen.text
     logprobs = None
     if body.logprobs is not None:
@@ -668,7 +669,13 @@ def completion_response(
             {**a, t: lp} for t, lp, a in zip(tokens, lps, alts, strict=True)
         ]
         if body.echo:
-            tokens, lps, top, offsets = [prompt, *tokens], [None, *lps], [None, *top], [0, *offsets]
+            # The prompt's own tokens, each with its log-probability given those before it.
+            p_tokens = gen.prompt_token_texts if gen.prompt_token_texts is not None else [prompt]
+            p_lps = gen.prompt_token_logprobs if gen.prompt_token_logprobs is not None else [None]
+            p_offsets = [sum(len(t) for t in p_tokens[:i]) for i in range(len(p_tokens))]
+            p_top = [None if lp is None else {t: lp} for t, lp in zip(p_tokens, p_lps, strict=True)]
+            tokens, lps = [*p_tokens, *tokens], [*p_lps, *lps]
+            top, offsets = [*p_top, *top], [*p_offsets, *offsets]
         logprobs = CompletionLogprobs(
             tokens=tokens, token_logprobs=lps, top_logprobs=top, text_offset=offsets
         )

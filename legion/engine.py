@@ -98,6 +98,7 @@ class ScoredContinuation:
     n_tokens: int
     n_bytes: int
     is_greedy: bool  # every continuation token was the model's argmax
+    token_logprobs: list[float] = field(default_factory=list)  # each scored token's, in order
 
 
 @dataclass
@@ -523,6 +524,18 @@ class LlamaEngine:
         if not continuations:
             return []
         return self.submit_score(context, continuations).result()
+
+    def prompt_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
+        """``text``'s tokens (as text) and each one's log-probability given the ones before it
+        (after BOS where the model takes one); ``None`` for a first token nothing predicts."""
+        bos = len(self.tokenize(""))
+        tokens = self.tokenize(text)[bos:]
+        if not tokens:
+            return [], []
+        (scored,) = self.score("", [text])
+        lps = [round(x, 5) for x in scored.token_logprobs]
+        pad: list[float | None] = [None] * (len(tokens) - len(lps))
+        return [self._piece(t).decode("utf-8", errors="replace") for t in tokens], pad + lps
 
     def stats(self) -> dict:
         """Scheduler counters: queue depth, running sequences, mean batch occupancy."""
@@ -1033,7 +1046,7 @@ class LlamaEngine:
         ctx_seq, slots = seq_ids[0], seq_ids[1:]
         self._prefill(full[0][:shared], ctx_seq)
         head = self._logits(-1).copy()
-        acc = [[0.0, 0, True] for _ in full]
+        acc = [[0.0, 0, True, []] for _ in full]
         for ci, toks in enumerate(full):
             if shared >= starts[ci] and shared < len(toks):
                 self._add(acc[ci], head, toks[shared])
@@ -1058,13 +1071,15 @@ class LlamaEngine:
                     if elo <= ei < elo + len(chunk):  # llama_get_logits_ith takes the batch index
                         self._add(acc[ci], self._logits(ei - elo), full[ci][target])
         return [
-            ScoredContinuation(lp, n, nb, bool(greedy))
-            for (lp, n, greedy), nb in zip(acc, job.n_bytes, strict=True)
+            ScoredContinuation(lp, n, nb, bool(greedy), each)
+            for (lp, n, greedy, each), nb in zip(acc, job.n_bytes, strict=True)
         ]
 
     @staticmethod
     def _add(acc: list, logits: np.ndarray, tok: int) -> None:
-        acc[0] += _log_softmax_at(logits, tok)
+        lp = _log_softmax_at(logits, tok)
+        acc[3].append(lp)
+        acc[0] += lp
         acc[1] += 1
         acc[2] = acc[2] and int(np.argmax(logits)) == tok
 

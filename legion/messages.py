@@ -48,6 +48,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     top_logprobs: int = 0  # the N most likely tokens at each step (OpenAI's logprobs=N)
+    echo_logprobs: bool = False  # also the prompt's tokens and their log-probabilities
     timeout_s: float | None = None
     request_id: str | None = None
 
@@ -66,6 +67,9 @@ class Generation(BaseModel):
     token_logprobs: list[float] = Field(default_factory=list)
     # With SamplingParams.top_logprobs: each token's most likely alternatives (text -> logprob).
     top_logprobs: list[dict[str, float]] | None = None
+    # With CompletionRequest.echo_logprobs: the prompt's tokens and their log-probabilities.
+    prompt_token_texts: list[str] | None = None
+    prompt_token_logprobs: list[float | None] | None = None
 
 
 class Candidate(BaseModel):

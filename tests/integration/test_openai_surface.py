@@ -55,13 +55,21 @@ def test_logprobs_echo_and_stop(oai):
     choice = r.choices[0]
     assert choice.text.startswith(prompt)
     lp = choice.logprobs
-    assert lp.tokens[0] == prompt and lp.token_logprobs[0] is None  # the echoed prompt
-    generated = lp.tokens[1:]
-    assert "".join(generated) == choice.text[len(prompt) :]
-    assert len(generated) == r.usage.completion_tokens
-    assert all(x <= 0 and math.isfinite(x) for x in lp.token_logprobs[1:])
-    assert [list(t) for t in lp.top_logprobs[1:]] == [[t] for t in generated]
-    assert lp.text_offset[1] == len(prompt)
+    n_prompt = len(lp.tokens) - r.usage.completion_tokens
+    echoed, generated = lp.tokens[:n_prompt], lp.tokens[n_prompt:]
+    assert "".join(echoed) == prompt and "".join(generated) == choice.text[len(prompt) :]
+    assert n_prompt > 4 and lp.text_offset[:n_prompt] == [len("".join(echoed[:i])) for i in range(n_prompt)]
+    assert all(x <= 0 and math.isfinite(x) for x in lp.token_logprobs if x is not None)
+    assert lp.token_logprobs[1:n_prompt].count(None) == 0  # after the first, every prompt token has one
+    assert [list(t) for t in lp.top_logprobs[n_prompt:]] == [[t] for t in generated]
+    assert lp.text_offset[n_prompt] == len(prompt)
+    # The echoed log-probability of the prompt's last token is the one the model gives it as
+    # the next token after the rest of the prompt (up to batched-kernel rounding).
+    head = "".join(echoed[:-1])
+    nxt = oai.completions.create(
+        model="agent:solver", prompt=head, max_tokens=1, temperature=0, logprobs=5
+    ).choices[0]
+    assert abs(nxt.logprobs.top_logprobs[0][echoed[-1]] - lp.token_logprobs[n_prompt - 1]) < 0.1
     # A stop text taken from that completion ends the next one just before it.
     completion = choice.text[len(prompt) :]
     cut = completion.index(",", 2) if "," in completion[2:] else len(completion) // 2
