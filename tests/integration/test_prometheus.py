@@ -170,19 +170,23 @@ def traffic(prometheus, legion_url):
     # The gauges reported every 2 s and the Arbiter's health checks, exported by now or soon.
     p.wait("the agents' gauges", lambda: p.query("ray_legion_agent_up"))
     # A ratio of two rates (rounds per task) needs both counters to have moved inside its window
-    # in the same series; in a long suite other apps' Arbiters report beside this one. Keep the
-    # traffic flowing, a wave per Ray export tick, until every panel has a finite value now.
+    # in the same series; in a long suite other apps' Arbiters (some deleted by now, some
+    # restarted by the chaos tests) report beside this one. Keep the traffic flowing, a wave
+    # per Ray export tick, until every panel has a finite value since the traffic began: the
+    # very range the dashboard test reads (a check of "now" alone passed on other apps' rates
+    # from before the traffic, and the test then found nothing in its range).
     with httpx.Client(base_url=legion_url, timeout=300) as client:
         for n in range(3, 12):
-            if all(_finite_now(p, t["expr"]) for _, t in dashboard_queries()):
+            if all(_finite_since(p, t["expr"], start) for _, t in dashboard_queries()):
                 break
             _wave(client, n)
             time.sleep(11)
     return start
 
 
-def _finite_now(p: _Prometheus, expr: str) -> bool:
-    return any(math.isfinite(float(r["value"][1])) for r in p.query(expr))
+def _finite_since(p: _Prometheus, expr: str, start: float) -> bool:
+    data = p.api("query_range", query=expr, start=start, end=time.time(), step="1s")
+    return any(math.isfinite(float(v)) for s in data["result"] for _, v in s["values"])
 
 
 def _by(result: list[dict], label: str) -> dict[str, float]:
