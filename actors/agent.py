@@ -60,6 +60,15 @@ class AgentActor:
         metrics.tokens_generated(self._tag, gen.completion_tokens)
         return gen
 
+    def complete_stream(self, req: CompletionRequest, load_timeout_s: float = 120.0):
+        """``complete`` as a Ray streaming generator (``.options(num_returns="streaming")``):
+        the text piece by piece as it is decoded, then the ``Generation``."""
+        with log_context(request_id=req.request_id, agent=self._agent.cfg.name):
+            for item in self._agent.complete_stream(req, timeout_s=load_timeout_s):
+                if isinstance(item, Generation):
+                    metrics.tokens_generated(self._tag, item.completion_tokens)
+                yield item
+
     def score(self, task: str, context: str, continuations: list[str], load_timeout_s: float = 120.0):
         return self._agent.score(task, context, continuations, timeout_s=load_timeout_s)
 

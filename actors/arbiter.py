@@ -89,5 +89,12 @@ class ArbiterActor:
         self._ensure_autoscaler()
         return await self._arbiter.agents.complete(agent, req)
 
+    async def complete_stream(self, agent: str, req: CompletionRequest) -> AsyncIterator[str | Generation]:
+        """``complete`` as a Ray streaming generator: the text as it is decoded, then the ``Generation``."""
+        self._ensure_autoscaler()
+        async with aclosing(self._arbiter.agents.complete_stream(agent, req)) as items:
+            async for item in items:
+                yield item
+
     async def ready(self) -> bool:
         return all(e["health"]["state"] == "ready" for e in await self.agents())

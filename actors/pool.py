@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -26,7 +28,7 @@ BUNDLED_MODEL = "bundled (Gemma 3 270M Q4_K_M)"  # what an empty model_path runs
 
 log = logging.getLogger(__name__)
 
-_WORK = frozenset({"generate", "generate_n", "score", "complete"})
+_WORK = frozenset({"generate", "generate_n", "score", "complete", "complete_stream"})
 
 
 @dataclass
@@ -101,6 +103,22 @@ class AgentPool:
 
         ref.future().add_done_callback(done)
         return ref
+
+    def stream(self, method: str, *args) -> tuple[Any, Callable[[], None]]:
+        """``method`` as a Ray streaming generator on the replica with the least work, and the
+        function to call when the stream is done (it counts as in flight until then)."""
+        with self._lock:
+            self._ensure_first()
+            ready = [r for r in self._replicas if r.ready] or self._replicas[:1]
+            replica = min(ready, key=lambda r: (r.in_flight, r.started))
+            gen = getattr(replica.handle, method).options(num_returns="streaming").remote(*args)
+            replica.in_flight += 1
+
+        def release() -> None:
+            with self._lock:
+                replica.in_flight -= 1
+
+        return gen, release
 
     @property
     def size(self) -> int:

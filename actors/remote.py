@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import ray
@@ -89,6 +89,22 @@ class RayAgents:
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         return await self._call(agent, "complete", req)
 
+    async def complete_stream(self, agent: str, req: CompletionRequest) -> AsyncIterator[str | Generation]:
+        try:
+            gen, release = self._pools[agent].stream("complete_stream", req)
+        except ValueError as exc:  # the named actor is gone
+            raise AgentUnavailable(str(exc)) from None
+        try:
+            async for ref in gen:
+                yield await resolve(ref)
+        except RayActorError:
+            raise AgentUnavailable(_AGENT_DIED) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            ray.cancel(gen)  # the client went away: stop the agent's work
+            raise
+        finally:
+            release()
+
     async def _call(self, agent: str, method: str, *args: Any) -> Any:
         try:
             ref = getattr(self._pools[agent], method).remote(*args)
@@ -162,6 +178,16 @@ class ArbiterClient:
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         """One agent's completion of a raw prompt, through the Arbiter's pool of it."""
         return await resolve(self._handle.complete.remote(agent, req))
+
+    async def complete_stream(self, agent: str, req: CompletionRequest) -> AsyncIterator[str | Generation]:
+        """``complete``'s text piece by piece as the agent decodes it, then the ``Generation``."""
+        gen = self._handle.complete_stream.options(num_returns="streaming").remote(agent, req)
+        try:
+            async for ref in gen:
+                yield await resolve(ref)
+        except (asyncio.CancelledError, GeneratorExit):
+            ray.cancel(gen)  # the client went away: the agent stops too
+            raise
 
 
 class RetrieverClient:

@@ -7,9 +7,10 @@ loads; ``actors.agent.AgentActor`` is the Ray shell around it.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from legion.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
@@ -188,10 +189,16 @@ class Agent:
         prompt = self.prompt_for_engine(task, req.context, req.history)
         return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
 
-    def complete(self, req: CompletionRequest, timeout_s: float | None = None) -> Generation:
+    def complete(
+        self,
+        req: CompletionRequest,
+        timeout_s: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
         """The model's continuation of ``req.prompt``, the client's own text as it is (no role
         prompt, no template; tokenized as text, so it holds no control tokens). Sampling
-        fields left ``None`` come from the agent's config; ``req.stop`` replaces its stops."""
+        fields left ``None`` come from the agent's config; ``req.stop`` replaces its stops.
+        ``on_text`` gets the text piece by piece as it is decoded (``LlamaEngine.submit_generate``)."""
         engine = self.engine(timeout_s)
         s = self.cfg.sampling
         params = SamplingParams(
@@ -203,10 +210,31 @@ class Agent:
             stop=tuple(req.stop),
             top_logprobs=req.top_logprobs,
         )
-        (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s)
+        (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s, on_text)
         if req.echo_logprobs:
             gen.prompt_token_texts, gen.prompt_token_logprobs = engine.prompt_logprobs(req.prompt)
         return gen
+
+    def complete_stream(
+        self, req: CompletionRequest, timeout_s: float | None = None
+    ) -> Iterator[str | Generation]:
+        """``complete``'s text piece by piece as it is decoded, then its ``Generation``; its
+        errors are raised where they happen."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+
+        def run() -> None:
+            try:
+                pieces.put(self.complete(req, timeout_s, on_text=pieces.put))
+            except BaseException as exc:  # handed to the reader, raised there
+                pieces.put(exc)
+            pieces.put(done)
+
+        threading.Thread(target=run, name=f"{self.cfg.name}-stream", daemon=True).start()
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _counted(
         self,
@@ -215,13 +243,14 @@ class Agent:
         params: SamplingParams,
         n: int,
         timeout_s: float | None,
+        on_text: Callable[[str], None] | None = None,
     ) -> list[Generation]:
         """``n`` generations of ``prompt``, counted in this agent's stats (in flight, errors,
         requests, tokens)."""
         with self._stats_lock:
             self._stats.in_flight += 1
         try:
-            gens = engine.submit_generate(prompt, params, n, timeout_s).result()
+            gens = engine.submit_generate(prompt, params, n, timeout_s, on_text).result()
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1

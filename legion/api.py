@@ -566,7 +566,10 @@ class CompletionBody(BaseModel):
         "tokens at that step (plus the chosen one).",
     )
     echo: bool = Field(False, description="Put the prompt before the completion in text.")
-    stream: bool = Field(False, description="Server-sent chunks: the completion in one chunk, then [DONE].")
+    stream: bool = Field(
+        False,
+        description="Server-sent chunks as the text is decoded, then [DONE] (with logprobs: one chunk).",
+    )
     n: int = 1
     suffix: str | None = None
     user: str | None = None

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from legion.api import (
     Completion,
     CompletionBody,
+    CompletionChoice,
     EmbeddingBody,
     EmbeddingList,
     ModelList,
+    Usage,
     completion_request,
     completion_response,
     embedding_response,
@@ -41,6 +44,10 @@ class CompleteOnAgent(Protocol):
 
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         """``agent``'s continuation of ``req.prompt``; raises ``LegionError`` for a client's error."""
+        ...
+
+    def complete_stream(self, agent: str, req: CompletionRequest) -> AsyncIterator[str | Generation]:
+        """``complete``'s text piece by piece as it is decoded, then its ``Generation``."""
         ...
 
     async def agents(self) -> list[dict]:
@@ -82,15 +89,21 @@ class OpenAIRoutes:
 
     def stream(self, body: CompletionBody) -> AsyncIterator[str]:
         """Server-sent events of a completion: checked now (a bad body is an HTTP error, not a
-        stream), run as the stream is read. The engine hands over whole completions, so the
-        text comes in one chunk, then ``[DONE]``; an error after the start is an ``error`` chunk."""
+        stream), run as the stream is read: a chunk per piece of text as the agent decodes it
+        (the echoed prompt first), the last one with the finish reason, then ``[DONE]``. With
+        ``logprobs`` the completion comes whole in one chunk (its log-probabilities with it).
+        An error after the start is an ``error`` chunk."""
         agent, req = completion_request(body, self.cfg)
         return self._events(agent, req, body)
 
     async def _events(self, agent: str, req: CompletionRequest, body: CompletionBody) -> AsyncIterator[str]:
         try:
-            done = await self._run(agent, req, body)
-            yield f"data: {done.model_dump_json(exclude_none=True)}\n\n"
+            if body.logprobs is not None:
+                done = await self._run(agent, req, body)
+                yield f"data: {done.model_dump_json(exclude_none=True)}\n\n"
+            else:
+                async for chunk in self._pieces(agent, req, body):
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
         except Exception as exc:  # the stream has started: say what went wrong in it
             err = exc if isinstance(exc, LegionError) else None
             log.warning("streamed completion failed: %s", exc)
@@ -98,6 +111,30 @@ class OpenAIRoutes:
             code = err.code.value if err else "internal_error"
             yield f"data: {json.dumps({'error': {'message': message, 'type': code, 'code': code}})}\n\n"
         yield "data: [DONE]\n\n"
+
+    async def _pieces(
+        self, agent: str, req: CompletionRequest, body: CompletionBody
+    ) -> AsyncIterator[Completion]:
+        req.request_id = current_request_id()
+        cid, created = new_id("cmpl"), int(time.time())
+
+        def chunk(text: str, finish: str | None = None, usage: Usage | None = None) -> Completion:
+            choice = CompletionChoice(text=text, finish_reason=finish)
+            return Completion(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
+
+        if body.echo:
+            yield chunk(req.prompt)
+        async for item in self.agents.complete_stream(agent, req):
+            if isinstance(item, str):
+                yield chunk(item)
+                continue
+            finish = "length" if item.finish_reason in ("length", "timeout") else "stop"
+            usage = Usage(
+                prompt_tokens=item.prompt_tokens,
+                completion_tokens=item.completion_tokens,
+                total_tokens=item.prompt_tokens + item.completion_tokens,
+            )
+            yield chunk("", finish, usage)
 
     async def _run(self, agent: str, req: CompletionRequest, body: CompletionBody) -> Completion:
         req.request_id = current_request_id()

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +117,8 @@ class _Seq:
     logits_index: int = -1  # row of its next-token logits in the last decode; -1: none
     n_past: int = 0  # tokens in its KV stream
     grammar: int | None = None  # its llama.cpp grammar sampler (a pointer), freed with the job
+    on_text: Callable[[str], None] | None = None  # gets the text as it grows (see submit_generate)
+    sent: int = 0  # characters of ``text`` handed to ``on_text``
 
 
 @dataclass
@@ -151,6 +153,17 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
     floor = np.partition(logits[:n].reshape(-1, width).max(axis=1), -k)[-k]
     cand = np.flatnonzero(logits >= floor)
     return cand[np.argpartition(logits[cand], -k)[-k:]]
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """The longest end of ``text`` that is the start of one of ``stops`` (0 if none)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def _most_likely(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
@@ -427,10 +440,20 @@ class LlamaEngine:
 
     # ----------------------------------------------------------------- public API
     def submit_generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, n: int = 1, timeout_s: float | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        n: int = 1,
+        timeout_s: float | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Future:
         """Queue ``n`` completions of ``prompt`` (the prompt is evaluated once for all ``n``):
         text, tokenized as plain text, or tokens (a chat prompt's, from ``Agent``).
+
+        ``on_text`` (with ``n == 1``) gets the completion's text piece by piece as it is
+        decoded, on the engine's thread (keep it quick: put it in a queue): the pieces join to
+        the final text, since text that might be the start of a stop sequence is held back
+        until it is clear.
 
         The future's result is a list of ``n`` generations. Past ``timeout_s`` the sequences
         stop where they are with ``finish_reason == "timeout"``. A ``params.grammar`` that
@@ -447,10 +470,13 @@ class LlamaEngine:
                 f"together they exceed the context window n_ctx={self.n_ctx}: "
                 "shorten the task or lower max_tokens"
             )
+        if on_text is not None and n != 1:
+            raise InvalidRequest("streaming text needs n == 1")
         seqs = [
             _Seq(toks, params, np.random.default_rng(params.seed + i if params.temperature > 0 else 0))
             for i in range(n)
         ]
+        seqs[0].on_text = on_text
         job = _Job(
             "generate",
             Future(),
@@ -767,6 +793,8 @@ class LlamaEngine:
         return still
 
     def _finish(self, job: _Job) -> None:
+        for s in job.seqs:
+            self._emit(s, final=True)
         elapsed = time.perf_counter() - job.submitted
         gens = [
             Generation(
@@ -999,6 +1027,27 @@ class LlamaEngine:
                 s.grammar = None
 
     def _accept(self, s: _Seq, tok: int, logprob: float) -> None:
+        self._accept_token(s, tok, logprob)
+        if s.finish is None:
+            self._emit(s)
+
+    def _emit(self, s: _Seq, final: bool = False) -> None:
+        """Hand ``s``'s new text to its ``on_text``: all of it when ``final``, else all but a
+        tail that could still turn out to start a stop sequence."""
+        if s.on_text is None:
+            return
+        upto = len(s.text)
+        if not final and s.grammar is None:
+            upto -= _stop_prefix_len(s.text, s.params.stop)
+        if upto > s.sent:
+            try:
+                s.on_text(s.text[s.sent : upto])
+            except Exception:  # a listener's failure must not take the engine down
+                log.exception("on_text failed; the sequence goes on without it")
+                s.on_text = None
+            s.sent = upto
+
+    def _accept_token(self, s: _Seq, tok: int, logprob: float) -> None:
         if tok < 0:  # nothing fits the grammar: the text so far is all there is
             s.finish = "stop"
             return

@@ -27,6 +27,19 @@ def test_greedy_generation_is_deterministic_and_stops(engine):
     assert a.mean_logprob < 0
 
 
+def test_streamed_text_comes_piece_by_piece_and_joins_to_the_final_text(engine):
+    prompt = "Question: Name three colors, one per line.\nAnswer:"
+    for stop in (["\n\n", "\nQuestion:"], ["\n"], []):
+        p = SamplingParams(max_tokens=32, stop=stop)
+        pieces: list[str] = []
+        (streamed,) = engine.submit_generate(prompt, p, on_text=pieces.append).result()
+        assert "".join(pieces) == streamed.text == engine.generate(prompt, p).text
+        assert not any(x in piece for piece in pieces for x in stop)  # nothing past a stop
+        assert len(pieces) > 1 or streamed.completion_tokens <= 1
+    with pytest.raises(InvalidRequest, match="n == 1"):
+        engine.submit_generate(prompt, SamplingParams(max_tokens=4), n=2, on_text=pieces.append)
+
+
 def test_max_tokens_is_respected(engine):
     g = engine.generate("Once upon a time", SamplingParams(max_tokens=5, stop=()))
     assert g.completion_tokens == 5

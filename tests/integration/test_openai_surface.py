@@ -36,7 +36,7 @@ def test_a_completion_continues_the_prompt_on_one_agent(oai):
     assert r.object == "text_completion" and r.model == "agent:solver"
     assert choice.text.strip() and choice.finish_reason in ("stop", "length")
     assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
-    # Greedy: the same text again, streamed too (one chunk: the engine hands over whole texts).
+    # Greedy: the same text again, and streamed: piece by piece as it is decoded.
     again = oai.completions.create(model="legion", prompt=prompt, max_tokens=8, temperature=0)
     assert again.choices[0].text == choice.text  # "legion" is the first agent, the solver
     streamed = oai.completions.create(
@@ -45,6 +45,9 @@ def test_a_completion_continues_the_prompt_on_one_agent(oai):
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert len([c for c in chunks if c.choices[0].text]) > 2  # not the whole text at once
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_logprobs_echo_and_stop(oai):

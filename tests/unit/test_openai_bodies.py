@@ -130,6 +130,16 @@ class _Agents:
             raise self.fail
         return _gen()
 
+    async def complete_stream(self, agent, req):
+        self.asked.append((agent, req.prompt))
+        if self.fail:
+            raise self.fail
+        gen = _gen()
+        for word in gen.text.split(" "):  # the pieces as an engine hands them over
+            if word:
+                yield " " + word
+        yield gen
+
     async def agents(self):
         raise RuntimeError("the Arbiter is restarting")
 
@@ -146,16 +156,24 @@ async def _read(stream) -> list[str]:
     return [event async for event in stream]
 
 
-def test_a_streamed_completion_is_one_chunk_then_done():
+def test_a_streamed_completion_comes_piece_by_piece_then_finishes_then_done():
     import asyncio
     import json
 
     agents = _Agents()
     events = asyncio.run(_read(_routes(agents).stream(CompletionBody(model="agent:b", prompt="Capital:"))))
     assert agents.asked == [("b", "Capital:")]
-    assert events[-1] == "data: [DONE]\n\n" and len(events) == 2
-    chunk = json.loads(events[0].removeprefix("data: "))
-    assert chunk["object"] == "text_completion" and chunk["choices"][0]["text"] == " Paris."
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " Paris."
+    assert [c["choices"][0].get("finish_reason") for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert chunks[-1]["usage"]["completion_tokens"] == _gen().completion_tokens
+    # With logprobs the completion comes whole, in one chunk.
+    whole = asyncio.run(
+        _read(_routes(agents).stream(CompletionBody(model="agent:b", prompt="C:", logprobs=0)))
+    )
+    assert len(whole) == 2 and json.loads(whole[0].removeprefix("data: "))["choices"][0]["text"] == " Paris."
 
 
 def test_a_bad_stream_body_fails_before_the_stream_and_a_late_error_is_an_error_chunk():
