@@ -87,11 +87,15 @@ class AgentPool:
                 except ValueError:
                     break
 
+    def _least_busy(self) -> _Replica:
+        """The ready replica with the least work (the first one while none is ready); hold the lock."""
+        self._ensure_first()
+        ready = [r for r in self._replicas if r.ready] or self._replicas[:1]
+        return min(ready, key=lambda r: (r.in_flight, r.started))
+
     def _call(self, method: str, args, kwargs) -> ray.ObjectRef:
         with self._lock:
-            self._ensure_first()
-            ready = [r for r in self._replicas if r.ready] or self._replicas[:1]
-            replica = min(ready, key=lambda r: (r.in_flight, r.started))
+            replica = self._least_busy()
             ref = getattr(replica.handle, method).remote(*args, **kwargs)
             if method not in _WORK:
                 return ref
@@ -108,9 +112,7 @@ class AgentPool:
         """``method`` as a Ray streaming generator on the replica with the least work, and the
         function to call when the stream is done (it counts as in flight until then)."""
         with self._lock:
-            self._ensure_first()
-            ready = [r for r in self._replicas if r.ready] or self._replicas[:1]
-            replica = min(ready, key=lambda r: (r.in_flight, r.started))
+            replica = self._least_busy()
             gen = getattr(replica.handle, method).options(num_returns="streaming").remote(*args)
             replica.in_flight += 1
 

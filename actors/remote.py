@@ -51,6 +51,17 @@ async def resolve(ref: ray.ObjectRef) -> Any:
         raise unwrap(exc) from None
 
 
+async def _relay(gen) -> AsyncIterator[Any]:
+    """The values of a Ray streaming generator's refs as they come; a caller that goes away
+    cancels the remote generator (its actor stops the work)."""
+    try:
+        async for ref in gen:
+            yield await resolve(ref)
+    except (asyncio.CancelledError, GeneratorExit):
+        ray.cancel(gen)
+        raise
+
+
 def agent_error(exc: BaseException) -> str:
     """One line on why a call to an agent's actor failed."""
     return describe_failure(AgentUnavailable(_AGENT_DIED) if isinstance(exc, RayActorError) else unwrap(exc))
@@ -95,13 +106,10 @@ class RayAgents:
         except ValueError as exc:  # the named actor is gone
             raise AgentUnavailable(str(exc)) from None
         try:
-            async for ref in gen:
-                yield await resolve(ref)
+            async for item in _relay(gen):
+                yield item
         except RayActorError:
             raise AgentUnavailable(_AGENT_DIED) from None
-        except (asyncio.CancelledError, GeneratorExit):
-            ray.cancel(gen)  # the client went away: stop the agent's work
-            raise
         finally:
             release()
 
@@ -182,12 +190,8 @@ class ArbiterClient:
     async def complete_stream(self, agent: str, req: CompletionRequest) -> AsyncIterator[str | Generation]:
         """``complete``'s text piece by piece as the agent decodes it, then the ``Generation``."""
         gen = self._handle.complete_stream.options(num_returns="streaming").remote(agent, req)
-        try:
-            async for ref in gen:
-                yield await resolve(ref)
-        except (asyncio.CancelledError, GeneratorExit):
-            ray.cancel(gen)  # the client went away: the agent stops too
-            raise
+        async for item in _relay(gen):
+            yield item
 
 
 class RetrieverClient:
