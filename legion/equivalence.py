@@ -28,6 +28,9 @@ _WORD_NUMBERS = {
 }
 _NEGATIONS = frozenset({"not", "no", "never", "none", "neither", "nor", "isn't", "aren't", "cannot", "can't"})
 _STOPWORDS = frozenset({"is", "are", "was", "were", "of", "in", "on", "to", "it", "its", "and", "or", "be"})
+# Where an answer lists alternatives: "a; b", "a or b", "a, b, c" (two parts joined by a comma
+# are not a list: "Paris, France").
+_ALTERNATIVES = re.compile(r"\s*(?:;|\bor\b)\s*", re.IGNORECASE)
 _TEMPLATE_MARKER = re.compile(r"(?m)^([A-Z][A-Za-z]{0,19}(?: [A-Za-z]{1,20}){0,2}):")
 
 
@@ -60,10 +63,19 @@ def _contains(short: list[str], long: list[str]) -> bool:
     return any(long[i : i + n] == short for i in range(len(long) - n + 1))
 
 
+def lists_alternatives(answer: str) -> bool:
+    """Whether ``answer`` names several alternatives ("coal; wind", "coal or wind", "coal, wind,
+    oil") rather than one answer: containing one of them is not saying it."""
+    if len([p for p in _ALTERNATIVES.split(answer) if p.strip()]) > 1:
+        return True
+    return len([p for p in answer.split(",") if p.strip()]) > 2
+
+
 def equivalent(a: str, b: str) -> bool:
     """Whether answers ``a`` and ``b`` say the same: equal final answers, equal numbers, or one
     final answer's words found in order in the other's (with a word that is not a stopword,
-    and no negation in the longer that the shorter lacks)."""
+    no negation in the longer that the shorter lacks, and not one of several alternatives the
+    longer lists: "wind" is not "coal; wind; oil")."""
     ka, kb = _key(a), _key(b)
     if not ka or not kb:
         return False
@@ -72,6 +84,9 @@ def equivalent(a: str, b: str) -> bool:
     na, nb = _as_number(ka), _as_number(kb)
     if na is not None and nb is not None:
         return na == nb
+    finals = sorted((final_answer(a), final_answer(b)), key=lambda t: len(normalize_answer(t).split()))
+    if lists_alternatives(finals[1]):
+        return False
     short, long = sorted((ka.split(), kb.split()), key=len)
     if not any(w not in _STOPWORDS and w not in _NEGATIONS for w in short):
         return False

@@ -230,14 +230,20 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from legion.evaluate import run_eval_cli
-
     if args.limit is not None and args.limit < 1:
         print("legion: --limit must be at least 1", file=sys.stderr)
         return 2
     from legion.config import load_config
 
     _preflight(_model_paths(load_config(args.config)))
+    if args.free_text:
+        from legion.freetext import run_freetext_cli
+
+        args.threads = args.threads or 1  # the agents answer at once: one thread each
+        return run_freetext_cli(args)
+    from legion.evaluate import run_eval_cli
+
+    args.threads = args.threads or 2
     return run_eval_cli(args)
 
 
@@ -437,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--agents", help="comma-separated agent names (default: every configured agent)")
     e.add_argument("--shots", help="training JSONL for few-shot exemplars (default: *_train beside --data)")
     e.add_argument("--config", help="YAML config whose agents are evaluated")
-    e.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the in-process engines")
+    e.add_argument(
+        "--threads", type=int, help="llama.cpp threads of each in-process engine (default 2; --free-text 1)"
+    )
     e.add_argument("--json", action="store_true", help='print {strategy: {"accuracy", "n", "seconds"}}')
     e.add_argument("--out", help="also write the results (with the config used) to this JSON file")
     e.add_argument("--scores", help="JSONL cache of scored choices: reused when present, extended otherwise")
@@ -452,6 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--profile", help="an Arbiter profile (legion calibrate) for the learned and equilibrium strategies"
     )
+    ft = e.add_argument_group(
+        "free text",
+        "--free-text: the items as short-answer tasks, answered by every strategy that writes answers",
+    )
+    ft.add_argument(
+        "--free-text", action="store_true", help="generated answers judged against the right choice"
+    )
+    ft.add_argument(
+        "--form",
+        choices=["listed", "open"],
+        default="listed",
+        help="the question with or without its choices",
+    )
+    ft.add_argument("--max-tokens", type=int, default=32, help="most tokens per answer")
+    ft.add_argument("--samples", type=int, default=3, help="self-consistency samples (0: none)")
+    ft.add_argument("--sc-agent", help="the agent sampled for self-consistency (default: the first)")
+    ft.add_argument("--sc-temperature", type=float, default=0.7, help="self-consistency sampling temperature")
+    ft.add_argument("--concurrency", type=int, default=2, help="items answered at once")
     e.set_defaults(func=_eval)
 
     cb = sub.add_parser(

@@ -80,3 +80,23 @@ def test_prompt_markers_come_from_the_template():
     assert prompt_markers("Q: {task}\nA:") == ["\nQ:", "\nA:"]
     assert prompt_markers("{task}") == []
     assert prompt_markers("Context: x\nFinal Answer: {task}") == ["\nContext:", "\nFinal Answer:"]
+
+
+@pytest.mark.parametrize(
+    ("one", "listing"),
+    [
+        ("cellular telephone", "cellular telephone; television; refrigerator; airplane"),
+        ("wind", "coal or wind"),
+        ("oil", "coal, wind, oil"),
+    ],
+)
+def test_an_answer_listing_alternatives_is_not_one_of_them(one, listing):
+    # Seen in the free-text eval: a base model that repeats the choices must not join (and so
+    # outvote) the agents that picked one; the group's text was the whole list.
+    assert not equivalent(one, listing)
+    assert not equivalent(listing, one)
+    assert equivalent(listing, listing)
+
+
+def test_two_parts_joined_by_a_comma_are_not_a_list():
+    assert equivalent("Paris", "Paris, France")

@@ -1,0 +1,138 @@
+"""The free-text eval (``legion.freetext``) without a model: items, the judge, the agreement
+figures, and a whole run of the real Arbiter over scripted agents (they stand in for the
+models, not for the eval or the Arbiter)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from legion.config import config_from_dict
+from legion.errors import InvalidRequest
+from legion.evaluate import Item
+from legion.freetext import FreeTextEval, JudgeAgreement, exact_match, judge, short_item
+from legion.messages import GenerateRequest, Generation
+
+ITEM = Item(
+    id="q1",
+    context="Question: Which of these is a renewable resource?\nAnswer:",
+    choices=["coal", "wind", "natural gas", "oil"],
+    answer=1,
+)
+
+
+def test_short_item_forms():
+    listed = short_item(ITEM)
+    assert listed.task == "Which of these is a renewable resource?\nChoices: coal; wind; natural gas; oil"
+    assert listed.reference == "wind"
+    assert listed.others == ["coal", "natural gas", "oil"]
+    assert short_item(ITEM, "open").task == "Which of these is a renewable resource?"
+    with pytest.raises(InvalidRequest, match="unknown free-text form"):
+        short_item(ITEM, "cloze")
+
+
+@pytest.mark.parametrize(
+    ("answer", "right", "exact"),
+    [
+        ("wind", True, True),
+        ("Wind.", True, True),
+        ("The answer is wind", True, True),
+        ("wind power", True, False),  # the reference stated inside a longer answer
+        ("coal", False, False),
+        ("coal; wind; natural gas; oil", False, False),  # listing every choice is no answer
+        ("not wind", False, False),  # the negation guard
+        ("", False, False),
+    ],
+)
+def test_judge_and_exact_match(answer, right, exact):
+    item = short_item(ITEM)
+    assert judge(answer, item) is right
+    assert exact_match(answer, item.reference) is exact
+
+
+def test_judge_allows_a_wrong_choice_that_says_the_same_as_the_reference():
+    # "the sun" among the wrong choices and "sun" as the reference: stating it is still right.
+    item = short_item(
+        Item(
+            id="x",
+            context="Question: What gives light?\nAnswer:",
+            choices=["sun", "the sun", "rock"],
+            answer=0,
+        )
+    )
+    assert judge("the sun", item)
+    assert not judge("rock", item)
+
+
+def test_agreement_counts_and_kappa():
+    from legion.freetext import Answered
+
+    ag = JudgeAgreement()
+    item = short_item(ITEM)
+    for right, exact in [(True, True)] * 4 + [(False, False)] * 4 + [(True, False)] * 2:
+        ag.add(Answered(answer="a", tokens=1, right=right, exact=exact), item)
+    s = ag.summary()
+    assert (s["both_right"], s["both_wrong"], s["judge_only"], s["exact_only"]) == (4, 4, 2, 0)
+    assert s["agreement"] == 0.8
+    # chance agreement: 0.6 * 0.4 + 0.4 * 0.6 = 0.48; kappa = (0.8 - 0.48) / 0.52
+    assert s["cohen_kappa"] == pytest.approx(0.32 / 0.52, abs=1e-4)
+    assert len(s["disagreements"]) == 2
+
+
+class _Scripted:
+    """Agents answering from a table by (agent, temperature, seed): the models' stand-in."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.asked: list[tuple[str, GenerateRequest]] = []
+
+    def saturated(self) -> bool:
+        return False
+
+    async def generate(self, agent: str, req: GenerateRequest) -> Generation:
+        self.asked.append((agent, req))
+        text = self.answers(agent, req)
+        await asyncio.sleep(0)
+        return Generation(
+            text=text,
+            prompt_tokens=9,
+            completion_tokens=len(text.split()),
+            finish_reason="stop",
+            mean_logprob=-0.5,
+            seconds=0.0,
+        )
+
+
+def _cfg(tmp_path):
+    agents = [{"name": n} for n in ("solver", "reasoner", "critic")]
+    return config_from_dict({"agents": agents, "data_dir": str(tmp_path)})
+
+
+def test_a_run_judges_every_method_and_counts_its_tokens(tmp_path):
+    def answers(agent, req):
+        if req.temperature is not None and req.temperature > 0:  # self-consistency samples
+            return {1000: "coal", 1001: "Wind.", 1002: "the answer is wind"}[req.seed]
+        return {"solver": "coal", "reasoner": "wind power", "critic": "wind"}[agent]
+
+    agents = _Scripted(answers)
+    ev = FreeTextEval(_cfg(tmp_path), agents, ["plurality"], samples=3, sc_agent="solver", trust_dir=tmp_path)
+    res = asyncio.run(ev.run([short_item(ITEM)], concurrency=1))
+    # Two of three agents say wind (once as "wind power"): equivalence joins them, plurality wins.
+    assert res["plurality"]["accuracy"] == 1.0
+    # The group answers with its first member's text ("wind power"): right, but no exact match.
+    assert res["plurality"]["exact_match"] == 0.0
+    assert res["single:solver"]["accuracy"] == 0.0
+    assert res["single:reasoner"] == {"accuracy": 1.0, "exact_match": 0.0, "tokens_per_item": 2.0, "n": 1}
+    assert res["greedy:solver"]["accuracy"] == 0.0
+    # Samples: coal, Wind., the answer is wind -> wind wins 2 to 1; three samples' tokens.
+    assert res["self-consistency:solverx3"]["accuracy"] == 1.0
+    assert res["self-consistency:solverx3"]["tokens_per_item"] == 1 + 1 + 4
+    assert res["plurality"]["tokens_per_item"] == 1 + 2 + 1
+    greedy = [r for a, r in agents.asked if a == "solver" and r.temperature == 0.0]
+    assert len(greedy) == 1 and greedy[0].max_tokens == 32
+
+
+def test_unknown_sc_agent_is_refused(tmp_path):
+    with pytest.raises(InvalidRequest, match="--sc-agent 'nobody'"):
+        FreeTextEval(_cfg(tmp_path), _Scripted(lambda a, r: ""), ["plurality"], sc_agent="nobody")
