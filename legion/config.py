@@ -190,6 +190,12 @@ class AgentConfig(_Strict):
             ) from None
         return v
 
+    @field_validator("model_path")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        # "~/models/x.gguf" as a shell would read it: the engine opens the path as given.
+        return None if v is None else os.path.expanduser(v)
+
     @field_validator("chat_template")
     @classmethod
     def _known_chat_template(cls, v: str | None) -> str | None:

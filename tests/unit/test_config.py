@@ -104,3 +104,9 @@ def test_the_example_file_loads_and_shows_every_section(monkeypatch):
     defaults = LegionConfig(agents=cfg.agents, arbiter=cfg.arbiter, serve=cfg.serve)
     for section in ("cache", "history", "rag", "placement", "security"):
         assert getattr(cfg, section) == getattr(defaults, section), section
+
+
+def test_model_path_reads_home_as_a_shell_would(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config_from_dict({"agents": [{"name": "a", "model_path": "~/models/x.gguf"}]})
+    assert cfg.agents[0].model_path == str(tmp_path / "models" / "x.gguf")
