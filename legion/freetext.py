@@ -127,7 +127,7 @@ class JudgeAgreement:
     judge_only: int = 0
     exact_only: int = 0
     neither: int = 0
-    examples: list[dict[str, str]] = field(default_factory=list)  # disagreements, a few
+    examples: list[dict[str, str]] = field(default_factory=list)  # distinct disagreements, a few
 
     def add(self, a: Answered, item: ShortItem, keep: int = 8) -> None:
         if a.right and a.exact:
@@ -138,8 +138,9 @@ class JudgeAgreement:
             self.exact_only += 1
         else:
             self.neither += 1
-        if a.right != a.exact and len(self.examples) < keep:
-            self.examples.append({"answer": a.answer, "reference": item.reference, "judge": str(a.right)})
+        example = {"answer": a.answer, "reference": item.reference, "judge": str(a.right)}
+        if a.right != a.exact and len(self.examples) < keep and example not in self.examples:
+            self.examples.append(example)
 
     def summary(self) -> dict[str, Any]:
         n = self.both + self.judge_only + self.exact_only + self.neither

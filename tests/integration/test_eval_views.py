@@ -69,3 +69,43 @@ def test_plain_scorer_and_engine_compute_the_same_loglikelihoods():
     finally:
         plain.close()
         engine.close()
+
+
+def test_free_text_eval_answers_with_real_agents_through_the_cli(tmp_path):
+    """``legion eval --free-text`` end to end on the bundled model: the Arbiter answers each item
+    with every strategy named, every answer is judged, and the report says what each cost."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(vars(it)) + "\n" for it in ITEMS[:2]))
+    out = tmp_path / "ft.json"
+    cmd = [sys.executable, "-m", "legion_cli", "eval", "--free-text", "--data", str(data)]
+    cmd += [
+        "--strategies",
+        "plurality,debate",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = printed["results"]
+    want = {"plurality", "debate", "single:solver", "single:reasoner", "single:critic"}
+    assert want | {"greedy:solver", "self-consistency:solverx2"} <= set(res)
+    assert all(r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in res.values())
+    # Tokens are counted per answer asked for, within --max-tokens each: two samples at most 16.
+    assert 0 < res["greedy:solver"]["tokens_per_item"] <= 8
+    assert 0 < res["self-consistency:solverx2"]["tokens_per_item"] <= 16
+    # The debate's rounds ask the agents again: it costs at least the fan-out.
+    assert res["debate"]["tokens_per_item"] >= res["plurality"]["tokens_per_item"]
+    saved = json.loads(out.read_text())
+    assert saved["judge_agreement"]["answers"] == sum(r["n"] for r in res.values())
+    for rec in saved["answers"].values():
+        assert set(rec["by"]) == set(res) and rec["reference"]

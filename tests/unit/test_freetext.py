@@ -70,14 +70,16 @@ def test_agreement_counts_and_kappa():
 
     ag = JudgeAgreement()
     item = short_item(ITEM)
-    for right, exact in [(True, True)] * 4 + [(False, False)] * 4 + [(True, False)] * 2:
-        ag.add(Answered(answer="a", tokens=1, right=right, exact=exact), item)
+    pairs = [(True, True)] * 4 + [(False, False)] * 4 + [(True, False)] * 3
+    for i, (right, exact) in enumerate(pairs):
+        ag.add(Answered(answer="same" if i == 10 else f"a{i}", tokens=1, right=right, exact=exact), item)
+    ag.add(Answered(answer="same", tokens=1, right=True, exact=False), item)  # a repeat: one example
     s = ag.summary()
-    assert (s["both_right"], s["both_wrong"], s["judge_only"], s["exact_only"]) == (4, 4, 2, 0)
-    assert s["agreement"] == 0.8
-    # chance agreement: 0.6 * 0.4 + 0.4 * 0.6 = 0.48; kappa = (0.8 - 0.48) / 0.52
-    assert s["cohen_kappa"] == pytest.approx(0.32 / 0.52, abs=1e-4)
-    assert len(s["disagreements"]) == 2
+    assert (s["both_right"], s["both_wrong"], s["judge_only"], s["exact_only"]) == (4, 4, 4, 0)
+    assert s["agreement"] == pytest.approx(8 / 12, abs=1e-4)
+    # chance agreement: P(judge right) 8/12, P(exact) 4/12 -> 8/12 * 4/12 + 4/12 * 8/12 = 4/9
+    assert s["cohen_kappa"] == pytest.approx((8 / 12 - 4 / 9) / (1 - 4 / 9), abs=1e-4)
+    assert [d["answer"] for d in s["disagreements"]] == ["a8", "a9", "same"]
 
 
 class _Scripted:
