@@ -327,8 +327,9 @@ class Arbiter:
         embedder: Callable[[], Any] | None = None,
     ):
         """``embedder`` builds the embedding model for ``arbiter.equivalence: embedding`` (default:
-        the bundled all-MiniLM-L6-v2 on one thread); it is called on the first pair of answers
-        the rules cannot tell apart, never in the other modes."""
+        the bundled all-MiniLM-L6-v2 on one thread); it is called once, by
+        ``load_equivalence_model`` or at the first pair of answers the rules cannot tell apart,
+        never in the other modes."""
         self.cfg = cfg
         self.agents = agents
         a = cfg.arbiter
@@ -338,6 +339,12 @@ class Arbiter:
             if a.equivalence == "embedding"
             else None
         )
+
+    def load_equivalence_model(self) -> None:
+        """Load the embedding model now (blocking) when ``arbiter.equivalence`` is ``embedding``,
+        so the first task the rules cannot group does not wait for it; otherwise nothing."""
+        if self._similarity is not None:
+            self._similarity.load()
 
     def equivalence(self, judges: Sequence[str]) -> Equivalence:
         """How this Arbiter groups equivalent answers (``arbiter.equivalence``); in ``judge`` mode

@@ -143,14 +143,23 @@ class EmbeddingSimilarity:
         self._load_error: str | None = None
         self._lock = threading.Lock()
 
+    def load(self) -> str | None:
+        """Load the embedder now, if it is not loaded (blocking; once): None, or why it failed."""
+        with self._lock:
+            self._load_once()
+            return self._load_error
+
+    def _load_once(self) -> None:
+        if self._embedder is None and self._load_error is None:
+            try:
+                self._embedder = self._load()
+            except Exception as exc:  # torch missing, model files missing, out of memory
+                self._load_error = f"the embedding model could not load ({type(exc).__name__}: {exc})"
+                log.warning("answer equivalence falls back to the rules only: %s", self._load_error)
+
     def _embed(self, texts: list[str]) -> list[list[float]]:
         with self._lock:
-            if self._embedder is None and self._load_error is None:
-                try:
-                    self._embedder = self._load()
-                except Exception as exc:  # torch missing, model files missing, out of memory
-                    self._load_error = f"the embedding model could not load ({type(exc).__name__}: {exc})"
-                    log.warning("answer equivalence falls back to the rules only: %s", self._load_error)
+            self._load_once()
             if self._embedder is None:
                 raise FallbackUnavailable(self._load_error or "no embedder")
             return self._embedder.embed(texts)

@@ -250,6 +250,7 @@ def test_an_embedder_that_cannot_load_is_tried_once_and_says_why():
         raise OSError("no model files")
 
     sim = EmbeddingSimilarity(load, min_similarity=0.8)
+    assert "no model files" in sim.load()
     for _ in range(2):
         with pytest.raises(FallbackUnavailable, match="no model files"):
             asyncio.run(sim.same("Paris", "London"))
