@@ -319,6 +319,7 @@ class Equivalence:
 
     @property
     def mode(self) -> str:
+        """``rules``, or the fallback's name (as ``arbiter.equivalence`` calls it)."""
         return self.fallback.name if self.fallback else "rules"
 
     async def verdict(self, a: str, b: str, question: str = "") -> Verdict:
@@ -336,6 +337,8 @@ class Equivalence:
         return (await self.verdict(answer, reference, question)).same is True
 
     async def group(self, candidates: Sequence[Candidate], question: str = "") -> Grouping:
+        """``candidates`` (answers to ``question``) grouped; a fallback that fails is reported in
+        ``fallback_error``, never raised."""
         groups: list[list[tuple[Candidate, Verdict | None]]] = []
         asked: dict[tuple[str, str], Verdict] = {}
         checked: list[dict] = []
