@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -31,8 +33,19 @@ class ArbiterActor:
         self._pools = {
             a.name: AgentPool(self.cfg, a, agent_actor_names[a.name], namespace) for a in self.cfg.agents
         }
-        self._arbiter = Arbiter(self.cfg, RayAgents(self._pools))
+        # The embedding model (torch) loads only in equivalence: embedding, in the background from
+        # the start; if it cannot load, answers group by the rules and the trace says why.
+        self._arbiter = Arbiter(self.cfg, RayAgents(self._pools), embedder=self._load_embedder)
+        if self.cfg.arbiter.equivalence == "embedding":  # load it while the agents load theirs
+            threading.Thread(
+                target=self._arbiter.load_equivalence_model, name="load-embedder", daemon=True
+            ).start()
         self._autoscaler: asyncio.Task | None = None
+
+    def _load_embedder(self):
+        from legion.vectorstore import Embedder
+
+        return Embedder(threads=max(1, math.floor(self.cfg.arbiter.num_cpus)))
 
     def _ensure_autoscaler(self) -> None:
         if self._autoscaler is None or self._autoscaler.done():

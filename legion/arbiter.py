@@ -19,7 +19,7 @@ from legion import metrics
 from legion.config import LegionConfig
 from legion.constrained import AnswerMismatch, parse_answer, vote_key
 from legion.engine import ScoredContinuation
-from legion.equivalence import canonical
+from legion.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.errors import AgentGone, ErrorCode, LegionError, Overloaded, TaskTimeout
 from legion.messages import (
     AgentHealth,
@@ -111,6 +111,7 @@ class _Session:
     def __init__(self, arbiter: Arbiter, req: TaskRequest, on_event: Callable[[Event], None] | None):
         self._agents = arbiter.agents
         self._cfg = arbiter.cfg
+        self._equivalence = arbiter.equivalence
         self._on_event = on_event
         self.req = req
         self.task = req.task
@@ -231,13 +232,10 @@ class _Session:
                 error=f"no answer within agent_timeout_s={timeout}",
                 latency_ms=self.now_ms(),
             )
-        # Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split.
+        answers = [out[n] for n in requests]
         # Constrained (JSON) answers already carry their canonical JSON as the key.
         constrained = any(r.output is not None for r in requests.values())
-        answers = [out[n] for n in requests]
-        ordered, merged = (answers, {}) if constrained else canonical(answers)
-        if merged:
-            self.trace("equivalent_answers", during=step, groups=merged)
+        ordered = answers if constrained else await self._group(answers, requests, step)
         for c in ordered:
             if trace_each and c.agent not in streamed:  # timed out
                 self._stream(c)
@@ -256,6 +254,26 @@ class _Session:
                 self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
         self.latest = ordered
         return ordered
+
+    async def _group(
+        self, answers: list[Candidate], requests: Mapping[str, GenerateRequest], step: str
+    ) -> list[Candidate]:
+        """Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split;
+        the trace names each merged group, its members and what joined them."""
+        tasks = {r.task for r in requests.values()}
+        equivalence = self._equivalence([c.agent for c in answers if c.ok])
+        grouping = await equivalence.group(answers, question=tasks.pop() if len(tasks) == 1 else "")
+        if grouping.fallback_error:
+            self.trace(
+                "equivalence_fallback_failed",
+                during=step,
+                fallback=equivalence.mode,
+                error=grouping.fallback_error,
+                consequence="answers the rules did not join stay apart",
+            )
+        if grouping.groups or grouping.checked:
+            self.trace("equivalent_answers", during=step, mode=equivalence.mode, **grouping.trace())
+        return grouping.candidates
 
     async def option_scores(self, candidates: Sequence[Candidate]) -> OptionScores | None:
         """Every answering agent's log-likelihood of every distinct answer, given its own prompt
@@ -301,11 +319,42 @@ class _Session:
 class Arbiter:
     """Answers tasks with the agents behind ``agents``; keeps their trust weights."""
 
-    def __init__(self, cfg: LegionConfig, agents: Agents, trust: TrustStore | None = None):
+    def __init__(
+        self,
+        cfg: LegionConfig,
+        agents: Agents,
+        trust: TrustStore | None = None,
+        embedder: Callable[[], Any] | None = None,
+    ):
+        """``embedder`` builds the embedding model for ``arbiter.equivalence: embedding`` (default:
+        the bundled all-MiniLM-L6-v2 on one thread); it is called once, by
+        ``load_equivalence_model`` or at the first pair of answers the rules cannot tell apart,
+        never in the other modes."""
         self.cfg = cfg
         self.agents = agents
         a = cfg.arbiter
         self.trust = trust or TrustStore(cfg.data_path / a.trust_file, eta=a.trust_eta, floor=a.trust_floor)
+        self._similarity = (
+            EmbeddingSimilarity(embedder, min_similarity=a.equivalence_min_similarity)
+            if a.equivalence == "embedding"
+            else None
+        )
+
+    def load_equivalence_model(self) -> None:
+        """Load the embedding model now (blocking) when ``arbiter.equivalence`` is ``embedding``,
+        so the first task the rules cannot group does not wait for it; otherwise nothing."""
+        if self._similarity is not None:
+            self._similarity.load()
+
+    def equivalence(self, judges: Sequence[str]) -> Equivalence:
+        """How this Arbiter groups equivalent answers (``arbiter.equivalence``); in ``judge`` mode
+        the agents named in ``judges`` judge."""
+        a = self.cfg.arbiter
+        if self._similarity is not None:
+            return Equivalence(self._similarity)
+        if a.equivalence == "judge":
+            return Equivalence(AgentJudge(self.agents, judges, timeout_s=a.agent_timeout_s))
+        return Equivalence()
 
     async def run(self, req: TaskRequest, on_event: Callable[[Event], None] | None = None) -> TaskResult:
         """Answer one task: fan out, collect within the deadlines, decide (calling the agents

@@ -338,6 +338,20 @@ class ArbiterConfig(_Strict):
         "equilibrium", description="The further round a split vote triggers."
     )
     decompose_max_subtasks: int = Field(4, ge=2, le=16, description="Most subtasks a planner may make.")
+    equivalence: Literal["rules", "embedding", "judge"] = Field(
+        "rules",
+        description="How free-text answers that say the same thing are grouped before a vote: 'rules' "
+        "(final answer, numbers, containment, negation guard); 'embedding' (the rules, then, for "
+        "pairs no rule decides, cosine similarity of the final answers' all-MiniLM-L6-v2 embeddings "
+        "of at least equivalence_min_similarity; loads torch in the Arbiter); 'judge' (the rules, "
+        "then the answering agents' majority on whether the two answers say the same).",
+    )
+    equivalence_min_similarity: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="equivalence: embedding: the cosine similarity at which two answers are one.",
+    )
     profile: str | None = Field(
         None,
         min_length=1,

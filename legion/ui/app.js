@@ -168,13 +168,20 @@ function groupedChart(title, labels, series, highlight) {
 }
 
 // ------------------------------------------------------------------ task stream
-function candidateCard(c) {
+// `joins` (from answerJoins) says how the card's answer joined its group, when it did.
+function candidateCard(c, joins) {
   const ok = !c.error;
+  const join = joins && joins[c.agent];
+  const group = ok && joins && c.normalized
+    ? el("p", { class: "group small", "data-group": c.normalized, title: "the answer group this candidate votes in" },
+      `group “${c.normalized}”`, join && join.via ? ` · ${joinedBy(join)}` : "")
+    : "";
   return el(
     "article",
     { class: "candidate" + (ok ? "" : " failed"), "data-agent": c.agent },
     el("header", {}, el("strong", {}, c.agent), " ", el("span", { class: "role" }, c.role || "")),
     el("p", { class: "text" }, ok ? c.text || "(empty answer)" : c.error),
+    group,
     el("footer", { class: "muted small" },
       `score ${fmt(c.score, 3)} · ${fmt(c.latency_ms, 0)} ms`),
   );
@@ -185,6 +192,26 @@ function showCandidate(c) {
   const old = box.querySelector(`[data-agent="${CSS.escape(c.agent)}"]`);
   const card = candidateCard(c);
   if (old) old.replaceWith(card); else box.append(card);
+}
+
+// What joined an answer to its group: a rule, or a fallback with its evidence.
+function joinedBy(m) {
+  if (m.via === "embedding") return `joined by embedding (similarity ${fmt(m.score, 2)})`;
+  if (m.via === "judge") return `joined by the agents (P(yes) ${fmt(m.score, 2)})`;
+  return `joined by rule: ${m.via}`;
+}
+
+// An equivalent_answers event's groups (a list; traces older than it carried a mapping: none).
+function mergedGroups(ev) {
+  return ev && Array.isArray(ev.data.groups) ? ev.data.groups : [];
+}
+
+// The fan-out's answer groups (the first equivalent_answers trace event), by agent.
+function answerJoins(result) {
+  const ev = result.trace.find((e) => e.step === "equivalent_answers" && e.data.during === "fanout");
+  const joins = {};
+  for (const g of mergedGroups(ev)) for (const m of g.members) joins[m.agent] = m;
+  return joins;
 }
 
 function traceItem(ev) {
@@ -222,7 +249,9 @@ async function readEvents(response, onEvent) {
 function clearResult() {
   $("candidates").replaceChildren();
   $("trace").replaceChildren();
-  for (const id of ["votes-chart", "equilibrium-chart", "debate", "trust-chart"]) $(id).replaceChildren();
+  for (const id of ["votes-chart", "answer-groups", "equilibrium-chart", "debate", "trust-chart"]) {
+    $(id).replaceChildren();
+  }
   trustResult = null;
   $("decision-strategy").textContent = "";
   $("answer-box").hidden = true;
@@ -281,7 +310,8 @@ function showResult(result) {
     (result.cached ? " · cached" : "") +
     (result.missing_agents.length ? ` · missing: ${result.missing_agents.join(", ")}` : "");
   $("answer-box").hidden = false;
-  $("candidates").replaceChildren(...result.candidates.map(candidateCard));
+  const joins = answerJoins(result);
+  $("candidates").replaceChildren(...result.candidates.map((c) => candidateCard(c, joins)));
   $("trace").replaceChildren(...result.trace.map(traceItem));
   $("decision-strategy").textContent = result.strategy;
   const decision = result.trace.find((e) => e.step === "decision");
@@ -302,8 +332,28 @@ function showResult(result) {
       [["generator₀", d.generator_init], ["discrim.₀", d.discriminator_init],
         ["generator", d.generator], ["discriminator", d.discriminator]], winner));
   }
+  showGroups(result);
   showDebate(result);
   showTrust(result);
+}
+
+// Answers that said the same thing and voted as one, per round, with what joined each member.
+function showGroups(result) {
+  const events = result.trace.filter((e) => e.step === "equivalent_answers" && mergedGroups(e).length);
+  const failed = result.trace.filter((e) => e.step === "equivalence_fallback_failed");
+  const box = $("answer-groups");
+  box.replaceChildren();
+  if (!events.length && !failed.length) return;
+  const member = (m) => el("li", {}, `${m.agent}: “${m.text}” `,
+    el("span", { class: "muted small" }, m.via ? joinedBy(m) : "first"));
+  const items = events.flatMap((e) => e.data.groups.map((g) => el("li", { "data-group": g.key },
+    el("strong", {}, g.key),
+    events.length > 1 ? el("span", { class: "muted small" }, ` (${e.data.during})`) : "",
+    el("ul", {}, ...g.members.map(member)))));
+  const notes = failed.map((e) => el("p", { class: "error small" },
+    `${e.data.fallback} fallback unavailable (${e.data.during}): ${e.data.error}; grouped by the rules only`));
+  box.append(el("figure", { class: "answer-groups" }, el("figcaption", {}, "Answer groups"),
+    items.length ? el("ul", {}, ...items) : el("p", { class: "muted small" }, "No answers joined."), ...notes));
 }
 
 function showDebate(result) {

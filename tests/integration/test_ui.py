@@ -129,6 +129,13 @@ def test_console_in_a_real_browser(legion_url, legion_config, tmp_path):
             assert sorted(cards.nth(i).get_attribute("data-agent") for i in range(cards.count())) == sorted(
                 agents
             )
+            # Each answering card names the answer group it votes in (its normalized key).
+            labels = page.locator("#candidates .candidate .group")
+            assert labels.count() >= 1
+            voted = page.eval_on_selector_all(
+                "#votes-chart svg rect.bar", "bs => bs.map(b => b.dataset.label)"
+            )
+            assert labels.first.get_attribute("data-group") in voted
             bars = page.locator("#votes-chart svg rect.bar")
             assert bars.count() >= 1
             assert page.locator("#votes-chart svg rect.bar.winner").count() == 1

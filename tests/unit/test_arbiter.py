@@ -277,7 +277,83 @@ def test_equivalent_free_text_answers_share_one_vote_and_the_trace_shows_the_gro
     r = asyncio.run(make(tmp_path, ScriptedAgents(lambda a, req: texts[a])).run(task()))
     assert r.answer in ("4", "2 + 2 = 4") and max(r.votes.values()) == 2.0, r.votes
     (event,) = [e for e in r.trace if e.step == "equivalent_answers"]
-    assert event.data["during"] == "fanout" and event.data["groups"]
+    # The shape the console (legion/ui/app.js, answerGroups) reads.
+    assert event.data == {
+        "during": "fanout",
+        "mode": "rules",
+        "groups": [
+            {
+                "key": "4",
+                "members": [
+                    {"agent": "solver", "text": "4", "via": None, "score": None},
+                    {"agent": "reasoner", "text": "2 + 2 = 4", "via": "equal", "score": None},
+                ],
+            }
+        ],
+    }
+    assert {c.agent: c.normalized for c in r.candidates} == {"solver": "4", "reasoner": "4", "critic": "5"}
+
+
+class JudgingAgents(ScriptedAgents):
+    """Scripted agents that, asked whether two answers say the same, say yes only of "NYC" and
+    "New York City" (the judge's continuations' log-probabilities; the Arbiter is the subject)."""
+
+    async def score(self, agent, task, context, continuations):
+        self.scored.append((agent, task))
+        same = "NYC" in task and "New York City" in task
+        lp = {"yes": -0.2 if same else -3.0, "no": -3.0 if same else -0.2}
+        return [
+            ScoredContinuation(logprob=lp[c.strip().lower()], n_tokens=1, n_bytes=len(c), is_greedy=False)
+            for c in continuations
+        ]
+
+
+def test_the_judge_mode_asks_the_answering_agents_where_the_rules_cannot_tell(tmp_path):
+    texts = {"solver": "NYC", "reasoner": "New York City", "critic": "Boston"}
+    agents = JudgingAgents(lambda a, req: texts[a])
+    r = asyncio.run(
+        make(tmp_path, agents, equivalence="judge").run(task(text="Which city is the Big Apple?"))
+    )
+    assert r.votes == {"nyc": 2.0, "boston": 1.0} and r.answer in ("NYC", "New York City")
+    judged = [t for _, t in agents.scored]
+    # Two pairs (New York City joined NYC's group, so Boston meets only NYC), three judges each.
+    assert len(judged) == 2 * 3
+    assert all("Which city is the Big Apple?" in t for t in judged)
+    (event,) = [e for e in r.trace if e.step == "equivalent_answers"]
+    joined = event.data["groups"][0]["members"][1]
+    assert event.data["mode"] == "judge" and joined["agent"] == "reasoner" and joined["via"] == "judge"
+    assert joined["score"] > 0.9 and len(event.data["checked"]) == 2
+
+
+def test_an_embedder_that_cannot_load_leaves_the_rules_and_the_trace_says_why(tmp_path):
+    loads = []
+
+    def embedder():
+        loads.append(1)
+        raise ImportError("No module named 'torch'")
+
+    texts = {"solver": "NYC", "reasoner": "New York City", "critic": "NYC."}
+    cfg = make(tmp_path, None, equivalence="embedding").cfg
+    r = asyncio.run(Arbiter(cfg, ScriptedAgents(lambda a, req: texts[a]), embedder=embedder).run(task()))
+    assert r.answer == "NYC" and r.votes == {"nyc": 2.0, "new york city": 1.0}
+    (failed,) = [e for e in r.trace if e.step == "equivalence_fallback_failed"]
+    assert failed.data["fallback"] == "embedding" and "No module named 'torch'" in failed.data["error"]
+    assert loads == [1]
+
+
+def test_the_embedder_loads_only_for_a_pair_the_rules_cannot_tell(tmp_path):
+    loads = []
+
+    def embedder():
+        loads.append(1)
+        raise ImportError("not loaded")
+
+    rules_decide = {"solver": "4", "reasoner": "2 + 2 = 4", "critic": "5"}
+    for mode in ("rules", "embedding"):
+        cfg = make(tmp_path, None, equivalence=mode).cfg
+        arbiter = Arbiter(cfg, ScriptedAgents(lambda a, req: rules_decide[a]), embedder=embedder)
+        asyncio.run(arbiter.run(task()))
+    assert loads == []
 
 
 class StatusAgents(ScriptedAgents):

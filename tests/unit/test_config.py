@@ -37,6 +37,8 @@ def test_defaults_need_no_file(tmp_path, monkeypatch):
         ({"serve": {"min_replicas": 3, "max_replicas": 2}}, "serve", "max_replicas"),
         ({"agents": []}, "agents", "at least 1"),
         ({"surprise": 1}, "surprise", "not permitted"),
+        ({"arbiter": {"equivalence": "fuzzy"}}, "arbiter.equivalence", "'rules', 'embedding' or 'judge'"),
+        ({"arbiter": {"equivalence_min_similarity": 1.5}}, "arbiter.equivalence_min_similarity", "1"),
     ],
 )
 def test_bad_values_name_the_field(data, field, fragment):
