@@ -32,7 +32,7 @@ from legion import views
 from legion.agent import Agent
 from legion.arbiter import Arbiter
 from legion.config import LegionConfig
-from legion.equivalence import canonical, equivalent, final_answer
+from legion.equivalence import EmbeddingSimilarity, Equivalence, canonical, final_answer
 from legion.errors import InvalidRequest
 from legion.evaluate import Item
 from legion.local_agents import LocalAgents
@@ -46,8 +46,6 @@ FORMS = ("listed", "open")
 # Strategies that need scored options or a profile decide free text too, but these are the ones
 # whose answers only a free-text eval can rate; the rest run when named.
 DEFAULT_STRATEGIES = ("plurality", "trust", "approval", "equilibrium", "conflict", "debate", "decompose")
-
-Same = Callable[[str, str], bool]
 
 
 @dataclass
@@ -78,12 +76,16 @@ def exact_match(answer: str, reference: str) -> bool:
     return bool(reference.strip()) and normalize_answer(final_answer(answer)) == normalize_answer(reference)
 
 
-def judge(answer: str, item: ShortItem, same: Same = equivalent) -> bool:
-    """``answer`` states the reference (``same``) and states no wrong choice that is not itself
-    the same as the reference: listing every choice is not an answer."""
-    if not answer.strip() or not same(answer, item.reference):
+async def judge(answer: str, item: ShortItem, equivalence: Equivalence | None = None) -> bool:
+    """``answer`` states the reference (``equivalence``: the rules alone by default) and states
+    no wrong choice that is not itself the same as the reference."""
+    eq = equivalence or Equivalence()
+    if not answer.strip() or not await eq.judge(answer, item.reference, item.task):
         return False
-    return not any(same(answer, o) and not same(item.reference, o) for o in item.others)
+    for other in item.others:
+        if await eq.judge(answer, other, item.task) and not await eq.judge(item.reference, other, item.task):
+            return False
+    return True
 
 
 @dataclass
@@ -191,7 +193,7 @@ class FreeTextEval:
         samples: int = 5,
         sc_agent: str | None = None,
         sc_temperature: float = 0.7,
-        same: Same = equivalent,
+        equivalence: Equivalence | None = None,
         trust_dir: Path | None = None,
     ):
         self.cfg = cfg
@@ -203,7 +205,7 @@ class FreeTextEval:
         if self.sc_agent not in {a.name for a in cfg.agents}:
             raise InvalidRequest(f"--sc-agent {self.sc_agent!r} is not a configured agent")
         self.sc_temperature = sc_temperature
-        self.same = same
+        self.equivalence = equivalence or Equivalence()  # the judge's: rules alone by default
         # Each strategy keeps its own trust weights, as a service running only it would: one
         # update per item, however many strategies answer it.
         self.trust = (
@@ -220,11 +222,11 @@ class FreeTextEval:
         self.agreement = JudgeAgreement()
         self.answers: dict[str, dict[str, Any]] = {}  # item id -> its reference and each method's answer
 
-    def _answered(self, text: str, tokens: int, item: ShortItem) -> Answered:
+    async def _answered(self, text: str, tokens: int, item: ShortItem) -> Answered:
         return Answered(
             answer=text,
             tokens=tokens,
-            right=judge(text, item, self.same),
+            right=await judge(text, item, self.equivalence),
             exact=exact_match(text, item.reference),
         )
 
@@ -233,7 +235,7 @@ class FreeTextEval:
         arbiter = Arbiter(self.cfg, counted, trust=self.trust.get(name))  # type: ignore[arg-type]
         req = TaskRequest(id=f"{item.id}:{name}", task=item.task, strategy=name, max_tokens=self.max_tokens)
         result = await arbiter.run(req)
-        return self._answered(result.answer, counted.completion_tokens, item), result.candidates
+        return await self._answered(result.answer, counted.completion_tokens, item), result.candidates
 
     async def _self_consistency(self, item: ShortItem) -> tuple[Answered, Answered]:
         """``samples`` sampled answers of one agent voted (plurality over equivalence groups),
@@ -260,15 +262,17 @@ class FreeTextEval:
         grouped, _ = canonical(cands)
         decision = build_strategy("plurality", self.cfg.arbiter).decide(grouped)
         return (
-            self._answered(decision.answer, tokens, item),
-            self._answered(greedy.text.strip(), greedy.completion_tokens, item),
+            await self._answered(decision.answer, tokens, item),
+            await self._answered(greedy.text.strip(), greedy.completion_tokens, item),
         )
 
     def _add(self, method: str, a: Answered, item: ShortItem) -> None:
         self.rows.setdefault(method, _Row()).add(a)
         self.agreement.add(a, item)
-        rec = self.answers.setdefault(item.id, {"task": item.task, "reference": item.reference, "by": {}})
-        rec["by"][method] = {"answer": a.answer, "right": a.right}
+        rec = self.answers.setdefault(
+            item.id, {"task": item.task, "reference": item.reference, "others": item.others, "by": {}}
+        )
+        rec["by"][method] = {"answer": a.answer, "right": a.right, "tokens": a.tokens}
 
     async def item(self, item: ShortItem) -> None:
         """Every method's answer to ``item``, judged and counted."""
@@ -280,7 +284,8 @@ class FreeTextEval:
                 singles_done = True
                 for c in cands:
                     text = c.text if c.ok else ""
-                    self._add(f"single:{c.agent}", self._answered(text, c.completion_tokens or 0, item), item)
+                    answered = await self._answered(text, c.completion_tokens or 0, item)
+                    self._add(f"single:{c.agent}", answered, item)
         if self.samples > 0:
             sc, greedy = await self._self_consistency(item)
             self._add(f"greedy:{self.sc_agent}", greedy, item)
@@ -308,6 +313,19 @@ class FreeTextEval:
         await asyncio.gather(*(one(it) for it in items))
         return self.results()
 
+    async def rejudge(self, saved: dict[str, dict[str, Any]], items: Sequence[ShortItem]) -> None:
+        """Judge again, with this eval's equivalence, the answers an earlier run saved (its
+        ``--out`` file's ``answers``): no agent is asked anything."""
+        by_id = {it.id: it for it in items}
+        for item_id, rec in saved.items():
+            item = by_id.get(item_id)
+            if item is None:
+                raise InvalidRequest(
+                    f"item {item_id!r} of the saved answers is not in --data (or past --limit)"
+                )
+            for method, got in rec["by"].items():
+                self._add(method, await self._answered(got["answer"], got.get("tokens", 0), item), item)
+
     def results(self) -> dict[str, dict[str, float | int]]:
         order = sorted(self.rows, key=lambda m: (m.split(":")[0] in self.strategies, m))
         return {m: self.rows[m].summary() for m in order}
@@ -332,10 +350,9 @@ def load_agents(cfg: LegionConfig, threads: int) -> dict[str, Agent]:
 
 
 def run_freetext_cli(args: Any) -> int:
-    """``legion eval --free-text``: the table (or JSON), the judges' agreement, ``--out``."""
+    """``legion eval --free-text``: the table (or JSON), the judges' agreement, ``--out``;
+    with ``--rejudge FILE``, the answers saved in FILE judged again (no model is loaded)."""
     import json
-
-    import pandas as pd
 
     from legion.config import load_config
     from legion.evaluate import load_items
@@ -351,7 +368,20 @@ def run_freetext_cli(args: Any) -> int:
         else DEFAULT_STRATEGIES
     )
     items = [short_item(it, args.form) for it in load_items(args.data, args.limit)]
+    if not 0.0 <= args.min_similarity <= 1.0:
+        raise InvalidRequest("--min-similarity must be between 0 and 1")
+    embedding = args.judge == "embedding"
+    equivalence = Equivalence(EmbeddingSimilarity(min_similarity=args.min_similarity) if embedding else None)
     t0 = time.perf_counter()
+    if args.rejudge:
+        ev = FreeTextEval(cfg, None, strategies, samples=0, equivalence=equivalence)  # type: ignore[arg-type]
+        try:
+            saved = json.loads(Path(args.rejudge).read_text())["answers"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidRequest(f"--rejudge {args.rejudge}: not a saved free-text eval ({exc})") from None
+        asyncio.run(ev.rejudge(saved, items))
+        results = ev.results()
+        return _print_results(args, ev, results, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix="legion-freetext-") as tmp:
         # Trust weights learn in a scratch file: an eval never moves the served weights.
         cfg = cfg.model_copy(update={"data_dir": tmp})
@@ -365,23 +395,34 @@ def run_freetext_cli(args: Any) -> int:
             sc_agent=args.sc_agent,
             sc_temperature=args.sc_temperature,
             trust_dir=Path(tmp),
+            equivalence=equivalence,
         )
         progress = _bar if sys.stderr.isatty() else None
         results = asyncio.run(ev.run(items, concurrency=args.concurrency, progress=progress))
-    seconds = time.perf_counter() - t0
+    return _print_results(args, ev, results, time.perf_counter() - t0)
+
+
+def _print_results(args: Any, ev: FreeTextEval, results: dict[str, Any], seconds: float) -> int:
+    import json
+
+    import pandas as pd
+
     agreement = ev.agreement.summary()
-    log.info("free-text eval of %d items in %.1fs", len(items), seconds)
+    log.info("free-text eval of %d items in %.1fs", len(ev.answers), seconds)
     if args.out:
         meta = {
             "data": str(args.data),
             "form": args.form,
             "limit": args.limit,
             "max_tokens": args.max_tokens,
+            "judge": args.judge,
+            "min_similarity": args.min_similarity if args.judge == "embedding" else None,
+            "rejudged": args.rejudge,
             "samples": args.samples,
             "sc_agent": ev.sc_agent,
             "sc_temperature": args.sc_temperature,
             "seconds": round(seconds, 1),
-            "agents": [a.model_dump(mode="json") for a in cfg.agents],
+            "agents": [a.model_dump(mode="json") for a in ev.cfg.agents],
         }
         Path(args.out).write_text(
             json.dumps(

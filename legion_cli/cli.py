@@ -235,7 +235,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     from legion.config import load_config
 
-    _preflight(_model_paths(load_config(args.config)))
+    if not (args.free_text and args.rejudge):  # judging saved answers loads no model
+        _preflight(_model_paths(load_config(args.config)))
     if args.free_text:
         from legion.freetext import run_freetext_cli
 
@@ -478,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--sc-agent", help="the agent sampled for self-consistency (default: the first)")
     ft.add_argument("--sc-temperature", type=float, default=0.7, help="self-consistency sampling temperature")
     ft.add_argument("--concurrency", type=int, default=2, help="items answered at once")
+    ft.add_argument(
+        "--judge",
+        choices=["rules", "embedding"],
+        default="rules",
+        help="how an answer is judged to state the reference: the vote's rules, or the rules then "
+        "embedding similarity where no rule decides",
+    )
+    ft.add_argument("--min-similarity", type=float, default=0.8, help="--judge embedding: the threshold")
+    ft.add_argument("--rejudge", help="judge the answers saved in this --out file again (no model runs)")
     e.set_defaults(func=_eval)
 
     cb = sub.add_parser(

@@ -47,7 +47,7 @@ def test_short_item_forms():
 )
 def test_judge_and_exact_match(answer, right, exact):
     item = short_item(ITEM)
-    assert judge(answer, item) is right
+    assert asyncio.run(judge(answer, item)) is right
     assert exact_match(answer, item.reference) is exact
 
 
@@ -61,8 +61,8 @@ def test_judge_allows_a_wrong_choice_that_says_the_same_as_the_reference():
             answer=0,
         )
     )
-    assert judge("the sun", item)
-    assert not judge("rock", item)
+    assert asyncio.run(judge("the sun", item))
+    assert not asyncio.run(judge("rock", item))
 
 
 def test_agreement_counts_and_kappa():
@@ -138,3 +138,40 @@ def test_a_run_judges_every_method_and_counts_its_tokens(tmp_path):
 def test_unknown_sc_agent_is_refused(tmp_path):
     with pytest.raises(InvalidRequest, match="--sc-agent 'nobody'"):
         FreeTextEval(_cfg(tmp_path), _Scripted(lambda a, r: ""), ["plurality"], sc_agent="nobody")
+
+
+def test_rejudge_with_another_equivalence_reads_saved_answers(tmp_path):
+    """Saved answers judged again with a fallback (here a scripted similarity standing in for
+    the embedding model): the rules' verdicts stand, the fallback decides only what they left."""
+    from legion.equivalence import Equivalence
+
+    class Similar:
+        name = "scripted"
+
+        async def same(self, a, b, question=""):
+            return ({a.lower(), b.lower()} == {"breeze", "wind"}), 0.9
+
+    item = short_item(ITEM)
+    saved = {
+        "q1": {
+            "task": item.task,
+            "reference": "wind",
+            "by": {
+                "single:a": {"answer": "breeze"},
+                "single:b": {"answer": "coal"},
+                "single:c": {"answer": "wind"},
+            },
+        }
+    }
+    rules = FreeTextEval(_cfg(tmp_path), None, [], samples=0)
+    asyncio.run(rules.rejudge(saved, [item]))
+    fallback = FreeTextEval(_cfg(tmp_path), None, [], samples=0, equivalence=Equivalence(Similar()))
+    asyncio.run(fallback.rejudge(saved, [item]))
+    assert [rules.results()[m]["accuracy"] for m in ("single:a", "single:b", "single:c")] == [0.0, 0.0, 1.0]
+    assert [fallback.results()[m]["accuracy"] for m in ("single:a", "single:b", "single:c")] == [
+        1.0,
+        0.0,
+        1.0,
+    ]
+    with pytest.raises(InvalidRequest, match="not in --data"):
+        asyncio.run(rules.rejudge({"other": saved["q1"]}, [item]))
