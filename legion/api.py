@@ -275,11 +275,16 @@ class _Response(BaseModel):
 class CandidateInfo(_Response):
     """One agent's answer as ``/v1/tasks`` shows it (also a ``candidate`` event of its stream)."""
 
-    _omit_if_none = frozenset({"error"})
+    _omit_if_none = frozenset({"error", "group"})
 
     agent: str
     role: str
     text: str
+    group: str | None = Field(
+        None,
+        description="The answer group this candidate votes in: the normalised key it shares with the "
+        "answers found equivalent to it (absent when it gave no answer).",
+    )
     score: float | None = Field(None, description="The agent's mean token log-likelihood of its answer.")
     latency_ms: float
     error: str | None = Field(None, description="Why the agent gave no answer (absent when it did).")
@@ -305,7 +310,13 @@ class TaskResponse(_Response):
 
 def candidate_response(c: Candidate) -> CandidateInfo:
     return CandidateInfo(
-        agent=c.agent, role=c.role, text=c.text, score=c.score, latency_ms=c.latency_ms, error=c.error
+        agent=c.agent,
+        role=c.role,
+        text=c.text,
+        group=c.normalized if c.ok and c.normalized else None,
+        score=c.score,
+        latency_ms=c.latency_ms,
+        error=c.error,
     )
 
 

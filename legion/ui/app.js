@@ -172,9 +172,10 @@ function groupedChart(title, labels, series, highlight) {
 function candidateCard(c, joins) {
   const ok = !c.error;
   const join = joins && joins[c.agent];
-  const group = ok && joins && c.normalized
-    ? el("p", { class: "group small", "data-group": c.normalized, title: "the answer group this candidate votes in" },
-      `group “${c.normalized}”`, join && join.via ? ` · ${joinedBy(join)}` : "")
+  const key = c.group || c.normalized; // the API's field, or a trace event's
+  const group = ok && joins && key
+    ? el("p", { class: "group small", "data-group": key, title: "the answer group this candidate votes in" },
+      `group “${key}”`, join && join.via ? ` · ${joinedBy(join)}` : "")
     : "";
   return el(
     "article",

@@ -131,7 +131,7 @@ def test_console_in_a_real_browser(legion_url, legion_config, tmp_path):
             )
             # Each answering card names the answer group it votes in (its normalized key).
             labels = page.locator("#candidates .candidate .group")
-            assert labels.count() >= 1
+            assert labels.count() >= 1, page.inner_html("#candidates")[:2000]
             voted = page.eval_on_selector_all(
                 "#votes-chart svg rect.bar", "bs => bs.map(b => b.dataset.label)"
             )

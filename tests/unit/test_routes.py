@@ -144,3 +144,14 @@ def test_the_favicon_is_served_and_public(tmp_path):
     r = c.get("/favicon.ico")
     assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml" and b"<svg" in r.content
     assert c.get("/v1/models").status_code == 401  # the rest still needs the key
+
+
+def test_a_candidate_says_which_answer_group_it_votes_in():
+    """The console labels each card with its group: the key equivalent answers share."""
+    from legion.api import candidate_response
+    from legion.messages import Candidate
+
+    joined = candidate_response(Candidate(agent="a", role="solver", text="The lazy dog.", normalized="dog"))
+    assert joined.model_dump()["group"] == "dog"
+    failed = candidate_response(Candidate(agent="b", role="critic", error="no answer within 5 s"))
+    assert "group" not in failed.model_dump() and failed.model_dump()["error"]
