@@ -1,7 +1,7 @@
 """Legion's Ray Serve ingress: the native task API and the OpenAI-compatible API.
 
-Routes are short adapters over ``legion.pipeline.TaskPipeline`` and, for completions,
-embeddings and models, ``legion.completions.OpenAIRoutes``. Each replica builds its
+Routes are short adapters over ``legion.service.pipeline.TaskPipeline`` and, for completions,
+embeddings and models, ``legion.service.completions.OpenAIRoutes``. Each replica builds its
 FastAPI app (handlers, middleware, the console's files) in ``__serve_build_asgi_app__``, from
 its own config: nothing is wired at import. ``build_app(config)`` is the one builder, used by
 ``serve run serve_app:app``, by ``deploy/serve_config.yaml`` and by ``legion serve``.
@@ -26,7 +26,12 @@ from actors import start_arbiter
 from actors.remote import ArbiterClient, RetrieverClient
 from actors.retriever import start_retriever
 from legion import __version__
-from legion.api import (
+from legion.config import LegionConfig, load_config
+from legion.errors import LegionError, NotReady
+from legion.logging_setup import configure_logging
+from legion.messages import IngestReport
+from legion.profile import load_profile
+from legion.service.api import (
     ERROR_RESPONSES,
     AgentList,
     ChatBody,
@@ -45,14 +50,9 @@ from legion.api import (
     sse_event,
     task_response,
 )
-from legion.cache import CacheInfo
-from legion.calibrate import load_profile
-from legion.completions import OpenAIRoutes
-from legion.config import LegionConfig, load_config
-from legion.errors import LegionError, NotReady
-from legion.health import HealthReport, service_health
-from legion.history import check_session_id
-from legion.http import (
+from legion.service.completions import OpenAIRoutes
+from legion.service.health import HealthReport, service_health
+from legion.service.http import (
     ChatEvents,
     RequestLog,
     TaskEvents,
@@ -62,12 +62,12 @@ from legion.http import (
     retry_shortly,
     write_events,
 )
-from legion.logging_setup import configure_logging
-from legion.messages import IngestReport
-from legion.openapi import openapi_schema
-from legion.pipeline import Prepared, TaskPipeline
-from legion.security import SecurityMiddleware, SecurityPolicy
-from legion.vectorstore import store_location
+from legion.service.openapi import openapi_schema
+from legion.service.pipeline import Prepared, TaskPipeline
+from legion.service.security import SecurityMiddleware, SecurityPolicy
+from legion.state.cache import CacheInfo
+from legion.state.history import check_session_id
+from legion.state.vectorstore import store_location
 
 log = logging.getLogger("legion.serve")
 

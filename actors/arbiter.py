@@ -1,4 +1,4 @@
-"""``ArbiterActor``: the Ray shell around ``legion.arbiter.Arbiter``.
+"""``ArbiterActor``: the Ray shell around ``legion.arbitration.arbiter.Arbiter``.
 
 An async actor, so one Arbiter serves many tasks at once. It owns one ``AgentPool`` per agent
 (every ingress replica reaches the agents through it), hands them to the Arbiter as
@@ -17,7 +17,7 @@ from contextlib import aclosing
 from actors.pool import AgentPool
 from actors.remote import RayAgents
 from legion import metrics
-from legion.arbiter import Arbiter, Event
+from legion.arbitration.arbiter import Arbiter, Event
 from legion.config import LegionConfig
 from legion.logging_setup import configure_logging
 from legion.messages import CompletionRequest, Generation, TaskRequest, TaskResult
@@ -43,7 +43,7 @@ class ArbiterActor:
         self._autoscaler: asyncio.Task | None = None
 
     def _load_embedder(self):
-        from legion.vectorstore import Embedder
+        from legion.engine.embedding import Embedder
 
         return Embedder(threads=max(1, math.floor(self.cfg.arbiter.num_cpus)))
 
@@ -77,7 +77,7 @@ class ArbiterActor:
             metrics.agent_up(name, up)
 
     async def run(self, req: TaskRequest) -> TaskResult:
-        """``legion.arbiter.Arbiter.run``: the answer, or its errors (503 overloaded, 504 with the trace)."""
+        """``Arbiter.run``: the answer, or its errors (503 overloaded, 504 with the trace)."""
         self._ensure_autoscaler()
         return await self._arbiter.run(req)
 
@@ -92,7 +92,7 @@ class ArbiterActor:
                 yield item
 
     async def agents(self) -> list[dict]:
-        """``legion.arbiter.Arbiter.describe_agents``: each agent's config, pool, trust, health, stats."""
+        """``Arbiter.describe_agents``: each agent's config, pool, trust, health, stats."""
         self._ensure_autoscaler()
         return await self._arbiter.describe_agents()
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from actors.placement import start_agent
 from legion.config import AgentConfig, LegionConfig
 
 BUNDLED_MODEL = "bundled (Gemma 3 270M Q4_K_M)"  # what an empty model_path runs
@@ -188,8 +189,6 @@ class AgentPool:
         return None
 
     def _add(self, index: int) -> None:
-        from actors import start_agent  # actors/__init__ imports this module
-
         a = self.agent
         name = f"{self._first_name}-{index}"
         handle = start_agent(self.cfg, a, name=name, extra=True)

@@ -15,8 +15,8 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.pool import AgentPool
-from legion.arbiter import Event, describe_failure
-from legion.engine import ScoredContinuation
+from legion.arbitration.arbiter import Event, describe_failure
+from legion.engine.llama import ScoredContinuation
 from legion.errors import AgentGone, AgentUnavailable, InternalError, NotReady, StoreUnavailable
 from legion.messages import (
     AgentHealth,
@@ -68,7 +68,7 @@ def agent_error(exc: BaseException) -> str:
 
 
 class RayAgents:
-    """``legion.arbiter.Agents`` over Ray: one ``AgentPool`` of actors per agent."""
+    """``legion.arbitration.arbiter.Agents`` over Ray: one ``AgentPool`` of actors per agent."""
 
     def __init__(self, pools: Mapping[str, AgentPool]):
         self._pools = pools
@@ -128,7 +128,7 @@ class RayAgents:
 
 
 class ArbiterClient:
-    """The ingress's way to the ``ArbiterActor`` (``legion.pipeline.Arbitrate``).
+    """The ingress's way to the ``ArbiterActor`` (``legion.service.pipeline.Arbitrate``).
 
     A task the Arbiter lost by dying, or sent while it restarts, goes again (running a task
     twice is harmless) until it answers or ``restart_wait_s`` passes; a gone Arbiter is
@@ -195,7 +195,7 @@ class ArbiterClient:
 
 
 class RetrieverClient:
-    """The ingress's way to the retriever actor (``legion.pipeline.Retrieve``), started with
+    """The ingress's way to the retriever actor (``legion.service.pipeline.Retrieve``), started with
     ``start`` on first use."""
 
     def __init__(self, start: Callable[[], Any]):

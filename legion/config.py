@@ -17,8 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from legion.chat_template import NAMED_TEMPLATES, check_template_source, is_inline_template
+from legion.chat_formats import NAMED_TEMPLATES, check_template_source, is_inline_template
 from legion.errors import ConfigError
+from legion.keys import env_key_entries, normalize_key_entries, read_key_file
+from legion.profile import check_agents, load_profile
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 _RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
@@ -301,7 +303,7 @@ class ArbiterConfig(_Strict):
         description="Add replicas even when the cluster has no free CPU/GPU for them (they wait "
         "pending, which is what makes Ray's autoscaler add a node); off on a fixed cluster.",
     )
-    # Strategy parameters (see legion/strategies/).
+    # Strategy parameters (see legion/arbitration/strategies/).
     approval_ratio: float = Field(
         0.5,
         gt=0.0,
@@ -428,7 +430,7 @@ class ServeConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    """The SQLite result cache shared by every ingress replica (see ``legion.cache``)."""
+    """The SQLite result cache shared by every ingress replica (see ``legion.state.cache``)."""
 
     enabled: bool = Field(True, description="Look tasks up in the cache; a request may send cache: false.")
     ttl_s: float = Field(
@@ -441,7 +443,7 @@ class CacheConfig(_Strict):
 
 
 class HistoryConfig(_Strict):
-    """Conversation history of /v1/chat/completions, by session id (see ``legion.history``)."""
+    """Conversation history of /v1/chat/completions, by session id (see ``legion.state.history``)."""
 
     enabled: bool = Field(True, description="Keep turns of chats that carry a session id.")
     file: str = Field("history.db", min_length=1, description="SQLite file, relative to data_dir.")
@@ -455,7 +457,7 @@ class HistoryConfig(_Strict):
 
 
 class RagConfig(_Strict):
-    """Retrieval over documents in Qdrant (see ``legion.vectorstore`` and ``actors.retriever``)."""
+    """Retrieval over documents in Qdrant (see ``legion.state.vectorstore`` and ``actors.retriever``)."""
 
     enabled: bool = Field(False, description="Retrieve for every task unless it sends use_rag: false.")
     collection: str = Field("legion", pattern=_NAME_PATTERN, description="Default Qdrant collection.")
@@ -521,7 +523,7 @@ class RagConfig(_Strict):
 
 
 class PlacementConfig(_Strict):
-    """Where the agents' actors land on a multi-node cluster (see ``actors.agent_placement``).
+    """Where the agents' actors land on a multi-node cluster (see ``actors.placement.agent_placement``).
 
     Without a group, each agent is scheduled on its own: ``DEFAULT`` is Ray's scheduler (fill
     the local node first), ``SPREAD`` spreads agents over nodes; an agent on a lost node
@@ -551,7 +553,7 @@ class PlacementConfig(_Strict):
 
 
 class SecurityConfig(_Strict):
-    """API keys, rate limits, body limits, the injection guard, the audit log (``legion.security``)."""
+    """API keys, rate limits, body limits, the injection guard, the audit log (``legion.service``)."""
 
     api_keys: list[str] = Field(
         default_factory=list,
@@ -601,8 +603,6 @@ class SecurityConfig(_Strict):
     def _gather_keys(cls, data: Any) -> Any:
         # Keys from the environment and the keys file join the configured ones, hashed at once,
         # so no plaintext key outlives validation.
-        from legion.security import env_key_entries, normalize_key_entries, read_key_file
-
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -687,8 +687,6 @@ class LegionConfig(BaseSettings):
     @model_validator(mode="after")
     def _profile_fits_agents(self) -> LegionConfig:
         if self.arbiter.profile is not None:
-            from legion.calibrate import check_agents, load_profile
-
             try:
                 check_agents(
                     load_profile(self.arbiter.profile), self.agents, f"profile {self.arbiter.profile}"

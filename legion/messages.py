@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from legion.constrained import OutputSpec
+
+class OutputSpec(BaseModel):
+    """What a constrained answer must be: JSON that validates against ``json_schema``, generated
+    under ``grammar`` (GBNF, root rule ``root``). ``vote_field``: the Arbiter votes on this
+    top-level field of the answer instead of on the whole answer (in canonical JSON)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(..., description="json_schema, or json_object (any JSON object).")
+    json_schema: dict[str, Any]
+    grammar: str
+    vote_field: str | None = None
 
 
 class ChatTurn(BaseModel):

@@ -49,7 +49,7 @@ def _agent_config(name: str, max_tokens: int = 48, **fields):
 
 def _as_agent_sees(task: str) -> str:
     """The text the bench's agents decode for ``task`` (every prompt carries the data notice
-    of ``legion.guard``). The bare engines and llama-server get exactly this text, so every
+    of ``legion.service.guard``). The bare engines and llama-server get exactly this text, so every
     side decodes the same tokens: until this, they got the shorter raw task (about 15 prompt
     tokens against 45), which made the agents look slower than they are."""
     from legion.agent import build_prompt
@@ -62,7 +62,7 @@ def _progress(msg: str) -> None:
 
 
 def _params(max_tokens: int):
-    from legion.engine import SamplingParams
+    from legion.engine.llama import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, stop=(), **_SAMPLING)
 
@@ -71,7 +71,7 @@ class _Bare:
     """k bare engines in this process (no Ray), one thread each to drive them."""
 
     def __init__(self, model_path: str, k: int, threads: int):
-        from legion.engine import LlamaEngine
+        from legion.engine.llama import LlamaEngine
 
         self.engines = [LlamaEngine(model_path, n_threads=threads) for _ in range(k)]
         self.prompts = [_as_agent_sees(p) for p in _PROMPTS]
@@ -347,7 +347,7 @@ def _prefix_cache_ttft(model_path: str, threads: int, repeats: int) -> dict:
     question`` on an engine with the prefix cache and on one without, one question after
     another alternating between them; each engine first answers one warm-up question (which
     stores the prefix in the cached one: that is the steady state of an agent's role prompt)."""
-    from legion.engine import LlamaEngine, SamplingParams
+    from legion.engine.llama import LlamaEngine, SamplingParams
 
     prefix = _fixed_prefix()
     one = SamplingParams(max_tokens=1, stop=())
@@ -405,8 +405,8 @@ def _constrained_vs_free(model_path: str, threads: int, max_tokens: int, repeats
     and a masked redraw where the grammar rejects the model's pick."""
     from dataclasses import replace
 
-    from legion.constrained import instruction, schema_spec
-    from legion.engine import LlamaEngine
+    from legion.engine.constrained import instruction, schema_spec
+    from legion.engine.llama import LlamaEngine
 
     spec = schema_spec(_LONG_SCHEMA)
     grammar = spec.grammar
@@ -485,9 +485,9 @@ def _http_overhead(rounds: int, cores: float) -> dict:
     import ray
     from ray import serve
 
-    from legion.api import new_id
     from legion.config import config_from_dict
     from legion.messages import TaskRequest
+    from legion.service.api import new_id
     from serve_app import build_app
 
     port = int(os.environ.get("LEGION_BENCH_PORT", "8765"))
@@ -552,7 +552,7 @@ def _http_overhead(rounds: int, cores: float) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from legion.engine import bundled_model_path
+    from legion.engine.llama import bundled_model_path
 
     model_path = bundled_model_path()
     cores = float(os.cpu_count() or 1)

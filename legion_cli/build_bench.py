@@ -27,7 +27,7 @@ _LONG_PROMPT = (
 # The child: Legion's engine on the bundled model, timed three ways; prints one JSON line.
 _CHILD = """
 import json, sys, time
-from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
+from legion.engine.llama import LlamaEngine, SamplingParams, bundled_model_path
 import llama_cpp
 threads, tokens, rounds, prompt, long_prompt = json.loads(sys.argv[1])
 engine = LlamaEngine(bundled_model_path(), n_ctx=1024, n_threads=threads, n_parallel=8)

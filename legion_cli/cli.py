@@ -14,7 +14,7 @@ from legion.errors import LegionError
 
 
 def _model_paths(cfg) -> list[str]:
-    from legion.engine import bundled_model_path
+    from legion.engine.llama import bundled_model_path
 
     return [a.model_path or bundled_model_path() for a in cfg.agents]
 
@@ -22,7 +22,7 @@ def _model_paths(cfg) -> list[str]:
 def _preflight(paths: list[str]) -> None:
     """Before any agent loads: llama.cpp loads each model and decodes a token in a child
     process; a crash there (SIGILL: a build for another CPU) stops the command with the fix."""
-    from legion.preflight import require_runnable
+    from legion.engine.preflight import require_runnable
 
     print("Legion: checking that llama.cpp runs on this CPU ...", file=sys.stderr)
     require_runnable(paths)
@@ -103,7 +103,7 @@ def _http_options(args: argparse.Namespace, cfg, host: str, port: int) -> tuple[
     """Serve's HTTP options (TLS when both files are given) and the URL scheme; refuses an open
     non-loopback bind (no API keys) unless --insecure."""
     from legion.errors import ConfigError
-    from legion.security import check_bind
+    from legion.service.security import check_bind
 
     check_bind(host, bool(cfg.security.api_keys), args.insecure)
     options = {"host": host, "port": port}
@@ -174,7 +174,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2)) if args.json else print_table(result)
         return 0
-    from legion.engine import bundled_model_path
+    from legion.engine.llama import bundled_model_path
 
     _preflight([bundled_model_path()])
     if args.model_memory:
@@ -191,7 +191,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from legion.ingest import ingest_local, upload
+    from legion.state.ingest import ingest_local, upload
 
     if args.url:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
@@ -210,8 +210,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from legion.cache import ResultCache
     from legion.config import load_config
+    from legion.state.cache import ResultCache
 
     cache = ResultCache.from_config(load_config(args.config))
     if args.action == "clear":
@@ -238,19 +238,19 @@ def _eval(args: argparse.Namespace) -> int:
     if not (args.free_text and args.rejudge):  # judging saved answers loads no model
         _preflight(_model_paths(load_config(args.config)))
     if args.free_text:
-        from legion.freetext import run_freetext_cli
+        from legion.evaluation.freetext import run_freetext_cli
 
         args.threads = args.threads or 1  # the agents answer at once: one thread each
         return run_freetext_cli(args)
-    from legion.evaluate import run_eval_cli
+    from legion.evaluation.multiple_choice import run_eval_cli
 
     args.threads = args.threads or 2
     return run_eval_cli(args)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from legion.calibrate import run_calibrate_cli
     from legion.config import load_config
+    from legion.evaluation.calibrate import run_calibrate_cli
 
     if args.limit is not None and args.limit < 1:
         print("legion: --limit must be at least 1", file=sys.stderr)
@@ -264,7 +264,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from legion.config import load_config
-    from legion.engine import bundled_model_path
+    from legion.engine.llama import bundled_model_path
     from legion_cli.doctor import diagnose, print_report
 
     try:
@@ -282,8 +282,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from legion.audit import AuditLog
     from legion.config import load_config
+    from legion.service.audit import AuditLog
 
     cfg = load_config(args.config)
     log = AuditLog(cfg.data_path / cfg.security.audit_file)

@@ -1,6 +1,6 @@
 """``legion doctor``: what a bug report needs, and whether ``legion serve`` can start here.
 
-Everything that runs llama.cpp runs in a child process (``legion.preflight``), so a llama.cpp
+Everything that runs llama.cpp runs in a child process (``legion.engine.preflight``), so a llama.cpp
 built for another CPU is reported, not fatal.
 """
 
@@ -120,8 +120,8 @@ def _gpus() -> str:
 
 def diagnose(model_paths: list[str], config_error: str | None = None) -> Report:
     """Collect the report; each failed check is something that would stop ``legion serve``."""
-    from legion.llama_build import installed_build, reinstall_command
-    from legion.preflight import check_model
+    from legion.engine.llama_build import installed_build, reinstall_command
+    from legion.engine.preflight import check_model
 
     r = Report()
     r.sections["system"] = {
@@ -147,7 +147,7 @@ def diagnose(model_paths: list[str], config_error: str | None = None) -> Report:
     r.sections["versions"] = _versions()
     build = installed_build()
     r.sections["llama.cpp build"] = (
-        {"by": "legion.llama_build", **build}
+        {"by": "legion.engine.llama_build", **build}
         if build
         else {
             "by": "not Legion's installer (a plain pip build uses -march=native: it runs only on CPUs "

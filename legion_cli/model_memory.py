@@ -126,7 +126,7 @@ def print_table(r: dict) -> None:
 
 
 def run_model_memory(model_path: str | None, as_json: bool) -> int:
-    from legion.engine import bundled_model_path
+    from legion.engine.llama import bundled_model_path
 
     r = measure(model_path or bundled_model_path())
     print(json.dumps(r, indent=2)) if as_json else print_table(r)

@@ -81,7 +81,7 @@ def run_rag_bench(args: argparse.Namespace) -> int:
     from actors import stop_actors
     from actors.retriever import retriever_actor_name
     from legion.config import config_from_dict, load_config
-    from legion.ingest import upload
+    from legion.state.ingest import upload
     from serve_app import build_app
 
     questions = load_questions()

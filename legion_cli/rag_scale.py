@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from legion.ingest import Chunk, chunk_id
-from legion.vectorstore import StoreLocation, open_store
+from legion.state.chunking import Chunk, chunk_id
+from legion.state.vectorstore import StoreLocation, open_store
 
 _WORDS = (
     "harbour lantern ledger orchard granite ferry mill quarry archive beacon tide meadow forge "
@@ -156,7 +156,7 @@ def run_rag_scale(
     work_dir: str | None = None,
 ) -> dict:
     """Every backend at every size; see the module docstring."""
-    from legion.vectorstore import Embedder
+    from legion.engine.embedding import Embedder
 
     # The bench has the machine to itself (run it under the CPU lock): every core, for the
     # embedding model and for Edge's indexing and search alike.

@@ -19,8 +19,8 @@ echo "llama-cpp-python $version: fetching its source ..."
 "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$version"
 tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
-# The CPU flags of Legion's own llama-cpp-python build (legion/llama_build.py): no -march=native.
-read -r -a flags <<<"$("$PY" -m legion.llama_build --print-cmake-args)"
+# The CPU flags of Legion's own llama-cpp-python build (legion/engine/llama_build.py): no -march=native.
+read -r -a flags <<<"$("$PY" -m legion.engine.llama_build --print-cmake-args)"
 echo "CMake flags: ${flags[*]}"
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON "${flags[@]}" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \

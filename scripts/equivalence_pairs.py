@@ -13,8 +13,8 @@ import asyncio
 import time
 
 from legion.agent import Agent
+from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, rule_verdict
 from legion.config import load_config
-from legion.equivalence import AgentJudge, EmbeddingSimilarity, rule_verdict
 
 SAME = [
     ("Paris", "paris, france"), ("Paris", "the city of Paris"), ("NYC", "New York City"),

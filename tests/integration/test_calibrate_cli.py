@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-from legion.calibrate import check_agents, load_profile
 from legion.config import load_config
+from legion.profile import check_agents, load_profile
 
 FACTS = [
     ("What color is the sky on a clear day?", ["blue", "green", "red"], 0),

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import ray
 
-from legion.audit import AuditLog
+from legion.service.audit import AuditLog
 from tests.integration.conftest import wait_healthy
 
 pytestmark = pytest.mark.chaos

@@ -13,9 +13,9 @@ import math
 import pytest
 
 from legion.agent import Agent
-from legion.chat_template import chat_template_for, read_model_chat_info
 from legion.config import AgentConfig
-from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
+from legion.engine.chat_template import chat_template_for, read_model_chat_info
+from legion.engine.llama import LlamaEngine, SamplingParams, bundled_model_path
 from legion.errors import ConfigError, ModelLoadError
 from legion.messages import ChatTurn, GenerateRequest
 from tests.tiny_gguf import TINY_CHAT_TEMPLATE, build_tiny_gguf

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from legion.constrained import AnswerMismatch, json_object_spec, parse_answer, schema_spec
-from legion.engine import LlamaEngine, SamplingParams
+from legion.engine.constrained import AnswerMismatch, json_object_spec, parse_answer, schema_spec
+from legion.engine.llama import LlamaEngine, SamplingParams
 from legion.errors import InvalidSchema
 
 CITY = {

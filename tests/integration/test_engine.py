@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from legion.engine import LlamaEngine, SamplingParams, bundled_model_path
+from legion.engine.llama import LlamaEngine, SamplingParams, bundled_model_path
 from legion.errors import InvalidRequest, ModelLoadError
 
 
@@ -263,7 +263,7 @@ def test_timeout_stops_a_sequence_where_it_is(engine):
 
 
 def test_full_queue_is_overloaded():
-    from legion.engine import Overloaded
+    from legion.engine.llama import Overloaded
 
     e = LlamaEngine(n_threads=1, n_ctx=256, n_parallel=2, max_queue=1)
     try:

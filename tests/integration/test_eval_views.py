@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from legion.config import config_from_dict
-from legion.engine import LlamaEngine, bundled_model_path
-from legion.evaluate import Item, PlainScorer, Scorer, evaluate
+from legion.engine.llama import LlamaEngine, bundled_model_path
+from legion.evaluation.multiple_choice import Item, PlainScorer, Scorer, evaluate
 
 QUESTIONS = [
     ("What color is the sky on a clear day?", ["blue", "green", "red"], 0),

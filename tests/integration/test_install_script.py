@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from legion.llama_build import cache_root
+from legion.engine.llama_build import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from legion.config import config_from_dict
+from legion.engine.embedding import Embedder
 from legion.messages import Document
-from legion.vectorstore import (
-    Embedder,
+from legion.state.vectorstore import (
     Retriever,
     StoreLocation,
     StoreUnavailable,

@@ -11,8 +11,8 @@ import pytest
 import ray
 from ray.exceptions import RayTaskError
 
-from legion.api import new_id
 from legion.messages import GenerateRequest, TaskRequest
+from legion.service.api import new_id
 from tests.integration.conftest import TEST_APP, wait_healthy
 
 SCALE_APP = "legionscale"

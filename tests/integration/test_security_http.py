@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from legion.audit import AuditLog
-from legion.security import hash_key
+from legion.keys import hash_key
+from legion.service.audit import AuditLog
 from tests.integration.conftest import wait_healthy
 
 ADMIN = "it-admin-key-0123456789abcdef"

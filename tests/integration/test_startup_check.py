@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-from legion import preflight
 from legion.agent import Agent
 from legion.config import AgentConfig
-from legion.engine import bundled_model_path
+from legion.engine import preflight
+from legion.engine.llama import bundled_model_path
 
 SIGILL_CHILD = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
 
@@ -36,7 +36,7 @@ def test_an_agent_whose_llama_cpp_dies_by_sigill_reports_failed_with_the_cause(m
     agent = Agent(AgentConfig(name="doomed"), load_in_background=False)  # this process survives
     health = agent.health()
     assert health.state == "failed" and not health.loaded
-    assert "SIGILL" in health.error and "legion.llama_build --reinstall" in health.error
+    assert "SIGILL" in health.error and "legion.engine.llama_build --reinstall" in health.error
 
 
 def test_an_agent_with_a_file_that_is_no_model_reports_failed(tmp_path):

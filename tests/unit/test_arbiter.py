@@ -1,4 +1,4 @@
-"""The Arbiter (``legion.arbiter``) without Ray or a model: the agents are scripted stand-ins
+"""The Arbiter (``legion.arbitration.arbiter``) without Ray or a model: the agents are scripted stand-ins
 behind its ``Agents`` protocol (they stand in for the Ray actors, not for the Arbiter)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from legion.arbiter import Arbiter
+from legion.arbitration.arbiter import Arbiter
 from legion.config import config_from_dict
-from legion.engine import ScoredContinuation
+from legion.engine.llama import ScoredContinuation
 from legion.errors import AgentGone, AgentUnavailable, NoCandidates, Overloaded, TaskTimeout
 from legion.messages import (
     AgentHealth,

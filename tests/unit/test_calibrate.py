@@ -1,4 +1,4 @@
-"""``legion calibrate``'s fitting and profiles (``legion.calibrate``) on synthetic data, and the
+"""``legion calibrate``'s fitting and profiles (``legion.evaluation.calibrate``) on synthetic data, and the
 ``learned`` strategy in ``legion eval``'s accounting: no model, no Ray."""
 
 from __future__ import annotations
@@ -8,23 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from legion.calibrate import (
-    PROFILE_VERSION,
+from legion.arbitration.strategies import OptionScores, build_strategy
+from legion.config import AgentConfig, config_from_dict
+from legion.errors import ConfigError, InvalidRequest
+from legion.evaluation.calibrate import (
     build_dataset,
-    check_agents,
     choice_probabilities,
     cross_validate,
     dawid_skene,
     fit,
     fit_weights,
-    load_profile,
     make_profile,
-    parse_profile,
 )
-from legion.config import AgentConfig, config_from_dict
-from legion.errors import ConfigError, InvalidRequest
-from legion.evaluate import Item, default_strategies, evaluate
-from legion.strategies import OptionScores, build_strategy
+from legion.evaluation.multiple_choice import Item, default_strategies, evaluate
+from legion.profile import PROFILE_VERSION, check_agents, load_profile, parse_profile
 
 
 def synthetic(true_w, n, m=4, seed=0, spread=1.5):
@@ -77,7 +74,7 @@ def test_the_fit_beats_an_unweighted_pool_when_one_agent_is_noise():
     data = build_dataset(names, scores, labels)
     result = fit(data)
     assert result.weights[0] > 1.5 and abs(result.weights[1]) < 0.2
-    from legion.calibrate import accuracy
+    from legion.evaluation.calibrate import accuracy
 
     assert accuracy(result.weights, data) > accuracy(np.array([1.0, 1.0]), data)
 
@@ -300,7 +297,7 @@ def test_equilibrium_starts_from_the_profile_and_reports_both_rankings(tmp_path)
 def test_the_arbiter_serves_learned_from_its_profile(tmp_path):
     import asyncio
 
-    from legion.arbiter import Arbiter
+    from legion.arbitration.arbiter import Arbiter
     from tests.unit.test_arbiter import NAMES, ScriptedAgents, by_agent, task
 
     path = tmp_path / "p.json"
@@ -331,8 +328,8 @@ def test_v1_agents_shows_the_profile(tmp_path):
     from fastapi.testclient import TestClient
 
     import serve_app
-    from legion.pipeline import TaskPipeline
-    from legion.security import SecurityPolicy
+    from legion.service.pipeline import TaskPipeline
+    from legion.service.security import SecurityPolicy
     from tests.unit.test_pipeline import FakeRetriever
     from tests.unit.test_routes import AgentsArbiter
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 
 from legion.agent import build_prompt, chat_turns
-from legion.chat_template import NAMED_TEMPLATES, ChatTemplate, ModelChatInfo, chat_template_for
+from legion.chat_formats import NAMED_TEMPLATES
 from legion.config import AgentConfig, LegionConfig, config_from_dict
+from legion.engine.chat_template import ChatTemplate, ModelChatInfo, chat_template_for
+from legion.engine.prompts import DATA_NOTICE
 from legion.errors import ConfigError, InvalidRequest
-from legion.guard import DATA_NOTICE
 from legion.messages import ChatTurn
 from tests.tiny_gguf import TINY_CHAT_TEMPLATE
 

@@ -1,5 +1,5 @@
 """Constrained output without a model: schemas checked and turned into grammars
-(``legion.constrained``), request bodies that carry them (``legion.api``), cache keys that tell
+(``legion.engine.constrained``), request bodies that carry them (``legion.service.api``), cache keys that tell
 them apart, and the Arbiter voting on canonical JSON (its agents are scripted stand-ins)."""
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ import json
 
 import pytest
 
-from legion.api import ChatBody, TaskBody, chat_request, task_request
-from legion.arbiter import Arbiter
-from legion.cache import ResultCache
+from legion.arbitration.arbiter import Arbiter
 from legion.config import config_from_dict
-from legion.constrained import (
+from legion.engine.constrained import (
     AnswerMismatch,
     canonical_json,
     json_object_spec,
@@ -24,6 +22,8 @@ from legion.constrained import (
 )
 from legion.errors import ErrorCode, InvalidRequest, InvalidSchema, NoCandidates
 from legion.messages import GenerateRequest, Generation, TaskRequest
+from legion.service.api import ChatBody, TaskBody, chat_request, task_request
+from legion.state.cache import ResultCache
 
 PERSON = {
     "type": "object",

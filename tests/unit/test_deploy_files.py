@@ -208,7 +208,7 @@ def test_placement_and_resources_are_validated_with_the_field_named():
 
 
 def test_agent_placement_options_without_a_group():
-    from actors import agent_placement
+    from actors.placement import agent_placement
 
     cfg = config_from_dict(
         {

@@ -3,11 +3,16 @@
 import numpy as np
 import pytest
 
+from legion.arbitration.strategies import OptionScores, build_strategy
+from legion.arbitration.strategies.equilibrium import (
+    EquilibriumRanking,
+    initial_discriminator,
+    initial_generator,
+    solve,
+)
 from legion.config import ArbiterConfig
 from legion.errors import NoCandidates
 from legion.messages import Candidate
-from legion.strategies import OptionScores, build_strategy
-from legion.strategies.equilibrium import EquilibriumRanking, initial_discriminator, initial_generator, solve
 
 
 def cand(agent, key, score=-1.0, error=None):

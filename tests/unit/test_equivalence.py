@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from legion.engine import ScoredContinuation
-from legion.equivalence import (
+from legion.arbitration.equivalence import (
     AgentJudge,
     EmbeddingSimilarity,
     Equivalence,
@@ -19,11 +18,12 @@ from legion.equivalence import (
     equivalent,
     final_answer,
     judge_question,
-    prompt_markers,
     rule_verdict,
 )
+from legion.arbitration.strategies import Plurality, normalize_answer
+from legion.engine.llama import ScoredContinuation
+from legion.engine.prompts import prompt_markers
 from legion.messages import Candidate
-from legion.strategies import Plurality, normalize_answer
 
 
 @pytest.mark.parametrize(

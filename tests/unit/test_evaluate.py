@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from legion.arbitration.strategies import OptionScores
 from legion.config import AgentConfig, config_from_dict
 from legion.errors import InvalidRequest
-from legion.evaluate import (
+from legion.evaluation.multiple_choice import (
     Item,
     candidates_from,
     check_strategies,
@@ -17,8 +18,7 @@ from legion.evaluate import (
     load_items,
     train_file_for,
 )
-from legion.strategies import OptionScores
-from legion.views import exemplars
+from legion.evaluation.views import exemplars
 
 
 def write(tmp_path, rows, name="set_dev.jsonl"):
@@ -158,7 +158,7 @@ def test_candidates_are_each_agents_most_likely_choice():
 
 
 def test_the_eval_report_names_each_agents_model():
-    from legion.evaluate import _report_lines
+    from legion.evaluation.multiple_choice import _report_lines
 
     gemma = {"file": "gemma.gguf", "description": "gemma3 270M Q4_K - Medium", "size_bytes": 253 * 2**20}
     lines = _report_lines({"models": {"a": gemma, "b": {"file": "tiny.gguf"}}})

@@ -1,4 +1,4 @@
-"""The free-text eval (``legion.freetext``) without a model: items, the judge, the agreement
+"""The free-text eval (``legion.evaluation.freetext``) without a model: items, the judge, the agreement
 figures, and a whole run of the real Arbiter over scripted agents (they stand in for the
 models, not for the eval or the Arbiter)."""
 
@@ -10,8 +10,8 @@ import pytest
 
 from legion.config import config_from_dict
 from legion.errors import InvalidRequest
-from legion.evaluate import Item
-from legion.freetext import FreeTextEval, JudgeAgreement, exact_match, judge, short_item
+from legion.evaluation.freetext import FreeTextEval, JudgeAgreement, exact_match, judge, short_item
+from legion.evaluation.multiple_choice import Item
 from legion.messages import GenerateRequest, Generation
 
 ITEM = Item(
@@ -66,7 +66,7 @@ def test_judge_allows_a_wrong_choice_that_says_the_same_as_the_reference():
 
 
 def test_agreement_counts_and_kappa():
-    from legion.freetext import Answered
+    from legion.evaluation.freetext import Answered
 
     ag = JudgeAgreement()
     item = short_item(ITEM)
@@ -143,7 +143,7 @@ def test_unknown_sc_agent_is_refused(tmp_path):
 def test_rejudge_with_another_equivalence_reads_saved_answers(tmp_path):
     """Saved answers judged again with a fallback (here a scripted similarity standing in for
     the embedding model): the rules' verdicts stand, the fallback decides only what they left."""
-    from legion.equivalence import Equivalence
+    from legion.arbitration.equivalence import Equivalence
 
     class Similar:
         name = "scripted"

@@ -10,7 +10,8 @@ import pytest
 
 from legion.agent import build_prompt
 from legion.config import AgentConfig
-from legion.guard import DATA_NOTICE, InjectionGuard, neutralize, quote_as_data
+from legion.engine.prompts import DATA_NOTICE, neutralize, quote_as_data
+from legion.service.guard import InjectionGuard
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "injections.jsonl"
 

@@ -12,10 +12,10 @@ from collections import Counter
 
 import pytest
 
-from legion.api import ChatBody, chat_request, client_keeps_history
 from legion.config import config_from_dict
 from legion.errors import InvalidRequest
-from legion.history import ConversationStore, Turn, check_session_id, history_budget_chars
+from legion.service.api import ChatBody, chat_request, client_keeps_history
+from legion.state.history import ConversationStore, Turn, check_session_id, history_budget_chars
 
 
 @pytest.fixture()
@@ -105,7 +105,7 @@ def test_stored_turns_follow_the_instructions_unless_the_client_sends_its_own():
 _APPENDER = textwrap.dedent(
     """
     import sys
-    from legion.history import ConversationStore, Turn
+    from legion.state.history import ConversationStore, Turn
     path, writer, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = ConversationStore(path, max_stored_turns=10**6)
     for i in range(count):

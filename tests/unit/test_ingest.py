@@ -8,9 +8,10 @@ import re
 import pytest
 
 from legion.errors import InvalidRequest
-from legion.ingest import chunk_document, chunk_id, chunk_text, find_files, plain_text, read_document
 from legion.messages import Document, RetrievedChunk
-from legion.vectorstore import quote_chunks
+from legion.state.chunking import chunk_document, chunk_id, chunk_text, plain_text
+from legion.state.ingest import find_files, read_document
+from legion.state.vectorstore import quote_chunks
 
 _TEXT = " ".join(f"Sentence number {i} talks about item {i * 7}." for i in range(80))
 

@@ -8,7 +8,10 @@ import base64
 import numpy as np
 import pytest
 
-from legion.api import (
+from legion.config import config_from_dict
+from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from legion.messages import Generation
+from legion.service.api import (
     CompletionBody,
     EmbeddingBody,
     agent_for_model,
@@ -18,9 +21,6 @@ from legion.api import (
     embedding_texts,
     models_response,
 )
-from legion.config import config_from_dict
-from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
-from legion.messages import Generation
 
 CFG = config_from_dict({"agents": [{"name": "a"}, {"name": "b"}], "serve": {"max_tokens_limit": 64}})
 
@@ -145,7 +145,7 @@ class _Agents:
 
 
 def _routes(agents: _Agents):
-    from legion.completions import OpenAIRoutes
+    from legion.service.completions import OpenAIRoutes
 
     routes = OpenAIRoutes(CFG, agents, embedder=None)
     routes._embedding_model = "all-MiniLM-L6-v2"

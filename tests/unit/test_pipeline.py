@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from legion.api import ChatBody, TaskBody
 from legion.config import config_from_dict
 from legion.errors import InvalidRequest, StoreUnavailable, TaskTimeout
 from legion.messages import Candidate, Retrieval, RetrievalInfo, RetrievedChunk, TaskResult, TraceEvent
-from legion.pipeline import TaskPipeline
+from legion.service.api import ChatBody, TaskBody
+from legion.service.pipeline import TaskPipeline
 
 
 class FakeArbiter:

@@ -1,4 +1,4 @@
-"""The install's llama.cpp build (legion.llama_build) and the start-up check (legion.preflight)."""
+"""The install's llama.cpp build (legion.engine.llama_build) and start-up check (legion.engine.preflight)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from legion import llama_build, preflight
+from legion.engine import llama_build, preflight
 from legion.errors import LlamaUnusable
-from legion.health import service_health
+from legion.service.health import service_health
 from legion_cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def test_legion_eval_stops_with_the_signal_and_fix_when_the_check_child_dies(mon
     code = cli.main(["eval", "--data", str(data), "--config", str(config)])
     err = capsys.readouterr().err
     assert code == 2
-    assert "SIGILL" in err and "legion.llama_build --reinstall" in err
+    assert "SIGILL" in err and "legion.engine.llama_build --reinstall" in err
     with pytest.raises(LlamaUnusable):
         preflight.require_runnable(["a.gguf"])
 

@@ -3,7 +3,7 @@ tests in tests/integration check that cached prefixes give the same results)."""
 
 from __future__ import annotations
 
-from legion.engine import PrefixCache
+from legion.engine.llama import PrefixCache
 
 ROLE = list(range(100, 140))  # a 40-token fixed prefix ending at a boundary
 BOUNDS = [40]

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from legion.errors import ErrorCode, RateLimited
-from legion.ratelimit import RateLimiter, TokenBucket
+from legion.service.ratelimit import RateLimiter, TokenBucket
 
 
 class _Clock:

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import serve_app
-from legion.audit import AuditLog
 from legion.config import config_from_dict
-from legion.pipeline import TaskPipeline
-from legion.security import SecurityPolicy
+from legion.service.audit import AuditLog
+from legion.service.pipeline import TaskPipeline
+from legion.service.security import SecurityPolicy
 from tests.unit.test_pipeline import FakeArbiter, FakeRetriever
 
 KEY = "route-test-key-0123456789"
@@ -148,8 +148,8 @@ def test_the_favicon_is_served_and_public(tmp_path):
 
 def test_a_candidate_says_which_answer_group_it_votes_in():
     """The console labels each card with its group: the key equivalent answers share."""
-    from legion.api import candidate_response
     from legion.messages import Candidate
+    from legion.service.api import candidate_response
 
     joined = candidate_response(Candidate(agent="a", role="solver", text="The lazy dog.", normalized="dog"))
     assert joined.model_dump()["group"] == "dog"

@@ -16,14 +16,13 @@ from fastapi.testclient import TestClient
 
 from legion.config import config_from_dict
 from legion.errors import ConfigError, ErrorCode, LegionError
-from legion.security import (
+from legion.keys import hash_key, normalize_key_entries
+from legion.service.security import (
     KeyStore,
     SecurityMiddleware,
     SecurityPolicy,
     check_bind,
-    hash_key,
     is_loopback,
-    normalize_key_entries,
     required_scope,
 )
 

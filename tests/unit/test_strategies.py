@@ -7,10 +7,7 @@ import asyncio
 
 import pytest
 
-from legion.config import ArbiterConfig
-from legion.errors import NoCandidates
-from legion.messages import Candidate, GenerateRequest
-from legion.strategies import (
+from legion.arbitration.strategies import (
     Approval,
     Borda,
     OptionScores,
@@ -21,13 +18,16 @@ from legion.strategies import (
     normalize_answer,
     strategy_names,
 )
-from legion.strategies.deliberation import (
+from legion.arbitration.strategies.deliberation import (
     ConflictResolution,
     Debate,
     Decomposition,
     assign_roles,
     parse_subtasks,
 )
+from legion.config import ArbiterConfig
+from legion.errors import NoCandidates
+from legion.messages import Candidate, GenerateRequest
 
 
 def cand(agent, text, score=-1.0, error=None, role=""):

@@ -1,8 +1,8 @@
-"""Streamed text holds back what could still become a stop sequence (``legion.engine``)."""
+"""Streamed text holds back what could still become a stop sequence (``legion.engine.llama``)."""
 
 import pytest
 
-from legion.engine import _stop_prefix_len
+from legion.engine.llama import _stop_prefix_len
 
 
 @pytest.mark.parametrize(

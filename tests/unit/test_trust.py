@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from legion.trust import TrustStore, agreement_losses, hedge_update
+from legion.arbitration.trust import TrustStore, agreement_losses, hedge_update
 
 
 def test_hedge_update_multiplies_by_exp_minus_eta_loss_and_keeps_mean_one():

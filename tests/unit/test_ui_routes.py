@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from legion.security import required_scope
+from legion.service.security import required_scope
 
 
 def test_console_files_are_public_and_its_api_calls_are_not():

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from legion.errors import InvalidRequest
-from legion.ingest import Chunk, chunk_id
-from legion.vectorstore import (
+from legion.state.chunking import Chunk, chunk_id
+from legion.state.vectorstore import (
     CollectionMissing,
     StoreLocation,
     StoreUnavailable,
@@ -121,8 +121,8 @@ def test_survives_a_restart(location):
 _WRITER = textwrap.dedent(
     """
     import sys, numpy as np
-    from legion.ingest import Chunk
-    from legion.vectorstore import StoreLocation, open_store
+    from legion.state.chunking import Chunk
+    from legion.state.vectorstore import StoreLocation, open_store
     store = open_store(StoreLocation(path=sys.argv[1], backend=sys.argv[2]))
     store.ensure_collection("docs", 16)
     rng = np.random.default_rng(0)
@@ -189,7 +189,7 @@ class _CountingEmbedder:
 
 def _retriever(tmp_path, backend: str, batch: int = 4):
     from legion.config import config_from_dict
-    from legion.vectorstore import Retriever, store_location
+    from legion.state.vectorstore import Retriever, store_location
 
     cfg = config_from_dict(
         {
@@ -264,7 +264,7 @@ def test_ingest_skips_stored_documents_and_resumes_after_a_crash(tmp_path, backe
 
 
 def _chunks_of(r, doc):
-    from legion.ingest import chunk_document
+    from legion.state.chunking import chunk_document
 
     return chunk_document(doc, r.rag.chunk_chars, r.rag.chunk_overlap)
 

@@ -6,9 +6,10 @@ import math
 
 import pytest
 
+from legion.arbitration.scoring import apply_rule
 from legion.config import AgentConfig
-from legion.evaluate import Item, agreement, timing
-from legion.views import apply_rule, content_free, exemplars, premise, render, solved, split_question
+from legion.evaluation.multiple_choice import Item, agreement, timing
+from legion.evaluation.views import content_free, exemplars, premise, render, solved, split_question
 
 ITEM = Item(
     id="q",
@@ -105,7 +106,7 @@ def test_agreement_is_the_share_of_items_with_the_same_pick():
 
 
 def test_timing_compares_few_shot_agents_with_the_zero_shot_one_of_the_same_view():
-    from legion.evaluate import AgentPass
+    from legion.evaluation.multiple_choice import AgentPass
 
     agents = [
         AgentConfig(name="zero"),

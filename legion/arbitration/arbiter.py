@@ -1,0 +1,462 @@
+"""The Arbiter: one task's fan-out to the agents, the strategy's decision, the trace, the trust step.
+
+A slow or dead agent never blocks the answer: the Arbiter waits at most ``agent_timeout_s``
+and answers from what arrived, naming the missing agents in the trace. Multi-round strategies
+call the agents again through the task's session; every round is traced. After each task the
+agents' trust weights take one Hedge step (agreement with the decision). No Ray here: the
+Arbiter reaches the agents through ``Agents`` (``actors.remote.RayAgents`` in a running Legion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from legion import metrics
+from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
+from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
+from legion.arbitration.trust import TrustStore, agreement_losses
+from legion.config import LegionConfig
+from legion.engine.constrained import AnswerMismatch, parse_answer, vote_key
+from legion.engine.llama import ScoredContinuation
+from legion.errors import AgentGone, ErrorCode, LegionError, Overloaded, TaskTimeout
+from legion.messages import (
+    AgentHealth,
+    Candidate,
+    GenerateRequest,
+    Generation,
+    TaskRequest,
+    TaskResult,
+    TraceEvent,
+)
+from legion.streaming import relay
+
+log = logging.getLogger(__name__)
+
+Event = Candidate | TraceEvent
+"""What a task streams while it runs: each fan-out candidate, every other trace event."""
+
+
+class Agents(Protocol):
+    """How the Arbiter reaches the agents, by name. A failed call raises: a ``LegionError``
+    when the agent refused or is gone, any other exception when it broke."""
+
+    def saturated(self) -> bool:
+        """Whether no agent can take another call now (every one's sequences and queue are full)."""
+        ...
+
+    async def status(self, agent: str) -> tuple[AgentHealth, dict]:
+        """The agent's health and its stats. Raises ``AgentGone`` when it is gone for good,
+        another error when it is restarting or does not answer."""
+        ...
+
+    def pool_info(self, agent: str) -> dict:
+        """The agent's replicas and their autoscaling bounds (no call to the agent)."""
+        ...
+
+    async def generate(self, agent: str, req: GenerateRequest) -> Generation: ...
+
+    async def score(
+        self, agent: str, task: str, context: str, continuations: list[str]
+    ) -> list[ScoredContinuation]:
+        """The agent's log-likelihood of each continuation after its own prompt for ``task``
+        with ``context`` (rendered by the agent: its role, its prompt format, its template)."""
+        ...
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line on why a call to an agent failed."""
+    if isinstance(exc, LegionError):
+        return exc.message
+    return f"agent raised {type(exc).__name__}: {exc}"
+
+
+def _overloaded(detail: str) -> Overloaded:
+    return Overloaded(
+        f"every agent is saturated ({detail}); retry after the Retry-After delay",
+        details={"retry_after_s": 2},
+    )
+
+
+def _check_constrained(c: Candidate, gen: GenerateRequest) -> Candidate:
+    """A constrained answer with its vote key (canonical JSON), or, when it does not parse or
+    validate, a failed candidate that says why: it takes no part in the vote."""
+    try:
+        value = parse_answer(c.text, gen.output)
+    except AnswerMismatch as exc:
+        why = str(exc)
+        if c.finish_reason == "length":
+            why = f"the answer was cut at max_tokens ({c.completion_tokens} tokens): {why}; raise max_tokens"
+        elif c.finish_reason == "timeout":
+            why = f"the answer was cut by the task's timeout: {why}"
+        return c.model_copy(update={"error": why, "normalized": ""})
+    return c.model_copy(update={"normalized": vote_key(value, gen.output)})
+
+
+def _constrained_answer(s: _Session, key: str, fallback: str) -> str:
+    """The whole JSON text of the best-scoring candidate whose vote key won (a strategy's
+    representative text is an answer's first line, which is not JSON)."""
+    pool = [c for c in [*s.latest, *(s.first or [])] if c.ok and c.normalized == key]
+    if not pool:
+        return fallback
+    return max(pool, key=lambda c: c.score if c.score is not None else float("-inf")).text
+
+
+class _Session:
+    """One task's access to the agents (``legion.arbitration.strategies.Session``), with its trace."""
+
+    def __init__(self, arbiter: Arbiter, req: TaskRequest, on_event: Callable[[Event], None] | None):
+        self._agents = arbiter.agents
+        self._cfg = arbiter.cfg
+        self._equivalence = arbiter.equivalence
+        self._on_event = on_event
+        self.req = req
+        self.task = req.task
+        self.settings = arbiter.cfg.arbiter
+        self.roles = {a.name: a.role for a in arbiter.cfg.agents}
+        self.weights: Mapping[str, float] | None = None
+        self.t0 = time.perf_counter()
+        self.events: list[TraceEvent] = []
+        self.first: list[Candidate] | None = None
+        self.latest: list[Candidate] = []
+        self.missing: set[str] = set()
+        self.rounds = 0  # rounds of agent calls, for the metrics
+
+    def now_ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 2)
+
+    def trace(self, step: str, **data: Any) -> None:
+        self._record(TraceEvent(step=step, at_ms=self.now_ms(), data=data))
+
+    def _record(self, event: TraceEvent, streamed: bool = False) -> None:
+        self.events.append(event)
+        if self._on_event is not None and not streamed:
+            self._on_event(event)
+
+    def _stream(self, candidate: Candidate) -> None:
+        if self._on_event is not None:
+            self._on_event(candidate)
+
+    def request(self, task: str, context: str = "") -> GenerateRequest:
+        ctx = "\n\n".join(x for x in (self.req.context.strip(), context.strip()) if x)
+        return GenerateRequest(
+            task=task,
+            max_tokens=self.req.max_tokens,
+            context=ctx,
+            request_id=self.req.request_id,
+            timeout_s=self.remaining_s(),
+            # The schema binds every answer to the task itself (fan-out, debate rounds, the
+            # integrator), not a plan or the sub-questions a strategy asks on the way.
+            output=self.req.output if task == self.task else None,
+        )
+
+    def remaining_s(self) -> float | None:
+        """What is left of the task's ``timeout_s`` (None: no deadline)."""
+        if self.req.timeout_s is None:
+            return None
+        return max(0.0, self.req.timeout_s - (time.perf_counter() - self.t0))
+
+    async def fanout(self) -> list[Candidate]:
+        """Every agent's first answer (asked once). Raises ``Overloaded`` when every agent
+        refused it for a full queue."""
+        if self.first is None:
+            gen = self.request(self.task)
+            self.first = await self._gather({a: gen for a in self.roles}, "fanout", trace_each=True)
+            self.missing = {c.agent for c in self.first if not c.ok}
+            if self.first and all(c.error_code == ErrorCode.OVERLOADED.value for c in self.first):
+                raise _overloaded("every agent's queue is full")
+        return self.first
+
+    async def ask(self, requests: Mapping[str, GenerateRequest], step: str) -> list[Candidate]:
+        return await self._gather(requests, step, trace_each=False)
+
+    async def _answer(self, name: str, gen: GenerateRequest) -> Candidate:
+        role = self.roles[name]
+        try:
+            out = await self._agents.generate(name, gen)
+        except Exception as exc:
+            code = exc.code.value if isinstance(exc, LegionError) else None
+            return Candidate(
+                agent=name, role=role, error=describe_failure(exc), error_code=code, latency_ms=self.now_ms()
+            )
+        c = Candidate(
+            agent=name,
+            role=role,
+            text=out.text.strip(),
+            normalized=normalize_answer(out.text),
+            score=round(out.mean_logprob, 4),
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            latency_ms=self.now_ms(),
+            finish_reason=out.finish_reason,
+        )
+        return c if gen.output is None else _check_constrained(c, gen)
+
+    async def _gather(
+        self, requests: Mapping[str, GenerateRequest], step: str, trace_each: bool
+    ) -> list[Candidate]:
+        self.rounds += 1
+        self.trace(
+            step,
+            agents=list(requests),
+            **({} if trace_each else {"tasks": {a: r.task for a, r in requests.items()}}),
+        )
+        out: dict[str, Candidate] = {}
+        streamed: set[str] = set()
+
+        async def collect(name: str, gen: GenerateRequest) -> Candidate:
+            c = await self._answer(name, gen)
+            if trace_each:  # a fan-out candidate goes to the stream the moment it arrives
+                streamed.add(name)
+                self._stream(c)
+            return c
+
+        timeout = self.settings.agent_timeout_s
+        tasks = {asyncio.ensure_future(collect(n, g)): n for n, g in requests.items()}
+        try:
+            done, pending = (await asyncio.wait(tasks, timeout=timeout)) if tasks else (set(), set())
+        finally:
+            for t in tasks:  # past the deadline, or the whole task cancelled: stop the agents' work
+                t.cancel()
+        for t in done:
+            c = t.result()
+            out[c.agent] = c
+        for t in pending:
+            name = tasks[t]
+            out[name] = Candidate(
+                agent=name,
+                role=self.roles[name],
+                error=f"no answer within agent_timeout_s={timeout}",
+                latency_ms=self.now_ms(),
+            )
+        answers = [out[n] for n in requests]
+        # Constrained (JSON) answers already carry their canonical JSON as the key.
+        constrained = any(r.output is not None for r in requests.values())
+        ordered = answers if constrained else await self._group(answers, requests, step)
+        for c in ordered:
+            if trace_each and c.agent not in streamed:  # timed out
+                self._stream(c)
+            if trace_each or not c.ok:
+                self._record(
+                    TraceEvent(
+                        step="candidate" if c.ok else "agent_failed",
+                        at_ms=c.latency_ms,
+                        data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
+                        if c.ok
+                        else {"agent": c.agent, "error": c.error, "during": step},
+                    ),
+                    streamed=trace_each,
+                )
+            else:
+                self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
+        self.latest = ordered
+        return ordered
+
+    async def _group(
+        self, answers: list[Candidate], requests: Mapping[str, GenerateRequest], step: str
+    ) -> list[Candidate]:
+        """Equivalent answers ("4", "2 + 2 = 4") share one normalized key, so a vote is not split;
+        the trace names each merged group, its members and what joined them."""
+        tasks = {r.task for r in requests.values()}
+        equivalence = self._equivalence([c.agent for c in answers if c.ok])
+        grouping = await equivalence.group(answers, question=tasks.pop() if len(tasks) == 1 else "")
+        if grouping.fallback_error:
+            self.trace(
+                "equivalence_fallback_failed",
+                during=step,
+                fallback=equivalence.mode,
+                error=grouping.fallback_error,
+                consequence="answers the rules did not join stay apart",
+            )
+        if grouping.groups or grouping.checked:
+            self.trace("equivalent_answers", during=step, mode=equivalence.mode, **grouping.trace())
+        return grouping.candidates
+
+    async def option_scores(self, candidates: Sequence[Candidate]) -> OptionScores | None:
+        """Every answering agent's log-likelihood of every distinct answer, given its own prompt
+        for the task, and given the same prompt without the question (for calibration)."""
+        options: dict[str, str] = {}
+        for c in candidates:
+            if c.ok and c.normalized:
+                whole = self.req.output is not None or not c.text.strip()  # JSON: the whole answer
+                options.setdefault(c.normalized, c.text if whole else c.text.splitlines()[0].strip())
+        if not options:
+            return None
+        keys, texts = list(options), list(options.values())
+        conts = [" " + t for t in texts]
+        agents = [a for a in self._cfg.agents if a.name not in self.missing]
+        scores = OptionScores(options=keys, texts=texts, n_bytes=[len(c.encode()) for c in conts])
+        timeout = self.settings.agent_timeout_s
+        t0 = self.now_ms()
+
+        async def both(agent) -> tuple[list[ScoredContinuation], list[ScoredContinuation]]:
+            calls = (
+                self._agents.score(agent.name, self.task, self.req.context, conts),
+                self._agents.score(agent.name, "N/A", "", conts),  # the question-free prior
+            )
+            try:
+                return await asyncio.wait_for(asyncio.gather(*calls), timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no scores within agent_timeout_s={timeout}") from None
+
+        got = await asyncio.gather(*(both(a) for a in agents), return_exceptions=True)
+        for agent, result in zip(agents, got, strict=True):
+            if isinstance(result, BaseException):
+                error = str(result) if isinstance(result, TimeoutError) else describe_failure(result)
+                self.trace("agent_failed", agent=agent.name, error=error, during="scoring")
+                continue
+            task_s, prior_s = result
+            scores.loglik[agent.name] = [s.logprob for s in task_s]
+            scores.prior[agent.name] = [s.logprob for s in prior_s]
+            scores.n_tokens[agent.name] = [s.n_tokens for s in task_s]
+        self.trace("scores", scoring_ms=round(self.now_ms() - t0, 2), **scores.trace())
+        return scores if scores.loglik else None
+
+
+class Arbiter:
+    """Answers tasks with the agents behind ``agents``; keeps their trust weights."""
+
+    def __init__(
+        self,
+        cfg: LegionConfig,
+        agents: Agents,
+        trust: TrustStore | None = None,
+        embedder: Callable[[], Any] | None = None,
+    ):
+        """``embedder`` builds the embedding model for ``arbiter.equivalence: embedding`` (default:
+        the bundled all-MiniLM-L6-v2 on one thread); it is called once, by
+        ``load_equivalence_model`` or at the first pair of answers the rules cannot tell apart,
+        never in the other modes."""
+        self.cfg = cfg
+        self.agents = agents
+        a = cfg.arbiter
+        self.trust = trust or TrustStore(cfg.data_path / a.trust_file, eta=a.trust_eta, floor=a.trust_floor)
+        self._similarity = (
+            EmbeddingSimilarity(embedder, min_similarity=a.equivalence_min_similarity)
+            if a.equivalence == "embedding"
+            else None
+        )
+
+    def load_equivalence_model(self) -> None:
+        """Load the embedding model now (blocking) when ``arbiter.equivalence`` is ``embedding``,
+        so the first task the rules cannot group does not wait for it; otherwise nothing."""
+        if self._similarity is not None:
+            self._similarity.load()
+
+    def equivalence(self, judges: Sequence[str]) -> Equivalence:
+        """How this Arbiter groups equivalent answers (``arbiter.equivalence``); in ``judge`` mode
+        the agents named in ``judges`` judge."""
+        a = self.cfg.arbiter
+        if self._similarity is not None:
+            return Equivalence(self._similarity)
+        if a.equivalence == "judge":
+            return Equivalence(AgentJudge(self.agents, judges, timeout_s=a.agent_timeout_s))
+        return Equivalence()
+
+    async def run(self, req: TaskRequest, on_event: Callable[[Event], None] | None = None) -> TaskResult:
+        """Answer one task: fan out, collect within the deadlines, decide (calling the agents
+        again for multi-round strategies), trace, and update the trust weights. ``on_event``
+        gets each fan-out candidate as it arrives and every other trace event as it is recorded.
+
+        Raises ``UnknownStrategy``, ``Overloaded`` (every agent full), ``NoCandidates`` (every
+        agent failed) and ``TaskTimeout`` (with the trace so far) past ``req.timeout_s``."""
+        strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
+        if self.agents.saturated():
+            raise _overloaded("every pool has its sequences and queue full")
+        session = _Session(self, req, on_event)
+        if req.timeout_s is None:
+            return await self._arbitrate(session, strategy)
+        try:
+            return await asyncio.wait_for(self._arbitrate(session, strategy), timeout=req.timeout_s)
+        except TimeoutError:
+            raise TaskTimeout(
+                f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
+                "Retry with a smaller max_tokens or a simpler strategy",
+                trace=[e.model_dump() for e in session.events],
+            ) from None
+
+    async def describe_agents(self, timeout_s: float = 5.0) -> list[dict]:
+        """Each agent's config, pool, trust record, health and stats (``GET /v1/agents``). An
+        agent that does not answer within ``timeout_s`` is ``loading`` (it may come back), one
+        gone for good ``failed``; either way its stats are ``None``."""
+        names = [a.name for a in self.cfg.agents]
+        try:
+            trust = await asyncio.to_thread(self.trust.records, names)
+        except Exception:
+            log.exception("could not read the trust weights")
+            trust = {}
+
+        async def entry(a) -> dict:
+            t = trust.get(a.name)
+            out = {
+                "name": a.name,
+                "role": a.role,
+                "config": a.model_dump(mode="json"),
+                "pool": self.agents.pool_info(a.name),
+                "trust": {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
+                if t
+                else None,
+            }
+            try:
+                health, out["stats"] = await asyncio.wait_for(self.agents.status(a.name), timeout_s)
+                out["health"] = health.model_dump()
+            except Exception as exc:
+                state = "failed" if isinstance(exc, AgentGone) else "loading"
+                error = (
+                    f"no answer within {timeout_s:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else describe_failure(exc)
+                )
+                out["health"] = {"name": a.name, "loaded": False, "state": state, "error": error}
+                out["stats"] = None
+            return out
+
+        return list(await asyncio.gather(*(entry(a) for a in self.cfg.agents)))
+
+    def stream(self, req: TaskRequest) -> AsyncIterator[Event | TaskResult]:
+        """``run``'s events as they happen, then its result; its errors after the events."""
+        return relay(lambda emit: self.run(req, emit))
+
+    async def _arbitrate(self, s: _Session, strategy: Strategy) -> TaskResult:
+        names = [a.name for a in self.cfg.agents]
+        if strategy.uses_trust:
+            s.weights = await asyncio.to_thread(self.trust.weights, names)
+            s.trace("trust", weights={a: round(w, 4) for a, w in s.weights.items()})
+        decision = await strategy.deliberate(s)
+        if s.req.output is not None:
+            decision.answer = _constrained_answer(s, decision.answer_key, decision.answer)
+        first = s.first or s.latest
+        first_ok = [c for c in first if c.ok]
+        agreement = (
+            sum(c.normalized == decision.answer_key for c in first_ok) / len(first_ok) if first_ok else None
+        )
+        metrics.arbitration(strategy.name, s.rounds, agreement)
+        s.trace(
+            "decision",
+            strategy=strategy.name,
+            winner=decision.answer_key,
+            votes=decision.votes,
+            ranking=decision.ranking,
+            **decision.details,
+        )
+        if first and decision.answer_key:
+            losses = agreement_losses(
+                {c.agent: (c.normalized if c.ok else None) for c in first}, decision.answer_key
+            )
+            try:
+                await asyncio.to_thread(self.trust.update, names, losses)
+            except Exception:  # a trust update must never cost the answer
+                log.exception("trust update failed")
+        return TaskResult(
+            id=s.req.id,
+            answer=decision.answer,
+            strategy=strategy.name,
+            candidates=first,
+            votes=decision.votes,
+            latency_ms=s.now_ms(),
+            missing_agents=sorted({c.agent for c in (s.first or []) if not c.ok}),
+            trace=s.events,
+        )

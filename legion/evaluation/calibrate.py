@@ -1,0 +1,455 @@
+"""``legion calibrate``: fit how the Arbiter combines its agents, and the profile that holds it.
+
+The model is a conditional logit over each item's own choices: choice ``i`` of an item gets
+``z_i = sum_a w_a * f_a(i)``, where ``f_a`` is agent ``a``'s log-softmax over the item's
+choices of its scores, and ``P(i) = softmax(z)_i``. ``w_a`` is the agent's weight (its inverse
+temperature): 0 silences it, 1 takes its distribution as it is, a negative weight would read it
+backwards. The weights are fit by Newton's method on the mean log-loss plus ``l2 / 2 * |w|^2``
+(convex, so the fit is exact), with ``l2`` chosen by k-fold cross-validation on the training
+items. Nothing depends on the number of choices or on positions, so a profile fitted on ARC
+applies to any multiple-choice set.
+
+Without labels (``--unlabelled``), a one-coin Dawid-Skene model (each agent picks the right
+choice with its own probability, else one of the others uniformly) is fit by EM over the
+agents' picks; its posteriors over each item's choices are the soft labels the same
+conditional logit is fit to.
+
+A profile is JSON (``PROFILE_FORMAT``, ``PROFILE_VERSION``): the weights, the view of every
+agent it was fitted for (a running agent that differs is a start-up error naming it), and the
+fit's data, size and cross-validation figures. No Ray and no model here; ``legion.evaluation.multiple_choice``
+scores the items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from legion.arbitration.scoring import log_softmax
+from legion.config import load_config
+from legion.errors import ConfigError
+from legion.evaluation import views
+from legion.evaluation.multiple_choice import ScoreCache, Scorer, load_items, parse_item, print_progress
+from legion.profile import PROFILE_FORMAT, PROFILE_VERSION, FitInfo, Profile, ProfileAgent, view_of
+
+log = logging.getLogger(__name__)
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+_NEG = -1e30  # the logit of a padded (absent) choice
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    """Items as padded arrays: ``x[j, a, i]`` agent ``a``'s log-softmax feature of choice ``i``
+    of item ``j`` (0 where the item has fewer choices), ``mask[j, i]`` whether choice ``i``
+    exists, ``q[j, i]`` the target distribution (one-hot labels, or soft labels)."""
+
+    agents: list[str]
+    x: np.ndarray  # [n, A, M]
+    mask: np.ndarray  # [n, M] bool
+    q: np.ndarray  # [n, M]
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        return Dataset(self.agents, self.x[idx], self.mask[idx], self.q[idx])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.q.argmax(axis=1)
+
+
+def build_dataset(
+    agents: Sequence[str],
+    scores: Sequence[Mapping[str, Sequence[float]]],
+    labels: Sequence[int] | None = None,
+    soft: np.ndarray | None = None,
+) -> Dataset:
+    """The dataset of ``scores`` (per item, each agent's scores of the item's choices) with
+    ``labels`` (the correct choice's index) or ``soft`` ([n, M] target distributions)."""
+    n, width = len(scores), max(len(next(iter(s.values()))) for s in scores)
+    x = np.zeros((n, len(agents), width))
+    mask = np.zeros((n, width), dtype=bool)
+    for j, s in enumerate(scores):
+        m = len(s[agents[0]])
+        mask[j, :m] = True
+        for k, a in enumerate(agents):
+            if len(s[a]) != m:
+                raise ValueError(f"item {j}: agent {a} scored {len(s[a])} choices, {agents[0]} {m}")
+            x[j, k, :m] = log_softmax(s[a])
+    if soft is not None:
+        q = np.where(mask, soft, 0.0)
+    else:
+        if labels is None:
+            raise ValueError("give labels or soft targets")
+        q = np.zeros((n, width))
+        q[np.arange(n), np.asarray(labels)] = 1.0
+    return Dataset(list(agents), x, mask, q)
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+def choice_probabilities(w: np.ndarray, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``P(choice)`` per item ([n, M]) of weights ``w`` ([A]) on features ``x`` ([n, A, M])."""
+    z = np.einsum("a,nam->nm", w, x)
+    z = np.where(mask, z, _NEG)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.where(mask, np.exp(z), 0.0)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def log_loss(w: np.ndarray, data: Dataset) -> float:
+    """Mean cross-entropy of the targets under ``w``."""
+    p = choice_probabilities(w, data.x, data.mask)
+    return float(-(data.q * np.log(np.clip(p, 1e-300, None))).sum(axis=1).mean())
+
+
+def accuracy(w: np.ndarray, data: Dataset) -> float:
+    """Share of items whose best-scored choice is the target's most likely one (first on ties)."""
+    p = choice_probabilities(w, data.x, data.mask)
+    return float((p.argmax(axis=1) == data.labels).mean())
+
+
+def fit_weights(data: Dataset, l2: float, iterations: int = 50, tol: float = 1e-10) -> np.ndarray:
+    """The weights minimising mean log-loss + ``l2 / 2 * |w|^2`` (Newton's method with a
+    backtracking line search; the objective is convex)."""
+    n_agents = data.x.shape[1]
+    w = np.zeros(n_agents)
+
+    def objective(v: np.ndarray) -> float:
+        return log_loss(v, data) + 0.5 * l2 * float(v @ v)
+
+    f = objective(w)
+    for _ in range(iterations):
+        p = choice_probabilities(w, data.x, data.mask)
+        r = p - data.q  # [n, M]
+        grad = np.einsum("nam,nm->a", data.x, r) / data.n + l2 * w
+        xp = np.einsum("nam,nm->na", data.x, p)  # E_p[x] per item
+        hess = np.einsum("nam,nbm,nm->ab", data.x, data.x, p) - np.einsum("na,nb->ab", xp, xp)
+        hess = hess / data.n + (l2 + 1e-12) * np.eye(n_agents)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while True:
+            cand = w - t * step
+            fc = objective(cand)
+            if fc <= f - 1e-4 * t * float(grad @ step) or t < 1e-8:
+                break
+            t /= 2
+        w, f_old, f = cand, f, fc
+        if f_old - f < tol:
+            break
+    return w
+
+
+def folds_of(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` disjoint index sets covering ``range(n)``, drawn with ``seed``."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[i::k] for i in range(k)]
+
+
+def cross_validate(
+    data: Dataset, grid: Sequence[float] = L2_GRID, k: int = 5, seed: int = 0
+) -> tuple[float, list[dict[str, float]]]:
+    """The ``l2`` of ``grid`` with the lowest mean held-out log-loss over ``k`` folds (the
+    larger one on a tie: the simpler model), and every value's held-out log-loss and accuracy."""
+    if data.n < k:
+        raise ValueError(f"cross-validation over {k} folds needs at least {k} items, got {data.n}")
+    folds = folds_of(data.n, k, seed)
+    rows = []
+    for l2 in grid:
+        losses, correct = [], 0
+        for f in folds:
+            train = np.setdiff1d(np.arange(data.n), f)
+            w = fit_weights(data.subset(train), l2)
+            held = data.subset(f)
+            losses.append(log_loss(w, held) * held.n)
+            correct += round(accuracy(w, held) * held.n)
+        rows.append(
+            {"l2": l2, "log_loss": round(sum(losses) / data.n, 5), "accuracy": round(correct / data.n, 4)}
+        )
+    best = min(rows, key=lambda r: (r["log_loss"], -r["l2"]))
+    return best["l2"], rows
+
+
+# ---------------------------------------------------------------------------------- weak supervision
+
+
+def dawid_skene(
+    picks: np.ndarray, n_choices: Sequence[int], iterations: int = 100, tol: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-coin Dawid-Skene by EM: ``picks[j, a]`` is agent ``a``'s choice on item ``j``, each
+    item has ``n_choices[j]`` choices. Agent ``a`` picks the right one with probability
+    ``p_a``, else one of the others uniformly. Returns the agents' ``p`` ([A]) and the
+    posterior over each item's choices ([n, M], M the most choices). Starts from the majority
+    vote (the posterior of agents all at 0.7), so agents better than chance anchor the labels."""
+    picks = np.asarray(picks, dtype=int)
+    n, n_agents = picks.shape
+    m = np.asarray(n_choices, dtype=int)
+    width = int(m.max())
+    mask = np.arange(width)[None, :] < m[:, None]
+    onehot = np.zeros((n, n_agents, width))
+    onehot[np.arange(n)[:, None], np.arange(n_agents)[None, :], picks] = 1.0
+    p = np.full(n_agents, 0.7)
+    post = np.zeros((n, width))
+    for _ in range(iterations):
+        # E-step: log P(picks | truth = i) = sum_a [pick == i] log p_a + [pick != i] log((1-p_a)/(m-1))
+        pc = np.clip(p, 1e-4, 1 - 1e-4)
+        right = np.log(pc)[None, :, None]
+        wrong = np.log((1 - pc)[None, :, None] / np.maximum(m - 1, 1)[:, None, None])
+        ll = (onehot * right + (1 - onehot) * wrong).sum(axis=1)
+        ll = np.where(mask, ll, _NEG)
+        ll -= ll.max(axis=1, keepdims=True)
+        new_post = np.where(mask, np.exp(ll), 0.0)
+        new_post /= new_post.sum(axis=1, keepdims=True)
+        # M-step: each agent's expected share of right picks.
+        new_p = (onehot * new_post[:, None, :]).sum(axis=(0, 2)) / n
+        done = np.abs(new_p - p).max() < tol
+        p, post = new_p, new_post
+        if done:
+            break
+    return p, post
+
+
+# ---------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class FitResult:
+    weights: np.ndarray
+    l2: float
+    cv: list[dict[str, float]]
+    train_accuracy: float
+    single_accuracy: dict[str, float]
+
+
+def feature_scale(data: Dataset) -> np.ndarray:
+    """Each agent's spread of log-softmax scores ([A]): the standard deviation over the items'
+    choices of its scores less the item's mean. Views differ in scale (a sum over a long choice
+    against a letter's log-probability); the fit works on standardised features, so one L2
+    penalty treats every agent alike."""
+    n_choices = data.mask.sum(axis=1, keepdims=True)
+    mean = (data.x * data.mask[:, None, :]).sum(axis=2, keepdims=True) / n_choices[:, None, :]
+    dev = np.where(data.mask[:, None, :], data.x - mean, 0.0)
+    var = (dev**2).sum(axis=(0, 2)) / max(1, int(data.mask.sum()) - data.n)
+    return np.sqrt(np.maximum(var, 1e-12))
+
+
+def fit(data: Dataset, grid: Sequence[float] = L2_GRID, folds: int = 5, seed: int = 0) -> FitResult:
+    """Choose ``l2`` by cross-validation on standardised features (``feature_scale``), then fit
+    the weights on all of ``data``; the weights are returned in the agents' own units."""
+    scale = feature_scale(data)
+    std = Dataset(data.agents, data.x / scale[None, :, None], data.mask, data.q)
+    l2, rows = cross_validate(std, grid, folds, seed)
+    w = fit_weights(std, l2) / scale
+    labels = data.labels
+    single = {
+        a: round(float((np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1) == labels).mean()), 4)
+        for k, a in enumerate(data.agents)
+    }
+    return FitResult(w, l2, rows, round(accuracy(w, data), 4), single)
+
+
+def make_profile(
+    result: FitResult,
+    agents: Sequence[Any],
+    *,
+    method: str,
+    data: Sequence[str],
+    items_per_file: Mapping[str, int],
+    excluded: int,
+    folds: int,
+    seconds: float = 0.0,
+) -> Profile:
+    """The profile of a fit for ``agents`` (agent configs, in the fit's order)."""
+    chosen = next(r for r in result.cv if r["l2"] == result.l2)
+    best = max(result.single_accuracy, key=lambda a: result.single_accuracy[a])
+    return Profile(
+        format=PROFILE_FORMAT,
+        version=PROFILE_VERSION,
+        agents=[
+            ProfileAgent(
+                name=a.name,
+                weight=round(float(w), 6),
+                temperature=round(1.0 / abs(float(w)), 6) if abs(float(w)) > 1e-12 else None,
+                view=view_of(a),
+                train_accuracy=result.single_accuracy.get(a.name),
+            )
+            for a, w in zip(agents, result.weights, strict=True)
+        ],
+        fit=FitInfo(
+            method=method,  # type: ignore[arg-type]
+            data=list(data),
+            items=sum(items_per_file.values()),
+            items_per_file=dict(items_per_file),
+            excluded_exemplars=excluded,
+            l2=result.l2,
+            folds=folds,
+            cv=result.cv,
+            cv_accuracy=chosen["accuracy"],
+            train_accuracy=result.train_accuracy,
+            best_single=best,
+            best_single_accuracy=result.single_accuracy[best],
+            fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            seconds=round(seconds, 2),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+def _load_unlabelled(path: str | Path, limit: int | None) -> list[Any]:
+    # Items whose 'answer' may be absent (weak supervision needs none): it is set to 0, unused.
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file {p} does not exist")
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "answer" not in row:
+                row["answer"] = 0
+                line = json.dumps(row)
+            out.append(parse_item(line, lineno, p))
+    return out
+
+
+def score_files(
+    cfg: Any,
+    agents: Sequence[Any],
+    files: Sequence[str],
+    *,
+    limit: int | None,
+    shots: str | None,
+    scores_path: str | None,
+    n_threads: int,
+    unlabelled: bool,
+    progress: Any = None,
+) -> tuple[list[Mapping[str, list[float]]], list[int], dict[str, int], int]:
+    """Every agent's scores of the first ``limit`` items of each file, minus the items some
+    agent takes as a few-shot exemplar (drawn, as ``legion eval`` does, from ``shots`` or the
+    file itself when it is a training split), with the items' answers, the items kept per file
+    and how many were left out."""
+
+    all_scores: list[Mapping[str, list[float]]] = []
+    labels: list[int] = []
+    per_file: dict[str, int] = {}
+    excluded = 0
+    for path in files:
+        items = _load_unlabelled(path, limit) if unlabelled else load_items(path, limit)
+        pool_path = shots or path
+        pool = load_items(pool_path) if any(a.few_shot for a in agents) else []
+        taken = {x.id for a in agents for x in views.exemplar_items(a, pool)}
+        kept = [it for it in items if it.id not in taken]
+        excluded += len(items) - len(kept)
+        log.info(
+            "%s: %d items, %d left out as exemplars (pool %s)",
+            path,
+            len(kept),
+            len(items) - len(kept),
+            pool_path,
+        )
+        scorer = Scorer(
+            agents, pool, n_threads=n_threads, cache=ScoreCache(scores_path) if scores_path else None
+        )
+        try:
+            scored = scorer.score_items(kept, progress)
+        finally:
+            scorer.close()
+        for it, (s, _, _) in zip(kept, scored, strict=True):
+            all_scores.append({a.name: list(s.loglik[a.name]) for a in agents})
+            labels.append(it.answer)
+        per_file[str(path)] = len(kept)
+    return all_scores, labels, per_file, excluded
+
+
+def run_calibrate_cli(args: Any) -> int:
+    """``legion calibrate``: score the training items, fit, write the profile, print a summary."""
+    import sys
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config)
+    names = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
+    agents = [a for a in cfg.agents if names is None or a.name in names]
+    unknown = sorted(set(names or []) - {a.name for a in cfg.agents})
+    if unknown or not agents:
+        raise ConfigError(f"no agent named {unknown}; configured: {[a.name for a in cfg.agents]}")
+    files = [f.strip() for f in args.data.split(",") if f.strip()]
+    scores, labels, per_file, excluded = score_files(
+        cfg,
+        agents,
+        files,
+        limit=args.limit,
+        shots=getattr(args, "shots", None),
+        scores_path=getattr(args, "scores", None),
+        n_threads=args.threads,
+        unlabelled=args.unlabelled,
+        progress=print_progress if sys.stderr.isatty() else None,
+    )
+    names = [a.name for a in agents]
+    folds = args.folds
+    if args.unlabelled:
+        picks = np.array([[int(np.argmax(s[a])) for a in names] for s in scores])
+        p, post = dawid_skene(picks, [len(s[names[0]]) for s in scores])
+        log.info("Dawid-Skene accuracies: %s", {a: round(float(x), 3) for a, x in zip(names, p, strict=True)})
+        data = build_dataset(names, scores, soft=post)
+        method = "dawid_skene"
+    else:
+        data = build_dataset(names, scores, labels)
+        method = "conditional_logit"
+    result = fit(data, folds=folds)
+    profile = make_profile(
+        result,
+        agents,
+        method=method,
+        data=files,
+        items_per_file=per_file,
+        excluded=excluded,
+        folds=folds,
+        seconds=time.perf_counter() - t0,
+    )
+    Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    fi = profile.fit
+    print(
+        f"fitted on {fi.items} items ({', '.join(f'{k}: {v}' for k, v in fi.items_per_file.items())}), "
+        f"{fi.excluded_exemplars} exemplars left out; method {fi.method}"
+    )
+    print(f"{'agent':<16} {'weight':>10} {'alone':>7}")
+    for a in profile.agents:
+        print(
+            f"{a.name:<16} {a.weight:>10.4g} {a.train_accuracy if a.train_accuracy is not None else 0:>7.4f}"
+        )
+    print(f"cross-validation ({folds} folds):  l2  log-loss  accuracy")
+    for r in fi.cv:
+        mark = "  <- chosen" if r["l2"] == fi.l2 else ""
+        print(f"  {r['l2']:>8g}  {r['log_loss']:.4f}  {r['accuracy']:.4f}{mark}")
+    print(
+        f"held-out accuracy {fi.cv_accuracy:.4f} against the best single agent {fi.best_single} "
+        f"{fi.best_single_accuracy:.4f} (on all fit items); profile written to {args.out}"
+    )
+    if args.unlabelled:
+        print(
+            "(no labels: every accuracy above is agreement with the Dawid-Skene labels, not with the answers)"
+        )
+    return 0

@@ -1,0 +1,207 @@
+"""The Arbiter's profile: the JSON file ``legion calibrate`` writes and ``arbiter.profile`` names.
+
+A profile holds each agent's fitted weight and the view (``VIEW_FIELDS`` of its config) it was
+fitted for, and the fit's data, size and cross-validation figures. This module is what a profile
+*is*: its schema, reading it, and checking it against the configured agents (a running agent that
+differs is a start-up error naming it). It sits in the shared ground because ``legion.config``
+makes that check while it loads; ``legion.arbitration.scoring.combine`` applies the weights and
+``legion.evaluation.calibrate`` fits them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from legion.errors import ConfigError
+
+PROFILE_FORMAT = "legion-arbiter-profile"
+PROFILE_VERSION = 1
+# The agent fields that decide an agent's scores: a profile fitted for one view says nothing
+# about another.
+VIEW_FIELDS = (
+    "model_path",
+    "role_prompt",
+    "prompt_template",
+    "few_shot",
+    "few_shot_seed",
+    "prompt_form",
+    "scoring",
+)
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProfileAgent(_StrictModel):
+    name: str = Field(..., min_length=1, description="The agent's name in the config.")
+    weight: float = Field(..., description="Its weight on its log-softmax over the choices.")
+    temperature: float | None = Field(
+        ..., description="1 / |weight| (None for weight 0): the temperature its distribution is read at."
+    )
+    view: dict[str, Any] = Field(..., description="The agent's view fields it was fitted for (VIEW_FIELDS).")
+    train_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="Its own accuracy on the fit's items."
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("view")
+    @classmethod
+    def _view_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        missing = [f for f in VIEW_FIELDS if f not in v]
+        extra = [f for f in v if f not in VIEW_FIELDS]
+        if missing or extra:
+            raise ValueError(
+                f"must hold exactly {', '.join(VIEW_FIELDS)}; missing {missing}, unknown {extra}"
+            )
+        return v
+
+
+class FitInfo(_StrictModel):
+    method: Literal["conditional_logit", "dawid_skene"] = Field(
+        ..., description="conditional_logit on labels, or on Dawid-Skene soft labels (no labels given)."
+    )
+    data: list[str] = Field(..., min_length=1, description="The training files.")
+    items: int = Field(..., ge=1, description="Items the weights were fitted on.")
+    items_per_file: dict[str, int] = Field(default_factory=dict)
+    excluded_exemplars: int = Field(0, ge=0, description="Items left out: some agent's few-shot exemplars.")
+    l2: float = Field(..., ge=0.0, description="The L2 penalty chosen by cross-validation.")
+    folds: int = Field(..., ge=2)
+    cv: list[dict[str, float]] = Field(..., description="Held-out log-loss and accuracy of every l2 tried.")
+    cv_accuracy: float = Field(
+        ...,
+        ge=0.0,
+        le=1.0,
+        description="Held-out accuracy at the chosen l2 (dawid_skene: agreement with its labels).",
+    )
+    train_accuracy: float = Field(..., ge=0.0, le=1.0, description="Accuracy of the final fit on its items.")
+    best_single: str = Field(..., description="The agent most accurate alone on the fit's items.")
+    best_single_accuracy: float = Field(..., ge=0.0, le=1.0)
+    fitted_at: str = Field(..., description="UTC time of the fit.")
+    seconds: float = Field(0.0, ge=0.0)
+
+
+class Profile(_StrictModel):
+    """What ``legion calibrate`` writes and the Arbiter loads (``arbiter.profile``)."""
+
+    format: Literal["legion-arbiter-profile"] = Field(..., description=f"Always {PROFILE_FORMAT!r}.")
+    version: int = Field(..., description=f"The profile format's version ({PROFILE_VERSION}).")
+    agents: list[ProfileAgent] = Field(..., min_length=1)
+    fit: FitInfo
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != PROFILE_VERSION:
+            raise ValueError(
+                f"this Legion reads profile version {PROFILE_VERSION}; refit with legion calibrate"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Profile:
+        names = [a.name for a in self.agents]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"agent names must be unique; {dup} appear twice")
+        return self
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {a.name: a.weight for a in self.agents}
+
+    def summary(self, path: str | None = None) -> dict[str, Any]:
+        """What ``/v1/agents`` and the console show."""
+        return {
+            **({"path": path} if path else {}),
+            "version": self.version,
+            "method": self.fit.method,
+            "weights": {a.name: round(a.weight, 4) for a in self.agents},
+            "data": self.fit.data,
+            "items": self.fit.items,
+            "l2": self.fit.l2,
+            "cv_accuracy": self.fit.cv_accuracy,
+            "best_single": self.fit.best_single,
+            "best_single_accuracy": self.fit.best_single_accuracy,
+            "fitted_at": self.fit.fitted_at,
+        }
+
+
+def view_of(agent: Any) -> dict[str, Any]:
+    """The fields of an agent config that decide its scores."""
+    return {f: getattr(agent, f, None) for f in VIEW_FIELDS}
+
+
+def _field_path(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+
+
+def parse_profile(data: Any, source: str = "profile") -> Profile:
+    """Validate profile data; a ``ConfigError`` names every bad field."""
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{_field_path(e)}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        raise ConfigError(
+            f"{source} is not a valid Arbiter profile:\n  "
+            + "\n  ".join(lines)
+            + "\n  (write one with legion calibrate)",
+            details={"errors": lines},
+        ) from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """The profile in the JSON file ``path`` (read again only when the file changes)."""
+    p = Path(path).expanduser()
+    try:
+        stat = p.stat()
+    except OSError:
+        raise ConfigError(f"profile file {p} does not exist; write one with legion calibrate") from None
+    return _load(str(p), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _load(path: str, _mtime_ns: int, _size: int) -> Profile:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"profile file {path} is not readable JSON: {exc}") from None
+    return parse_profile(data, f"profile file {path}")
+
+
+def check_agents(profile: Profile, agents: Sequence[Any], source: str = "the profile") -> None:
+    """Raise ``ConfigError`` naming the agent when ``agents`` (agent configs) are not the ones
+    the profile was fitted for: the same names, each with the same view."""
+    fitted = {a.name: a for a in profile.agents}
+    running = {a.name: a for a in agents}
+    for name in running:
+        if name not in fitted:
+            raise ConfigError(
+                f"agent {name!r} is not in {source} (fitted for {sorted(fitted)}): refit with legion "
+                "calibrate for these agents, or remove arbiter.profile"
+            )
+    for name, pa in fitted.items():
+        if name not in running:
+            raise ConfigError(
+                f"{source} was fitted for agent {name!r}, which is not configured: configure it or refit"
+            )
+        now = view_of(running[name])
+        diff = [f for f in VIEW_FIELDS if now.get(f) != pa.view.get(f)]
+        if diff:
+            shown = ", ".join(f"{f}: {pa.view.get(f)!r} in the profile, {now.get(f)!r} now" for f in diff)
+            raise ConfigError(
+                f"agent {name!r} differs from the view {source} was fitted for ({shown}): refit"
+            )

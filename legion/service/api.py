@@ -1,0 +1,789 @@
+"""HTTP request bodies and their validation against the configured limits (no Ray here).
+
+The ingress turns a body into a ``TaskRequest``; every rule a client can break raises a
+``LegionError`` whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from legion.arbitration.strategies import get_strategy, strategy_names
+from legion.config import LegionConfig
+from legion.engine.constrained import response_format_spec, schema_spec
+from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from legion.messages import (
+    AgentHealth,
+    Candidate,
+    CompletionRequest,
+    Document,
+    Generation,
+    ModelDescription,
+    RetrievalInfo,
+    Source,
+    TaskRequest,
+    TaskResult,
+    TraceEvent,
+)
+from legion.state.history import Turn
+
+MODEL_PREFIX = "legion"
+AGENT_PREFIX = "agent:"  # /v1/completions' model: one agent, by name
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(..., description="What went wrong and what to change.")
+    type: str = Field(..., description="The error code again (OpenAI's field name).")
+    code: str = Field(..., description="A stable error code, e.g. invalid_request, rate_limited.")
+    param: str | None = None
+    details: dict[str, Any] | None = Field(None, description="Data to act on: allowed values, limits.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response, in OpenAI's shape so the official client shows ``message``."""
+
+    error: ErrorInfo
+
+
+def _documented(text: str) -> dict:
+    return {"model": ErrorBody, "description": text}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("Malformed JSON or an unreadable body."),
+    401: _documented("No API key, or an unknown one (when the server has keys)."),
+    403: _documented("The API key lacks the scope this route needs."),
+    404: _documented("Unknown model, session or route."),
+    413: _documented("The body, the task or the conversation is over its limit."),
+    422: _documented("A field is missing or out of range; the message names it."),
+    429: _documented("Over the key's rate limit; see Retry-After."),
+    503: _documented("Agents loading, saturated or restarting; see Retry-After where given."),
+    504: _documented("The request ran past its timeout; the trace says what was done."),
+}
+"""The error responses every route documents in the OpenAPI schema."""
+
+
+class TaskBody(BaseModel):
+    """``POST /v1/tasks``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., description="The question or instruction.")
+    strategy: str | None = Field(None, description="Arbitration strategy; see GET /v1/models.")
+    max_tokens: int | None = Field(None, description="Reply length in tokens.")
+    cache: bool = Field(True, description="Look the task up in the result cache; false bypasses it.")
+    use_rag: bool | None = Field(None, description="Retrieve documents for the task (default: rag.enabled).")
+    collection: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Qdrant collection (default: rag.collection).",
+    )
+    stream: bool = Field(
+        False,
+        description="Answer as server-sent events: candidate and trace events as the agents work, "
+        "then result (this response's JSON), then done; a failure is an error event.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="A JSON schema (draft 2020-12): every agent answers with JSON that matches it, "
+        "and the answer is one of those. An invalid schema is a 400.",
+    )
+    vote_field: str | None = Field(
+        None, description="With schema: vote on this required top-level field instead of the whole answer."
+    )
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI-compatible; unknown OpenAI fields are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = MODEL_PREFIX
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream: bool = Field(
+        False,
+        description="Answer as server-sent chunks. The answer exists only once the agents have voted, so "
+        "it comes at the end, all at once; before it, each agent's candidate arrives as it is written "
+        "(a chunk with an empty delta and the candidate under legion_candidate).",
+    )
+    n: int = 1
+    user: str | None = None  # also the session id of the conversation history (or X-Session-Id)
+    cache: bool = True
+    use_rag: bool | None = None
+    collection: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    response_format: dict[str, Any] | None = Field(
+        None, description='OpenAI\'s: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}.'
+    )
+
+
+def new_id(prefix: str = "task") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_task_text(task: str, cfg: LegionConfig) -> str:
+    text = task.strip()
+    if not text:
+        raise InvalidRequest("task is empty: send the question or instruction in 'task'")
+    if len(task) > cfg.serve.max_task_chars:
+        raise PayloadTooLarge(
+            f"task is {len(task)} characters; the limit is {cfg.serve.max_task_chars}: shorten it",
+        )
+    return text
+
+
+def check_max_tokens(value: int | None, cfg: LegionConfig) -> int | None:
+    if value is None:
+        return None
+    limit = cfg.serve.max_tokens_limit
+    if not 1 <= value <= limit:
+        raise InvalidRequest(
+            f"max_tokens must be between 1 and {limit}, got {value}",
+            details={"field": "max_tokens", "min": 1, "max": limit},
+        )
+    return value
+
+
+def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
+    strategy = body.strategy or cfg.arbiter.default_strategy
+    get_strategy(strategy)
+    if body.vote_field is not None and body.json_schema is None:
+        raise InvalidRequest("vote_field needs a schema: send 'schema' with the field as a required property")
+    return TaskRequest(
+        id=new_id(),
+        task=check_task_text(body.task, cfg),
+        strategy=strategy,
+        max_tokens=check_max_tokens(body.max_tokens, cfg),
+        output=None if body.json_schema is None else schema_spec(body.json_schema, body.vote_field),
+    )
+
+
+def model_ids() -> list[str]:
+    return [MODEL_PREFIX] + [f"{MODEL_PREFIX}:{s}" for s in strategy_names()]
+
+
+def strategy_for_model(model: str, cfg: LegionConfig) -> str:
+    """``legion`` → the default strategy; ``legion:<strategy>`` or ``<strategy>`` → that one."""
+    if model == MODEL_PREFIX:
+        return cfg.arbiter.default_strategy
+    name = model.split(":", 1)[1] if model.startswith(MODEL_PREFIX + ":") else model
+    if name in strategy_names():
+        return name
+    raise ModelNotFound(
+        f"model {model!r} does not exist; use one of: {', '.join(model_ids())}",
+        details={"allowed": model_ids()},
+    )
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise InvalidRequest(
+                f"message content part of type {part.get('type')!r} is not supported; send text"
+            )
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def client_keeps_history(body: ChatBody) -> bool:
+    """Whether the chat carries earlier user or assistant turns before its last user message."""
+    users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+    last = users[-1] if users else len(body.messages)
+    return any(m.role in ("user", "assistant") for m in body.messages[:last])
+
+
+def chat_request(
+    body: ChatBody, cfg: LegionConfig, history: list[tuple[str, str]] | None = None
+) -> TaskRequest:
+    """Turn a chat into a task: the last user message is the task; earlier turns are context.
+
+    ``history`` holds the session's stored ``(role, text)`` turns, placed after the request's
+    instructions; pass it only when ``client_keeps_history(body)`` is false.
+    """
+    if body.n != 1:
+        raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
+    if not body.messages:
+        raise InvalidRequest("messages is empty: send at least one user message")
+    if len(body.messages) > cfg.serve.max_messages:
+        raise PayloadTooLarge(f"{len(body.messages)} messages; the limit is {cfg.serve.max_messages}")
+    users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+    if not users:
+        raise InvalidRequest("messages holds no user message: the last user message is the task")
+    last = users[-1]
+    task = check_task_text(_text(body.messages[last].content), cfg)
+    lines = []
+    for m in body.messages[:last]:
+        who = {"system": "Instructions", "developer": "Instructions", "assistant": "Assistant"}.get(
+            m.role, "User"
+        )
+        text = _text(m.content).strip()
+        if text:
+            lines.append(f"{who}: {text}")
+    if history:
+        # After the instructions, as if the client had sent the stored turns itself.
+        lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
+    context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
+    if len(context) > cfg.serve.max_task_chars * 4:
+        raise PayloadTooLarge(
+            "the conversation is too long for the agents' context; send fewer or shorter messages",
+        )
+    return TaskRequest(
+        id=new_id("chatcmpl"),
+        task=task,
+        strategy=strategy_for_model(body.model, cfg),
+        max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
+        context=context,
+        output=response_format_spec(body.response_format),
+    )
+
+
+class _Response(BaseModel):
+    """A response body; the fields named in ``_omit_if_none`` are left out while they are None."""
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for name in self._omit_if_none:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+class CandidateInfo(_Response):
+    """One agent's answer as ``/v1/tasks`` shows it (also a ``candidate`` event of its stream)."""
+
+    _omit_if_none = frozenset({"error", "group"})
+
+    agent: str
+    role: str
+    text: str
+    group: str | None = Field(
+        None,
+        description="The answer group this candidate votes in: the normalised key it shares with the "
+        "answers found equivalent to it (absent when it gave no answer).",
+    )
+    score: float | None = Field(None, description="The agent's mean token log-likelihood of its answer.")
+    latency_ms: float
+    error: str | None = Field(None, description="Why the agent gave no answer (absent when it did).")
+
+
+class TaskResponse(_Response):
+    """``POST /v1/tasks``: the arbitrated answer, every candidate, the votes and the trace."""
+
+    _omit_if_none = frozenset({"sources", "retrieval"})
+
+    id: str
+    answer: str
+    strategy: str
+    candidates: list[CandidateInfo]
+    votes: dict[str, float] = Field(..., description="Normalised answer -> votes (or ranking score).")
+    latency_ms: float
+    missing_agents: list[str] = Field(..., description="Agents that gave no first answer.")
+    trace: list[TraceEvent] = Field(..., description="Every step the Arbiter took, in order.")
+    cached: bool = Field(..., description="Served from the result cache without asking an agent.")
+    sources: list[Source] | None = Field(None, description="Retrieved chunks (only when retrieval ran).")
+    retrieval: RetrievalInfo | None = Field(None, description="Whether retrieval worked (only when asked).")
+
+
+def candidate_response(c: Candidate) -> CandidateInfo:
+    return CandidateInfo(
+        agent=c.agent,
+        role=c.role,
+        text=c.text,
+        group=c.normalized if c.ok and c.normalized else None,
+        score=c.score,
+        latency_ms=c.latency_ms,
+        error=c.error,
+    )
+
+
+def task_response(result: TaskResult) -> TaskResponse:
+    retrieved = result.retrieval is not None
+    return TaskResponse(
+        id=result.id,
+        answer=result.answer,
+        strategy=result.strategy,
+        candidates=[candidate_response(c) for c in result.candidates],
+        votes=result.votes,
+        latency_ms=result.latency_ms,
+        missing_agents=result.missing_agents,
+        trace=result.trace,
+        cached=result.cached,
+        sources=result.sources if retrieved else None,
+        retrieval=result.retrieval,
+    )
+
+
+def sse_event(event: str, data: BaseModel | dict) -> str:
+    """One server-sent event of the ``/v1/tasks`` stream."""
+    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
+    return f"event: {event}\ndata: {body}\n\n"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class ChatCompletion(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI's shape), with Legion's whole answer under ``legion``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(..., description="Every agent's tokens: the answer cost all the candidates.")
+    legion: TaskResponse
+
+
+class ChatDelta(_Response):
+    _omit_if_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop"] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One event of a streamed chat completion. The answer exists only once the agents have
+    voted: each agent's candidate comes first, as it arrives (empty ``delta``, the candidate
+    under ``legion_candidate``), then the whole answer at the end, the last chunk carrying
+    ``legion`` (the ``/v1/tasks`` response)."""
+
+    _omit_if_none = frozenset({"legion", "legion_candidate"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    legion_candidate: CandidateInfo | None = None
+    legion: TaskResponse | None = None
+
+
+def _usage(result: TaskResult) -> Usage:
+    prompt = sum(c.prompt_tokens for c in result.candidates)
+    completion = sum(c.completion_tokens for c in result.candidates)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def chat_response(result: TaskResult, model: str) -> ChatCompletion:
+    return ChatCompletion(
+        id=result.id,
+        created=int(time.time()),
+        model=model,
+        choices=[ChatChoice(message=AssistantMessage(content=result.answer))],
+        usage=_usage(result),
+        legion=task_response(result),
+    )
+
+
+class ChatChunks:
+    """The ``chat.completion.chunk`` events of one streamed answer."""
+
+    def __init__(self, chat_id: str, model: str):
+        self.id = chat_id
+        self.model = model
+        self.created = int(time.time())
+
+    def chunk(self, delta: ChatDelta, finish: Literal["stop"] | None = None, **legion) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=delta, finish_reason=finish)
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[choice], **legion
+        )
+
+    def start(self) -> ChatCompletionChunk:
+        return self.chunk(ChatDelta(role="assistant", content=""))
+
+    def candidate(self, c: Candidate) -> ChatCompletionChunk:
+        return self.chunk(ChatDelta(), legion_candidate=candidate_response(c))
+
+    def answer(self, result: TaskResult) -> list[ChatCompletionChunk]:
+        """The answer in word-sized chunks, then the final chunk with the whole response."""
+        words = result.answer.split(" ")
+        out = [self.chunk(ChatDelta(content=w if i == 0 else " " + w)) for i, w in enumerate(words)]
+        out.append(self.chunk(ChatDelta(), "stop", legion=task_response(result)))
+        return out
+
+
+class ModelInfo(_Response):
+    _omit_if_none = frozenset({"legion_agent", "legion_model"})
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "legion"
+    legion_agent: str | None = Field(None, description="agent:<name> entries: the agent.")
+    legion_model: ModelDescription | None = Field(
+        None, description="agent:<name> entries: the GGUF it runs, as llama.cpp reports it (once loaded)."
+    )
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: ``legion`` (the default strategy), ``legion:<strategy>`` for each one
+    (chat and tasks), ``agent:<name>`` for each agent with the model it runs (completions), and
+    the embedding model (embeddings)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+def models_response(agents: list[dict] | None = None, embedding_model: str | None = None) -> ModelList:
+    """The strategies; with ``agents`` (``GET /v1/agents``' entries) each agent's model, and the
+    embedding model."""
+    data = [ModelInfo(id=m) for m in model_ids()]
+    for a in agents or []:
+        model = (a.get("health") or {}).get("model")
+        data.append(ModelInfo(id=f"{AGENT_PREFIX}{a['name']}", legion_agent=a["name"], legion_model=model))
+    if embedding_model:
+        data.append(ModelInfo(id=embedding_model))
+    return ModelList(data=data)
+
+
+class TrustInfo(BaseModel):
+    weight: float
+    updates: int
+    agreements: int
+
+
+class ReplicaInfo(BaseModel):
+    name: str
+    in_flight: int
+
+
+class PoolInfo(BaseModel):
+    model_file: str = Field("", description="The GGUF file its replicas load (model_path's name).")
+    replicas: list[ReplicaInfo]
+    min_replicas: int
+    max_replicas: int
+    scale_events: list[dict[str, Any]]
+
+
+class AgentInfo(BaseModel):
+    """One agent: its config, its replicas, its health and counters, its trust weight."""
+
+    name: str
+    role: str
+    config: dict[str, Any] = Field(..., description="The agent's configuration.")
+    pool: PoolInfo
+    trust: TrustInfo | None = Field(..., description="None before the agent's first vote.")
+    health: AgentHealth
+    stats: dict[str, Any] | None = Field(..., description="Request and engine counters; None if unreachable.")
+
+
+class AgentList(BaseModel):
+    """``GET /v1/agents``."""
+
+    agents: list[AgentInfo]
+    profile: dict[str, Any] | None = Field(
+        None, description="The Arbiter profile in use (arbiter.profile): weights and fit figures."
+    )
+
+
+class SessionInfo(BaseModel):
+    """``GET /v1/sessions/{id}``: the stored turns of one conversation."""
+
+    id: str
+    object: Literal["session"] = "session"
+    turns: list[Turn]
+
+
+class DocumentsBody(BaseModel):
+    """``POST /v1/documents``: documents to chunk, embed and upsert into a collection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[Document] = Field(..., min_length=1, description="Each with source, text, format.")
+    collection: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Qdrant collection (default: rag.collection).",
+    )
+
+
+def documents_request(body: DocumentsBody, cfg: LegionConfig) -> tuple[list[Document], str]:
+    """The documents to ingest and their collection, within ``rag.max_upload_chars``."""
+    size = sum(len(d.text) for d in body.documents)
+    if size > cfg.rag.max_upload_chars:
+        raise PayloadTooLarge(
+            f"the documents hold {size} characters; the limit per request is {cfg.rag.max_upload_chars}: "
+            "send them in several requests",
+        )
+    if not any(d.text.strip() for d in body.documents):
+        raise InvalidRequest("every document is empty: send the text to ingest in 'text'")
+    return body.documents, body.collection or cfg.rag.collection
+
+
+# ---------------------------------------------------------------- /v1/completions, /v1/embeddings
+class CompletionBody(BaseModel):
+    """``POST /v1/completions`` (OpenAI-compatible; unknown OpenAI fields are ignored). One agent
+    continues ``prompt`` as it is: ``model`` names it (``agent:<name>``; ``legion`` is the first)."""
+
+    model: str = Field(
+        MODEL_PREFIX, description="agent:<name> (see GET /v1/models), or legion: the first agent."
+    )
+    prompt: str | list[str] = Field(..., description="The text to continue (a list of exactly one text).")
+    max_tokens: int = Field(16, description="Tokens to generate (OpenAI's default, 16).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default: the agent's.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 texts that end the completion.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Return each token's log-probability and, in top_logprobs, the N most likely "
+        "tokens at that step (plus the chosen one).",
+    )
+    echo: bool = Field(False, description="Put the prompt before the completion in text.")
+    stream: bool = Field(
+        False,
+        description="Server-sent chunks as the text is decoded, then [DONE] (with logprobs: one chunk).",
+    )
+    n: int = 1
+    suffix: str | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    """``POST /v1/completions`` (OpenAI's shape); ``object`` is the same in each streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+def agent_for_model(model: str, agents: list[str]) -> str:
+    """The agent ``model`` names: ``agent:<name>``, a bare agent name, or ``legion`` (the first)."""
+    if model == MODEL_PREFIX and agents:
+        return agents[0]
+    name = model[len(AGENT_PREFIX) :] if model.startswith(AGENT_PREFIX) else model
+    if name in agents:
+        return name
+    allowed = [MODEL_PREFIX] + [AGENT_PREFIX + a for a in agents]
+    raise ModelNotFound(
+        f"model {model!r} is no agent; completions run on one agent: use one of {', '.join(allowed)}",
+        details={"allowed": allowed},
+    )
+
+
+def completion_request(body: CompletionBody, cfg: LegionConfig) -> tuple[str, CompletionRequest]:
+    """The agent and the request for a completion body; ``InvalidRequest`` says what to fix."""
+    agent = agent_for_model(body.model, [a.name for a in cfg.agents])
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                f"prompt holds {len(prompt)} texts; send one text (one request per prompt)",
+                details={"field": "prompt"},
+            )
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidRequest("prompt is empty: send the text to continue", details={"field": "prompt"})
+    if len(prompt) > cfg.serve.max_task_chars:
+        raise PayloadTooLarge(f"prompt is {len(prompt)} characters; the limit is {cfg.serve.max_task_chars}")
+    if body.n != 1:
+        raise InvalidRequest("n must be 1: one completion per request", details={"field": "n"})
+    if body.suffix:
+        raise InvalidRequest(
+            "suffix (fill-in-the-middle) is not supported: leave it out", details={"field": "suffix"}
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise InvalidRequest("stop takes up to 4 non-empty texts", details={"field": "stop"})
+    req = CompletionRequest(
+        prompt=prompt,
+        max_tokens=check_max_tokens(body.max_tokens, cfg),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        top_logprobs=body.logprobs or 0,
+        echo_logprobs=body.echo and body.logprobs is not None,
+        timeout_s=cfg.serve.request_timeout_s,
+    )
+    return agent, req
+
+
+def completion_response(
+    gen: Generation, body: CompletionBody, prompt: str, completion_id: str, model: str
+) -> Completion:
+    """The completion in OpenAI's shape: ``echo`` puts the prompt first (with ``logprobs``, its
+    tokens and their log-probabilities too), ``logprobs`` each generated token's."""
+    text = (prompt if body.echo else "") + gen.text
+    logprobs = None
+    if body.logprobs is not None:
+        offset = len(prompt) if body.echo else 0
+        offsets = []
+        for t in gen.tokens:
+            offsets.append(offset)
+            offset += len(t)
+        tokens, lps = list(gen.tokens), list(gen.token_logprobs)
+        # The N most likely tokens at each step, and always the sampled one (as OpenAI does).
+        alts = gen.top_logprobs or [{} for _ in tokens]
+        top: list[dict[str, float] | None] = [
+            {**a, t: lp} for t, lp, a in zip(tokens, lps, alts, strict=True)
+        ]
+        if body.echo:
+            # The prompt's own tokens, each with its log-probability given those before it.
+            p_tokens = gen.prompt_token_texts if gen.prompt_token_texts is not None else [prompt]
+            p_lps = gen.prompt_token_logprobs if gen.prompt_token_logprobs is not None else [None]
+            p_offsets = [sum(len(t) for t in p_tokens[:i]) for i in range(len(p_tokens))]
+            p_top = [None if lp is None else {t: lp} for t, lp in zip(p_tokens, p_lps, strict=True)]
+            tokens, lps = [*p_tokens, *tokens], [*p_lps, *lps]
+            top, offsets = [*p_top, *top], [*p_offsets, *offsets]
+        logprobs = CompletionLogprobs(
+            tokens=tokens, token_logprobs=lps, top_logprobs=top, text_offset=offsets
+        )
+    finish = "length" if gen.finish_reason in ("length", "timeout") else "stop"
+    return Completion(
+        id=completion_id,
+        created=int(time.time()),
+        model=model,
+        choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
+        usage=Usage(
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            total_tokens=gen.prompt_tokens + gen.completion_tokens,
+        ),
+    )
+
+
+class EmbeddingBody(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI-compatible): the retrieval embedding model's vectors."""
+
+    model: str = Field(..., description="The embedding model's id (see GET /v1/models).")
+    input: str | list[str] = Field(..., description="A text or a list of texts (not token arrays).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
+    )
+    dimensions: int | None = Field(None, description="Must be the model's own dimension, if given.")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """``POST /v1/embeddings``: unit-length vectors, in the order of ``input``."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+def embedding_texts(body: EmbeddingBody, cfg: LegionConfig, model: str) -> list[str]:
+    """The texts to embed; ``ModelNotFound`` or ``InvalidRequest`` say what to fix."""
+    if body.model != model:
+        raise ModelNotFound(
+            f"model {body.model!r} is not the embedding model; use {model!r}", details={"allowed": [model]}
+        )
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not texts:
+        raise InvalidRequest("input is empty: send a text or a list of texts", details={"field": "input"})
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise PayloadTooLarge(
+            f"input holds {len(texts)} texts; the limit is {MAX_EMBEDDING_INPUTS} per request"
+        )
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise InvalidRequest(
+            f"input[{empty[0]}] is empty: every text needs some content", details={"field": "input"}
+        )
+    size = sum(len(t) for t in texts)
+    if size > cfg.rag.max_upload_chars:
+        raise PayloadTooLarge(f"input holds {size} characters; the limit is {cfg.rag.max_upload_chars}")
+    return texts
+
+
+def embedding_response(
+    vectors: list[list[float]], tokens: int, body: EmbeddingBody, model: str
+) -> EmbeddingList:
+    dim = len(vectors[0]) if vectors else 0
+    if body.dimensions is not None and body.dimensions != dim:
+        raise InvalidRequest(
+            f"dimensions={body.dimensions}, but {model} makes {dim}-dimensional vectors: "
+            f"leave it out or send {dim}",
+            details={"field": "dimensions", "allowed": [dim]},
+        )
+
+    def encode(v: list[float]) -> list[float] | str:
+        if body.encoding_format == "float":
+            return v
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+    return EmbeddingList(
+        data=[Embedding(index=i, embedding=encode(v)) for i, v in enumerate(vectors)],
+        model=model,
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
