@@ -129,9 +129,10 @@ class Agent:
             raise ModelLoadError(f"agent {self.cfg.name} could not load its model: {self._load_error}")
         return self._engine
 
-    @property
-    def _stops(self) -> tuple[str, ...]:
-        configured = self.cfg.sampling.stop
+    def _stops(self, asked: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The agent's ``sampling.stop``, a request's own stops, and its prompt's end markers. A
+        chat request's stops add to the agent's: those end its answers where its prompt does."""
+        configured = [*self.cfg.sampling.stop, *(asked or ())]
         if self._chat is not None:  # the template's end markers
             return tuple(dict.fromkeys([*configured, *self._chat.stop]))
         # A completion prompt's own markers end an answer where its next turn would begin.
@@ -142,10 +143,10 @@ class Agent:
         return SamplingParams(
             max_tokens=req.max_tokens or s.max_tokens,
             temperature=s.temperature if req.temperature is None else req.temperature,
-            top_p=s.top_p,
+            top_p=s.top_p if req.top_p is None else req.top_p,
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
-            stop=self._stops,
+            stop=self._stops(req.stop),
             grammar=None if req.output is None else req.output.grammar,
         )
 

@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
 
     INVALID_REQUEST = "invalid_request"
     INVALID_SCHEMA = "invalid_schema"
+    UNSUPPORTED_FIELD = "unsupported_field"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_STRATEGY = "unknown_strategy"
     MODEL_NOT_FOUND = "model_not_found"
@@ -32,6 +33,7 @@ class ErrorCode(StrEnum):
 _HTTP_STATUS = {
     ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.INVALID_SCHEMA: 400,
+    ErrorCode.UNSUPPORTED_FIELD: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNKNOWN_STRATEGY: 422,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -99,6 +101,13 @@ class InvalidSchema(LegionError):
     what is wrong with it (a 400, as OpenAI answers a bad ``response_format``)."""
 
     code = ErrorCode.INVALID_SCHEMA
+
+
+class UnsupportedField(LegionError):
+    """A request field Legion does not honour (yet, or for an arbitrated answer at all), sent
+    with a value that would change the answer: a 400 naming the field, never a silent drop."""
+
+    code = ErrorCode.UNSUPPORTED_FIELD
 
 
 class UnknownStrategy(LegionError):

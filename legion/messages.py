@@ -31,13 +31,29 @@ class ChatTurn(BaseModel):
     content: str
 
 
+class Sampling(BaseModel):
+    """How a request wants every agent to sample, over each agent's own ``sampling`` config for
+    this request only (``None``: the agent's own). ``stop`` adds to the sequences that already end
+    an agent's answer (its configured ``stop`` and its prompt's end-of-turn markers), which
+    keep a base model from writing on into the next turn."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
 class GenerateRequest(BaseModel):
     """What the Arbiter asks one agent for. ``None`` fields fall back to the agent's config."""
 
     task: str
     max_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
+    stop: list[str] | None = None  # more stop sequences, beside the agent's own
     context: str = ""  # extra quoted material placed before the task (history, documents)
     n: int = 1  # samples of the same prompt (generate_n); decoded together, prompt evaluated once
     timeout_s: float | None = None  # past this the agent stops decoding and returns what it has
@@ -200,6 +216,7 @@ class TaskRequest(BaseModel):
     request_id: str | None = None  # the HTTP request's X-Request-Id; the Arbiter passes it on
     timeout_s: float | None = None  # the whole task's budget; past it the Arbiter answers 504
     output: OutputSpec | None = None  # constrained output (a JSON schema); in the cache key
+    sampling: Sampling | None = None  # the request's sampling for every agent; in the cache key
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

@@ -142,9 +142,12 @@ class _Session:
 
     def request(self, task: str, context: str = "") -> GenerateRequest:
         ctx = "\n\n".join(x for x in (self.req.context.strip(), context.strip()) if x)
+        sampling = self.req.sampling.model_dump() if self.req.sampling is not None else {}
         return GenerateRequest(
             task=task,
             max_tokens=self.req.max_tokens,
+            # The request's sampling holds for every call the task makes, whatever the strategy.
+            **sampling,
             context=ctx,
             request_id=self.req.request_id,
             timeout_s=self.remaining_s(),

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from legion.arbitration.strategies import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.engine.constrained import response_format_spec, schema_spec
-from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, UnsupportedField
 from legion.messages import (
     AgentHealth,
     Candidate,
@@ -27,6 +27,7 @@ from legion.messages import (
     Generation,
     ModelDescription,
     RetrievalInfo,
+    Sampling,
     Source,
     TaskRequest,
     TaskResult,
@@ -108,8 +109,17 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+# OpenAI chat fields accepted and ignored, since they change nothing in the answer. Any other
+# field Legion does not declare is refused with a 400 that names it (``chat_request``).
+CHAT_IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "stream_options", "prediction"})
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+
+
 class ChatBody(BaseModel):
-    """``POST /v1/chat/completions`` (OpenAI-compatible; unknown OpenAI fields are ignored)."""
+    """``POST /v1/chat/completions`` (OpenAI-compatible). Sampling fields apply to every agent for
+    this request; fields Legion cannot honour are refused with a 400 that names them, never
+    dropped (``CHAT_IGNORED_FIELDS`` lists the few that change nothing and are ignored)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -131,6 +141,66 @@ class ChatBody(BaseModel):
     response_format: dict[str, Any] | None = Field(
         None, description='OpenAI\'s: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}.'
     )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Every agent's temperature (0: greedy); default: its own."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Every agent's nucleus mass; default: own.")
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Every agent's sampling seed; default: its own."
+    )
+    stop: str | list[str] | None = Field(
+        None,
+        description=f"Up to {MAX_STOP_SEQUENCES} sequences that end every agent's answer, beside the "
+        "agent's own stops and its template's end-of-turn markers.",
+    )
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 (refused otherwise).")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 (refused otherwise).")
+    logprobs: bool | None = Field(None, description="Only false: an arbitrated answer has no one model's.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Only 0, as logprobs.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty (refused otherwise).")
+    tools: list[dict[str, Any]] | None = Field(None, description="Function calling: not supported yet (400).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" until tools land.')
+    parallel_tool_calls: bool | None = Field(None, description="Accepted without tools; nothing to call.")
+
+
+def _refuse(field: str, why: str) -> UnsupportedField:
+    return UnsupportedField(f"{field} is not supported: {why}", details={"field": field})
+
+
+def chat_sampling(body: ChatBody) -> Sampling | None:
+    """The request's sampling for every agent, or ``None`` when it sets none. Raises
+    ``UnsupportedField`` (a 400 naming the field) for a field Legion would otherwise drop."""
+    extra = sorted(set(body.model_extra or {}) - CHAT_IGNORED_FIELDS)
+    if extra:
+        raise _refuse(
+            extra[0],
+            "Legion does not know this chat field; leave it out (ignored fields: "
+            f"{', '.join(sorted(CHAT_IGNORED_FIELDS))})",
+        )
+    if body.tools or body.tool_choice not in (None, "none"):
+        field = "tools" if body.tools else "tool_choice"
+        raise _refuse(field, "Legion does not call functions yet; send the request without tools")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise _refuse(name, "Legion's agents apply no repetition penalties; send 0 or leave it out")
+    if body.logprobs or body.top_logprobs:
+        raise _refuse(
+            "logprobs" if body.logprobs else "top_logprobs",
+            "the answer is arbitrated between agents, so no one model's log-probabilities are its own; "
+            "ask one agent through /v1/completions (model agent:<name>) for them",
+        )
+    if body.logit_bias:
+        raise _refuse("logit_bias", "Legion's agents run different vocabularies; leave it out")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None:
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"stop holds {len(stop)} sequences; send at most {MAX_STOP_SEQUENCES}")
+        if any(not x or len(x) > MAX_STOP_CHARS for x in stop):
+            raise InvalidRequest(f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters")
+    fields = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop}
+    if all(v is None for v in fields.values()):
+        return None
+    return Sampling(**fields)
 
 
 def new_id(prefix: str = "task") -> str:
@@ -255,6 +325,7 @@ def chat_request(
         max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
         context=context,
         output=response_format_spec(body.response_format),
+        sampling=chat_sampling(body),
     )
 
 

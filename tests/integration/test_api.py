@@ -129,6 +129,35 @@ def test_openai_client_errors(legion_url):
         oa.chat.completions.create(model="legion", n=2, messages=[{"role": "user", "content": "hi"}])
 
 
+def test_chat_sampling_fields_reach_every_agent_or_are_refused(legion_url):
+    oa = openai.OpenAI(base_url=f"{legion_url}/v1", api_key="unused", timeout=300, max_retries=0)
+    ask = [{"role": "user", "content": "Describe the weather in spring."}]
+
+    def texts(**kw) -> dict[str, str]:
+        r = oa.chat.completions.create(
+            model="legion", messages=ask, max_tokens=16, extra_body={"cache": False}, **kw
+        )
+        return {c["agent"]: c["text"] for c in r.model_dump()["legion"]["candidates"]}
+
+    # temperature=0 makes every agent greedy, whatever its own temperature (the default critic
+    # samples at 0.6) and whatever the seed: the same texts under two seeds.
+    greedy = texts(temperature=0, seed=1)
+    assert len(greedy) == 3 and texts(temperature=0, seed=2) == greedy
+    # A stop sequence ends every agent's answer before it.
+    assert any("e" in t for t in greedy.values())
+    stopped = texts(temperature=0, stop=["e"])
+    assert all("e" not in t for t in stopped.values())
+    assert all(greedy[a].strip().startswith(t.strip()) for a, t in stopped.items())
+    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+        oa.chat.completions.create(
+            model="legion",
+            messages=ask,
+            tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        )
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        oa.chat.completions.create(model="legion", messages=ask, logprobs=True)
+
+
 def test_concurrent_tasks_all_answer(client, legion_url):
     results = []
 
