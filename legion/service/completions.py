@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from legion.config import LegionConfig
+from legion.engine.embedding import BUNDLED_EMBEDDING_MODEL, EMBEDDING_MODEL_ALIASES
 from legion.errors import LegionError
 from legion.logging_setup import current_request_id
 from legion.messages import CompletionRequest, Generation
@@ -62,10 +63,9 @@ class Embed(Protocol):
 
 
 def embedding_model_name() -> str:
-    """The id of the embedding model retrieval uses (the bundled all-MiniLM-L6-v2's folder)."""
-    from legion.engine.embedding import bundled_embedder_path
-
-    return bundled_embedder_path().name
+    """The id of the embedding model retrieval uses: the bundled all-MiniLM-L6-v2 (its package
+    keeps it in a folder named ``model``, which clients asking for it by name could not guess)."""
+    return BUNDLED_EMBEDDING_MODEL
 
 
 class OpenAIRoutes:
@@ -142,7 +142,7 @@ class OpenAIRoutes:
         return completion_response(gen, body, req.prompt, new_id("cmpl"), body.model)
 
     async def embed(self, body: EmbeddingBody) -> EmbeddingList:
-        texts = embedding_texts(body, self.cfg, self.embedding_model)
+        texts = embedding_texts(body, self.cfg, self.embedding_model, EMBEDDING_MODEL_ALIASES)
         vectors, tokens = await self.embedder.embed(texts)
         return embedding_response(vectors, tokens, body, self.embedding_model)
 

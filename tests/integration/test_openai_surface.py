@@ -137,6 +137,11 @@ def test_embeddings_come_from_the_retrieval_model(oai, legion_url):
         f"{legion_url}/v1/embeddings", json={"model": model, "input": texts[0], "encoding_format": "float"}
     ).json()["data"][0]["embedding"]
     assert max(abs(x - y) for x, y in zip(floats, vecs[0], strict=True)) < 1e-6
+    # Its real id, not its package's folder name; the hub name is accepted too.
+    assert model == "all-MiniLM-L6-v2"
+    hub = oai.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input=texts[0])
+    assert hub.model == model
+    assert max(abs(x - y) for x, y in zip(hub.data[0].embedding, vecs[0], strict=True)) < 1e-5
     with pytest.raises(openai.NotFoundError, match=model):
         oai.embeddings.create(model="text-embedding-3-small", input="hi")
     with pytest.raises(openai.UnprocessableEntityError, match=r"input\[1\] is empty"):

@@ -96,6 +96,18 @@ def test_embedding_bodies_are_checked():
         embedding_texts(EmbeddingBody(model="m", input=[]), CFG, "m")
 
 
+def test_the_embedding_model_answers_to_its_id_and_its_hub_name():
+    from legion.service.completions import embedding_model_name
+
+    model = embedding_model_name()
+    assert model == "all-MiniLM-L6-v2"  # not "model", its package's folder
+    hub = "sentence-transformers/all-MiniLM-L6-v2"
+    assert embedding_texts(EmbeddingBody(model=hub, input="hi"), CFG, model, (hub,)) == ["hi"]
+    with pytest.raises(ModelNotFound, match=r"use 'all-MiniLM-L6-v2' \(or 'sentence-transformers/") as err:
+        embedding_texts(EmbeddingBody(model="text-embedding-3-small", input="hi"), CFG, model, (hub,))
+    assert err.value.details == {"allowed": [model, hub]}
+
+
 def test_base64_embeddings_are_little_endian_float32():
     vec = [0.5, -0.25, 0.125]
     r = embedding_response([vec], 3, EmbeddingBody(model="m", input="x", encoding_format="base64"), "m")
