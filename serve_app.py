@@ -154,8 +154,8 @@ class LegionIngress:
         prep = await self.pipeline.prepare_chat(body, session)
         headers = {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
         if body.stream:
-            return self._stream(prep, ChatEvents(prep.req.id, body.model), headers)
-        return _json(chat_response(await self.pipeline.complete(prep), body.model), headers)
+            return self._stream(prep, ChatEvents(prep.req.id, body.model, body.tools), headers)
+        return _json(chat_response(await self.pipeline.complete(prep), body.model, body.tools), headers)
 
     @_route(
         "POST",

@@ -185,7 +185,8 @@ class Agent:
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
         """
         engine = self.engine(timeout_s)
-        task = req.task if req.output is None else f"{req.task}\n\n{instruction(req.output)}"
+        said = req.instruction or (instruction(req.output) if req.output is not None else None)
+        task = req.task if said is None else f"{req.task}\n\n{said}"
         prompt = self.prompt_for_engine(task, req.context, req.history)
         return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
 

@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_SCHEMA = "invalid_schema"
     UNSUPPORTED_FIELD = "unsupported_field"
+    INVALID_TOOLS = "invalid_tools"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_STRATEGY = "unknown_strategy"
     MODEL_NOT_FOUND = "model_not_found"
@@ -34,6 +35,7 @@ _HTTP_STATUS = {
     ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.INVALID_SCHEMA: 400,
     ErrorCode.UNSUPPORTED_FIELD: 400,
+    ErrorCode.INVALID_TOOLS: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNKNOWN_STRATEGY: 422,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -108,6 +110,13 @@ class UnsupportedField(LegionError):
     with a value that would change the answer: a 400 naming the field, never a silent drop."""
 
     code = ErrorCode.UNSUPPORTED_FIELD
+
+
+class InvalidTools(LegionError):
+    """A chat request's ``tools`` or ``tool_choice`` that cannot be called as given; the message
+    names the tool and the fault (a 400, as OpenAI answers bad tools)."""
+
+    code = ErrorCode.INVALID_TOOLS
 
 
 class UnknownStrategy(LegionError):

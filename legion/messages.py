@@ -62,6 +62,8 @@ class GenerateRequest(BaseModel):
     # its template, a completion agent quotes them before the task (legion.agent.build_prompt).
     history: list[ChatTurn] = Field(default_factory=list)
     output: OutputSpec | None = None  # constrained output: the grammar the answer must follow
+    # Said after the task in place of the output's own instruction (a chat request's tools).
+    instruction: str | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -217,6 +219,7 @@ class TaskRequest(BaseModel):
     timeout_s: float | None = None  # the whole task's budget; past it the Arbiter answers 504
     output: OutputSpec | None = None  # constrained output (a JSON schema); in the cache key
     sampling: Sampling | None = None  # the request's sampling for every agent; in the cache key
+    instruction: str | None = None  # said after the task to every agent (the tools it may call)
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

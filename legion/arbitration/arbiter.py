@@ -154,6 +154,7 @@ class _Session:
             # The schema binds every answer to the task itself (fan-out, debate rounds, the
             # integrator), not a plan or the sub-questions a strategy asks on the way.
             output=self.req.output if task == self.task else None,
+            instruction=self.req.instruction if task == self.task else None,
         )
 
     def remaining_s(self) -> float | None:

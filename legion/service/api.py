@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from legion.arbitration.strategies import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.engine.constrained import response_format_spec, schema_spec
-from legion.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, UnsupportedField
+from legion.errors import InvalidRequest, InvalidTools, ModelNotFound, PayloadTooLarge, UnsupportedField
 from legion.messages import (
     AgentHealth,
     Candidate,
@@ -34,6 +34,7 @@ from legion.messages import (
     TaskResult,
     TraceEvent,
 )
+from legion.service.tools import ToolCall, ToolChoice, ToolDef, tool_call_of, tool_plan
 from legion.state.history import Turn
 
 MODEL_PREFIX = "legion"
@@ -108,6 +109,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made.")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers.")
+    name: str | None = None
 
 
 # OpenAI chat fields accepted and ignored, since they change nothing in the answer. Any other
@@ -159,9 +163,11 @@ class ChatBody(BaseModel):
     logprobs: bool | None = Field(None, description="Only false: an arbitrated answer has no one model's.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Only 0, as logprobs.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty (refused otherwise).")
-    tools: list[dict[str, Any]] | None = Field(None, description="Function calling: not supported yet (400).")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" until tools land.')
-    parallel_tool_calls: bool | None = Field(None, description="Accepted without tools; nothing to call.")
+    tools: list[ToolDef] | None = Field(None, description="Functions the agents may call (docs/tools.md).")
+    tool_choice: ToolChoice | None = Field(
+        None, description='"auto" (the default with tools), "required", "none", or a named function.'
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; Legion makes one call per turn.")
 
 
 def _refuse(field: str, why: str) -> UnsupportedField:
@@ -178,9 +184,6 @@ def chat_sampling(body: ChatBody) -> Sampling | None:
             "Legion does not know this chat field; leave it out (ignored fields: "
             f"{', '.join(sorted(CHAT_IGNORED_FIELDS))})",
         )
-    if body.tools or body.tool_choice not in (None, "none"):
-        field = "tools" if body.tools else "tool_choice"
-        raise _refuse(field, "Legion does not call functions yet; send the request without tools")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise _refuse(name, "Legion's agents apply no repetition penalties; send 0 or leave it out")
@@ -278,10 +281,27 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def client_keeps_history(body: ChatBody) -> bool:
-    """Whether the chat carries earlier user or assistant turns before its last user message."""
+    """Whether the chat carries turns besides its last user message and the instructions:
+    earlier user or assistant turns, or calls and tool results after it."""
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     last = users[-1] if users else len(body.messages)
-    return any(m.role in ("user", "assistant") for m in body.messages[:last])
+    before = any(m.role in ("user", "assistant") for m in body.messages[:last])
+    return before or any(m.role in ("assistant", "tool") for m in body.messages[last + 1 :])
+
+
+def _turn(m: ChatMessage) -> str | None:
+    """One message as a line of the quoted conversation (``None``: nothing to say)."""
+    text = _text(m.content).strip()
+    if m.role == "tool":
+        who = m.name or m.tool_call_id or "a tool"
+        return f"Tool result ({who}): {text}"
+    if m.role == "assistant" and m.tool_calls:
+        calls = "; ".join(f"{c.function.name}({c.function.arguments}) [{c.id}]" for c in m.tool_calls)
+        return f"Assistant called: {calls}" + (f"\nAssistant: {text}" if text else "")
+    who = {"system": "Instructions", "developer": "Instructions", "assistant": "Assistant"}.get(
+        m.role, "User"
+    )
+    return f"{who}: {text}" if text else None
 
 
 def chat_request(
@@ -294,6 +314,15 @@ def chat_request(
     """
     if body.n != 1:
         raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
+    sampling = chat_sampling(body)
+    plan = tool_plan(body.tools, body.tool_choice)
+    output = response_format_spec(body.response_format)
+    if plan is not None and plan.output is not None:
+        if output is not None:
+            raise InvalidTools(
+                "response_format and a required tool call cannot both shape the answer: send one of them"
+            )
+        output = plan.output
     if not body.messages:
         raise InvalidRequest("messages is empty: send at least one user message")
     if len(body.messages) > cfg.serve.max_messages:
@@ -303,17 +332,15 @@ def chat_request(
         raise InvalidRequest("messages holds no user message: the last user message is the task")
     last = users[-1]
     task = check_task_text(_text(body.messages[last].content), cfg)
-    lines = []
-    for m in body.messages[:last]:
-        who = {"system": "Instructions", "developer": "Instructions", "assistant": "Assistant"}.get(
-            m.role, "User"
-        )
-        text = _text(m.content).strip()
-        if text:
-            lines.append(f"{who}: {text}")
+    lines = [line for m in body.messages[:last] if (line := _turn(m)) is not None]
     if history:
         # After the instructions, as if the client had sent the stored turns itself.
         lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
+    # What came after the question: the calls made for it and the tools' results (quoted as data,
+    # and screened by the injection guard like the rest of the context).
+    after = [line for m in body.messages[last + 1 :] if (line := _turn(m)) is not None]
+    if after:
+        lines += [f"User: {task}", *after]
     context = ("Conversation so far:\n" + "\n".join(lines)) if lines else ""
     if len(context) > cfg.serve.max_task_chars * 4:
         raise PayloadTooLarge(
@@ -325,8 +352,9 @@ def chat_request(
         strategy=strategy_for_model(body.model, cfg),
         max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
         context=context,
-        output=response_format_spec(body.response_format),
-        sampling=chat_sampling(body),
+        output=output,
+        sampling=sampling,
+        instruction=None if plan is None else plan.instruction,
     )
 
 
@@ -421,15 +449,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_Response):
+    _omit_if_none = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop"] = "stop"
+    finish_reason: Literal["stop", "tool_calls"] = "stop"
 
 
 class ChatCompletion(BaseModel):
@@ -444,17 +475,30 @@ class ChatCompletion(BaseModel):
     legion: TaskResponse
 
 
+class ToolCallDelta(_Response):
+    """A piece of a streamed call: the first names it (``id``, ``function.name``), the next ones
+    carry ``function.arguments`` piece by piece, as OpenAI's chunks do."""
+
+    _omit_if_none = frozenset({"id", "type"})
+
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]
+
+
 class ChatDelta(_Response):
-    _omit_if_none = frozenset({"role", "content"})
+    _omit_if_none = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop"] | None = None
+    finish_reason: Literal["stop", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -480,12 +524,19 @@ def _usage(result: TaskResult) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def chat_response(result: TaskResult, model: str) -> ChatCompletion:
+def chat_response(result: TaskResult, model: str, tools: list[ToolDef] | None = None) -> ChatCompletion:
+    """The chat answer; an answer that calls one of ``tools`` comes back as ``tool_calls``."""
+    call = tool_call_of(result.answer, tools)
+    message = (
+        AssistantMessage(content=result.answer)
+        if call is None
+        else AssistantMessage(content=None, tool_calls=[call])
+    )
     return ChatCompletion(
         id=result.id,
         created=int(time.time()),
         model=model,
-        choices=[ChatChoice(message=AssistantMessage(content=result.answer))],
+        choices=[ChatChoice(message=message, finish_reason="stop" if call is None else "tool_calls")],
         usage=_usage(result),
         legion=task_response(result),
     )
@@ -494,12 +545,15 @@ def chat_response(result: TaskResult, model: str) -> ChatCompletion:
 class ChatChunks:
     """The ``chat.completion.chunk`` events of one streamed answer."""
 
-    def __init__(self, chat_id: str, model: str):
+    def __init__(self, chat_id: str, model: str, tools: list[ToolDef] | None = None):
         self.id = chat_id
         self.model = model
+        self.tools = tools
         self.created = int(time.time())
 
-    def chunk(self, delta: ChatDelta, finish: Literal["stop"] | None = None, **legion) -> ChatCompletionChunk:
+    def chunk(
+        self, delta: ChatDelta, finish: Literal["stop", "tool_calls"] | None = None, **legion
+    ) -> ChatCompletionChunk:
         choice = ChunkChoice(delta=delta, finish_reason=finish)
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[choice], **legion
@@ -512,7 +566,20 @@ class ChatChunks:
         return self.chunk(ChatDelta(), legion_candidate=candidate_response(c))
 
     def answer(self, result: TaskResult) -> list[ChatCompletionChunk]:
-        """The answer in word-sized chunks, then the final chunk with the whole response."""
+        """The answer in word-sized chunks (a call: its name, then its arguments in pieces),
+        then the final chunk with the whole response."""
+        call = tool_call_of(result.answer, self.tools)
+        if call is not None:
+            args = call.function.arguments
+            first = ToolCallDelta(
+                id=call.id, type="function", function={"name": call.function.name, "arguments": ""}
+            )
+            out = [self.chunk(ChatDelta(tool_calls=[first]))]
+            for i in range(0, len(args), 16):
+                piece = ToolCallDelta(function={"arguments": args[i : i + 16]})
+                out.append(self.chunk(ChatDelta(tool_calls=[piece])))
+            out.append(self.chunk(ChatDelta(), "tool_calls", legion=task_response(result)))
+            return out
         words = result.answer.split(" ")
         out = [self.chunk(ChatDelta(content=w if i == 0 else " " + w)) for i, w in enumerate(words)]
         out.append(self.chunk(ChatDelta(), "stop", legion=task_response(result)))

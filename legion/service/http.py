@@ -24,6 +24,7 @@ from legion.errors import ErrorCode, InternalError, LegionError, NotReady
 from legion.logging_setup import log_context, valid_request_id
 from legion.messages import Candidate, TaskResult
 from legion.service.api import ChatChunks, candidate_response, sse_event, task_response
+from legion.service.tools import ToolDef
 from legion.streaming import relay
 
 log = logging.getLogger("legion.serve")
@@ -173,8 +174,8 @@ class ChatEvents:
     it arrives, the answer at the end, then ``[DONE]``; a failure is a ``data: {"error"}``
     chunk before ``[DONE]``."""
 
-    def __init__(self, chat_id: str, model: str):
-        self._chunks = ChatChunks(chat_id, model)
+    def __init__(self, chat_id: str, model: str, tools: list[ToolDef] | None = None):
+        self._chunks = ChatChunks(chat_id, model, tools)
 
     @staticmethod
     def _data(chunk) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -148,14 +149,71 @@ def test_chat_sampling_fields_reach_every_agent_or_are_refused(legion_url):
     stopped = texts(temperature=0, stop=["e"])
     assert all("e" not in t for t in stopped.values())
     assert all(greedy[a].strip().startswith(t.strip()) for a, t in stopped.items())
-    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
-        oa.chat.completions.create(
-            model="legion",
-            messages=ask,
-            tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
-        )
     with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
         oa.chat.completions.create(model="legion", messages=ask, logprobs=True)
+
+
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": WEATHER_ARGS,
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "The time now.", "parameters": {}}},
+]
+
+
+def test_function_calling_with_the_openai_client(legion_url):
+    import jsonschema
+
+    oa = openai.OpenAI(base_url=f"{legion_url}/v1", api_key="unused", timeout=300, max_retries=0)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    opts = {"model": "legion", "tools": TOOLS, "max_tokens": 48, "extra_body": {"cache": False}}
+    # required: every agent must call one of the tools; the vote picks the call.
+    r = oa.chat.completions.create(messages=ask, tool_choice="required", **opts)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id and call.type == "function" and call.function.name in ("get_weather", "get_time")
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        jsonschema.validate(args, WEATHER_ARGS)
+    # A named function: that one is called.
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = oa.chat.completions.create(messages=ask, tool_choice=named, **opts)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)
+    # Streamed: the call's id and name first, then its arguments in pieces, as OpenAI sends them.
+    pieces = [c for c in oa.chat.completions.create(messages=ask, tool_choice=named, stream=True, **opts)]
+    deltas = [d for c in pieces for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    streamed = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(streamed), WEATHER_ARGS)
+    assert pieces[-1].choices[0].finish_reason == "tool_calls"
+    # The second turn carries the call and the tool's result; the agents answer in text.
+    turn = [
+        *ask,
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "22 degrees and sunny"},
+    ]
+    final = oa.chat.completions.create(messages=turn, tool_choice="none", **opts)
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content.strip()
+    with pytest.raises(openai.BadRequestError, match="listed twice"):
+        oa.chat.completions.create(messages=ask, **{**opts, "tools": [TOOLS[0], TOOLS[0]]})
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        oa.chat.completions.create(
+            messages=ask, tool_choice={"type": "function", "function": {"name": "nope"}}, **opts
+        )
 
 
 def test_concurrent_tasks_all_answer(client, legion_url):

@@ -40,7 +40,6 @@ def test_the_requests_sampling_is_in_the_task(tmp_path):
         top_logprobs=0,
         logit_bias={},
         tools=[],
-        tool_choice="none",
         parallel_tool_calls=True,
     )
     assert chat_request(zeros, cfg).sampling is None
@@ -49,9 +48,6 @@ def test_the_requests_sampling_is_in_the_task(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "field", "says"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "does not call functions"),
-        ({"tool_choice": "required"}, "tool_choice", "does not call functions"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "functions"),
         ({"presence_penalty": 0.5}, "presence_penalty", "no repetition penalties"),
         ({"frequency_penalty": -1}, "frequency_penalty", "no repetition penalties"),
         ({"logprobs": True}, "logprobs", "/v1/completions"),

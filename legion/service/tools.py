@@ -1,0 +1,182 @@
+"""OpenAI function calling on ``/v1/chat/completions``: the request's tools checked, rendered into
+the agents' prompts, turned into the output spec every agent's answer is held to, and the
+arbitrated answer turned back into ``tool_calls``.
+
+A call is the JSON object ``{"name": <function>, "arguments": {...}}``. With ``tool_choice``
+``required`` (or a named function) every agent decodes under a grammar built from the functions'
+parameter schemas, each answer is validated with ``jsonschema``, and the Arbiter votes on the
+canonical JSON of the call, so the (name, arguments) pair is what wins: the same path as
+JSON-schema answers (``legion.engine.constrained``). With ``auto`` the agents see the tools and
+answer freely; an arbitrated answer that is a valid call of one of them comes back as the call,
+any other as text. ``none`` sends no tools to the agents. One call per turn.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from legion.engine.constrained import AnswerMismatch, canonical_json, parse_answer, schema_spec
+from legion.errors import InvalidSchema, InvalidTools
+from legion.messages import OutputSpec
+
+MAX_TOOLS = 32
+_EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+class FunctionDef(BaseModel):
+    """One function a model may call (OpenAI's ``tools[].function``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Letters, digits, _ and -.")
+    description: str | None = Field(None, max_length=4000)
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object.")
+    strict: bool | None = Field(None, description="Arguments always follow the schema here (a grammar).")
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class _ChoiceName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"] = "function"
+    function: _ChoiceName
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(..., description="The arguments object as a JSON string.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ToolPlan(BaseModel):
+    """What a request's tools mean for the agents: ``instruction`` goes after the task in every
+    agent's prompt, ``output`` (required or named) holds every answer to a call."""
+
+    mode: Literal["auto", "required", "named"]
+    names: list[str]
+    instruction: str
+    output: OutputSpec | None = None
+
+
+def _parameters(f: FunctionDef) -> dict[str, Any]:
+    return f.parameters if f.parameters is not None else _EMPTY_PARAMETERS
+
+
+def _call_schema(f: FunctionDef) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": f.name}, "arguments": _parameters(f)},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _render(tools: list[ToolDef], mode: str, named: str | None) -> str:
+    lines = ["You can call these functions:"]
+    for t in tools:
+        f = t.function
+        about = f" {f.description.strip()}" if f.description and f.description.strip() else ""
+        lines.append(f"- {f.name}:{about} Arguments (JSON schema): {canonical_json(_parameters(f))}")
+    shape = '{"name": "<function name>", "arguments": {<its arguments>}}'
+    if mode == "named":
+        lines.append(
+            f'Call {named} now: answer with only a JSON object {{"name": "{named}", "arguments": {{...}}}}.'
+        )
+    elif mode == "required":
+        lines.append(f"Call one of them now: answer with only a JSON object {shape}.")
+    else:
+        lines.append(f"To call one, answer with only a JSON object {shape}; otherwise answer in plain text.")
+    return "\n".join(lines)
+
+
+def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPlan | None:
+    """The plan for a request's ``tools`` and ``tool_choice``, or ``None`` when the agents get no
+    tools (none given, or ``tool_choice: "none"``). Raises ``InvalidTools`` (a 400) naming the
+    tool and the fault: a bad parameters schema, a duplicate name, a named choice that is not
+    among the tools, a choice without tools."""
+    tools = tools or []
+    if not tools:
+        if choice not in (None, "none"):
+            raise InvalidTools(
+                "tool_choice needs tools: send the functions in 'tools', or leave tool_choice out"
+            )
+        return None
+    if len(tools) > MAX_TOOLS:
+        raise InvalidTools(f"tools holds {len(tools)} functions; send at most {MAX_TOOLS}")
+    names = [t.function.name for t in tools]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InvalidTools(f"tool {dup[0]!r} is listed twice: give every function its own name")
+    specs: dict[str, OutputSpec] = {}
+    for t in tools:
+        try:
+            specs[t.function.name] = schema_spec(_call_schema(t.function))
+        except InvalidSchema as exc:
+            raise InvalidTools(
+                f"tool {t.function.name!r}: its parameters are not a schema Legion can hold calls to: "
+                f"{exc.message.replace('schema is not', 'not')}",
+                details={"tool": t.function.name},
+            ) from None
+    if choice == "none":
+        return None
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in specs:
+            raise InvalidTools(
+                f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                details={"allowed": names},
+            )
+        return ToolPlan(
+            mode="named", names=names, instruction=_render(tools, "named", name), output=specs[name]
+        )
+    if choice == "required":
+        schema = {"anyOf": [_call_schema(t.function) for t in tools]} if len(tools) > 1 else None
+        output = specs[names[0]] if schema is None else schema_spec(schema)
+        return ToolPlan(
+            mode="required", names=names, instruction=_render(tools, "required", None), output=output
+        )
+    return ToolPlan(mode="auto", names=names, instruction=_render(tools, "auto", None))
+
+
+def tool_call_of(answer: str, tools: list[ToolDef] | None) -> ToolCall | None:
+    """The call an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
+    arguments validate against its schema; ``None`` for a text answer."""
+    text = answer.strip()
+    if not tools or not text.startswith("{"):
+        return None
+    by_name = {t.function.name: t.function for t in tools}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    f = by_name.get(value.get("name")) if isinstance(value, dict) else None
+    if f is None:
+        return None
+    try:
+        parse_answer(text, schema_spec(_call_schema(f)))
+    except (AnswerMismatch, InvalidSchema):
+        return None
+    arguments = json.dumps(value["arguments"], ensure_ascii=False)
+    return ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=f.name, arguments=arguments)
+    )

@@ -1,0 +1,206 @@
+"""Function calling on ``/v1/chat/completions`` without Ray or a model: the tools checked and
+rendered, the output spec every agent's call is held to, the Arbiter's vote on calls, and the
+answer as OpenAI's ``tool_calls`` (whole and streamed), then the tool's result in the next turn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from legion.config import config_from_dict
+from legion.errors import InvalidTools
+from legion.messages import Candidate, TaskRequest, TaskResult, TraceEvent
+from legion.service.api import ChatBody, chat_request
+from legion.service.tools import NamedToolChoice, ToolDef, tool_call_of, tool_plan
+from tests.unit.test_arbiter import ScriptedAgents, make
+from tests.unit.test_routes import AgentsArbiter, chat_chunks, client
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _tools(*defs):
+    return [ToolDef.model_validate(d) for d in defs]
+
+
+def test_the_tool_choice_decides_what_the_agents_are_held_to():
+    assert tool_plan(None, None) is None and tool_plan(_tools(WEATHER), "none") is None
+    auto = tool_plan(_tools(WEATHER, TIME), None)
+    assert auto.mode == "auto" and auto.output is None
+    assert "get_weather: The weather in a city." in auto.instruction and "- get_time:" in auto.instruction
+    assert "otherwise answer in plain text" in auto.instruction
+    required = tool_plan(_tools(WEATHER, TIME), "required")
+    assert required.mode == "required" and "anyOf" in required.output.json_schema
+    assert "root" in required.output.grammar and "Call one of them now" in required.instruction
+    named = tool_plan(
+        _tools(WEATHER, TIME), NamedToolChoice.model_validate({"function": {"name": "get_time"}})
+    )
+    assert named.mode == "named" and named.output.json_schema["properties"]["name"] == {"const": "get_time"}
+    assert "Call get_time now" in named.instruction
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "says"),
+    [
+        ([WEATHER, WEATHER], None, "tool 'get_weather' is listed twice"),
+        (
+            [{"type": "function", "function": {"name": "bad", "parameters": {"type": "nope"}}}],
+            None,
+            "tool 'bad': its parameters are not a schema",
+        ),
+        (
+            [WEATHER],
+            {"type": "function", "function": {"name": "nowhere"}},
+            "names 'nowhere', which is not among",
+        ),
+        ([], "required", "tool_choice needs tools"),
+    ],
+)
+def test_bad_tools_are_a_400_naming_the_tool_and_the_fault(tmp_path, tools, choice, says):
+    body = {"messages": ASK, "tools": tools, **({"tool_choice": choice} if choice else {})}
+    r = client(tmp_path).post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_tools" and says in r.json()["error"]["message"]
+
+
+def test_a_required_call_and_a_response_format_cannot_both_shape_the_answer(tmp_path):
+    cfg = config_from_dict({"agents": [{"name": "solver"}], "data_dir": str(tmp_path)})
+    body = ChatBody(
+        messages=ASK, tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}
+    )
+    with pytest.raises(InvalidTools, match="send one of them"):
+        chat_request(body, cfg)
+
+
+def test_an_answer_is_a_call_only_when_it_calls_a_tool_with_valid_arguments():
+    tools = _tools(WEATHER, TIME)
+    call = tool_call_of(' {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}', tools)
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "city": "Paris",
+        "days": 2,
+    }
+    assert call.id.startswith("call_") and call.type == "function"
+    assert tool_call_of('{"name": "get_weather", "arguments": {"days": 2}}', tools) is None  # city missing
+    assert tool_call_of('{"name": "get_news", "arguments": {}}', tools) is None
+    assert tool_call_of("It is sunny in Paris.", tools) is None
+    assert tool_call_of('{"name": "get_time", "arguments": {}}', None) is None
+
+
+class CallingArbiter(AgentsArbiter):
+    """Answers every task with ``answer``, as the Arbiter would after a vote."""
+
+    def __init__(self, answer: str):
+        super().__init__()
+        self.answer = answer
+
+    async def run(self, req, on_event=None) -> TaskResult:
+        self.seen.append(req.model_copy())
+        c = Candidate(agent="solver", role="solver", text=self.answer, normalized=self.answer)
+        if on_event is not None:
+            on_event(c)
+        return TaskResult(
+            id=req.id,
+            answer=self.answer,
+            strategy=req.strategy,
+            candidates=[c],
+            votes={self.answer: 1.0},
+            latency_ms=1.0,
+            trace=[TraceEvent(step="decision", at_ms=1.0)],
+        )
+
+
+CALL = '{"arguments":{"city":"Paris"},"name":"get_weather"}'
+
+
+def test_a_call_comes_back_as_tool_calls_whole_and_streamed(tmp_path):
+    arbiter = CallingArbiter(CALL)
+    c = client(tmp_path, arbiter)
+    body = {"messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required", "cache": False}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    # Every agent was asked for a call: the tools after the task, the grammar on the answer.
+    req = arbiter.seen[-1]
+    assert "get_weather" in req.instruction and req.output is not None and "anyOf" in req.output.json_schema
+    chunks = chat_chunks(c.post("/v1/chat/completions", json=body | {"stream": True}).text)
+    deltas = [ch["choices"][0]["delta"].get("tool_calls") for ch in chunks[:-1]]
+    calls = [d[0] for d in deltas if d]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"] == {
+        "name": "get_weather",
+        "arguments": "",
+    }
+    assert "".join(d["function"]["arguments"] for d in calls[1:]) == call["function"]["arguments"]
+    assert all(d["index"] == 0 for d in calls) and len(calls) > 2  # the arguments in pieces
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls" and chunks[-1] == "[DONE]"
+
+
+def test_a_text_answer_with_tools_stays_text(tmp_path):
+    c = client(tmp_path, CallingArbiter("It is sunny."))
+    r = c.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "cache": False})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"] == {
+        "role": "assistant",
+        "content": "It is sunny.",
+    }
+
+
+def test_the_tools_result_goes_to_the_agents_as_quoted_context(tmp_path):
+    arbiter = CallingArbiter("It is 22 degrees and sunny in Paris.")
+    c = client(tmp_path, arbiter)
+    turn = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": CALL}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees, sunny"},
+    ]
+    r = c.post("/v1/chat/completions", json={"messages": turn, "tools": [WEATHER], "cache": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "It is 22 degrees and sunny in Paris."
+    req = arbiter.seen[-1]
+    assert req.task == "What is the weather in Paris?"
+    assert "Assistant called: get_weather(" in req.context and "[call_1]" in req.context
+    assert "Tool result (call_1): 22 degrees, sunny" in req.context
+
+
+def test_the_arbiter_votes_on_calls_and_leaves_out_invalid_ones(tmp_path):
+    plan = tool_plan(_tools(WEATHER, TIME), "required")
+    answers = {
+        "solver": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "reasoner": '{"arguments": {"city": "Paris"},   "name": "get_weather"}',  # the same call
+        "critic": '{"name": "get_weather", "arguments": {"city": 7}}',  # city is not a string
+    }
+    agents = ScriptedAgents(lambda agent, req: answers[agent])
+    req = TaskRequest(id="t", task="Weather in Paris?", strategy="plurality", output=plan.output)
+    req.instruction = plan.instruction
+    result = asyncio.run(make(tmp_path, agents).run(req))
+    assert json.loads(result.answer) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert list(result.votes.values()) == [2.0]
+    critic = next(c for c in result.candidates if c.agent == "critic")
+    assert not critic.ok and "city" in critic.error
+    assert all(gen.instruction == plan.instruction for _, gen in agents.asked)
