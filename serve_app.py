@@ -9,6 +9,7 @@ its own config: nothing is wired at import. ``build_app(config)`` is the one bui
 """
 
 import asyncio
+import json
 import logging
 import time
 from functools import partial
@@ -64,6 +65,7 @@ from legion.service.http import (
 )
 from legion.service.openapi import openapi_schema
 from legion.service.pipeline import Prepared, TaskPipeline
+from legion.service.responses import ResponseObject, ResponsesBody, ResponsesEvents, chat_body, completed
 from legion.service.security import SecurityMiddleware, SecurityPolicy
 from legion.state.cache import CacheInfo
 from legion.state.history import check_session_id
@@ -156,6 +158,23 @@ class LegionIngress:
         if body.stream:
             return self._stream(prep, ChatEvents(prep.req.id, body.model, body.tools), headers)
         return _json(chat_response(await self.pipeline.complete(prep), body.model, body.tools), headers)
+
+    @_route(
+        "POST",
+        "/v1/responses",
+        response_model=ResponseObject,
+        responses={200: {"content": {"text/event-stream": {}}, **_SSE}},
+    )
+    async def responses(self, body: ResponsesBody, request: Request) -> Response:
+        chat = chat_body(body)
+        raw = request.headers.get("x-session-id") or chat.user
+        session = None if raw is None else check_session_id(raw)
+        prep = await self.pipeline.prepare_chat(chat, session)
+        headers = {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
+        if body.stream:
+            return self._stream(prep, ResponsesEvents(body, chat), headers)
+        done = completed(body, chat, await self.pipeline.complete(prep))
+        return Response(json.dumps(done), media_type="application/json", headers=headers)
 
     @_route(
         "POST",

@@ -518,7 +518,7 @@ class ChatCompletionChunk(_Response):
     legion: TaskResponse | None = None
 
 
-def _usage(result: TaskResult) -> Usage:
+def usage_of(result: TaskResult) -> Usage:
     prompt = sum(c.prompt_tokens for c in result.candidates)
     completion = sum(c.completion_tokens for c in result.candidates)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -537,7 +537,7 @@ def chat_response(result: TaskResult, model: str, tools: list[ToolDef] | None = 
         created=int(time.time()),
         model=model,
         choices=[ChatChoice(message=message, finish_reason="stop" if call is None else "tool_calls")],
-        usage=_usage(result),
+        usage=usage_of(result),
         legion=task_response(result),
     )
 

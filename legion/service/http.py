@@ -24,6 +24,7 @@ from legion.errors import ErrorCode, InternalError, LegionError, NotReady
 from legion.logging_setup import log_context, valid_request_id
 from legion.messages import Candidate, TaskResult
 from legion.service.api import ChatChunks, candidate_response, sse_event, task_response
+from legion.service.responses import ResponsesEvents
 from legion.service.tools import ToolDef
 from legion.streaming import relay
 
@@ -199,7 +200,7 @@ class ChatEvents:
 
 async def write_events(
     run: Callable[[Callable[[Event], None]], Awaitable[TaskResult]],
-    events: TaskEvents | ChatEvents,
+    events: TaskEvents | ChatEvents | ResponsesEvents,
     failure: Callable[[Exception], LegionError] | None = None,
 ) -> AsyncIterator[str]:
     """The one SSE writer: ``run(emit)``'s events as they happen, then its result, then the

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PUBLIC_PATHS = frozenset({"/healthz", "/favicon.ico"})
-_TASK_ROUTES = frozenset({"/v1/tasks", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_TASK_ROUTES = frozenset(
+    {"/v1/tasks", "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings"}
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -216,6 +216,39 @@ def test_function_calling_with_the_openai_client(legion_url):
         )
 
 
+def test_the_responses_api_with_the_openai_client(legion_url):
+    import jsonschema
+
+    oa = openai.OpenAI(base_url=f"{legion_url}/v1", api_key="unused", timeout=300, max_retries=0)
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    opts = {"model": "legion", "max_output_tokens": 48, "extra_body": {"cache": False}}
+    r = oa.responses.create(input="Name a large animal.", instructions="Answer briefly.", **opts)
+    assert r.status == "completed" and r.output[0].type == "message" and r.output_text.strip()
+    assert r.usage.output_tokens > 0
+    ask = "What is the weather in Paris?"
+    named = {"type": "function", "name": "get_weather"}
+    r = oa.responses.create(input=ask, tools=tools, tool_choice=named, **opts)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
+    # Streamed: the typed events, the call's arguments in deltas.
+    events = list(oa.responses.create(input=ask, tools=tools, tool_choice=named, stream=True, **opts))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    jsonschema.validate(json.loads(args), WEATHER_ARGS)
+    # The next turn: the call and its output as input items; the answer in text.
+    turn = [
+        {"role": "user", "content": ask},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "22 degrees and sunny"},
+    ]
+    final = oa.responses.create(input=turn, tools=tools, tool_choice="none", **opts)
+    assert final.output[0].type == "message" and final.output_text.strip()
+    with pytest.raises(openai.BadRequestError, match="previous_response_id is not supported"):
+        oa.responses.create(input="hi", previous_response_id=r.id, **opts)
+
+
 def test_concurrent_tasks_all_answer(client, legion_url):
     results = []
 
