@@ -10,7 +10,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from legion.config import AgentConfig
 from legion.engine.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
@@ -31,19 +32,20 @@ def build_prompt(
     *,
     chat: ChatTemplate | None = None,
     history: Sequence[ChatTurn] = (),
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The prompt an agent sends its model for ``task``, in the agent's ``prompt_format``.
 
     completion: ``prompt_template`` as plain text; earlier turns in ``history``, if any, are
     quoted before the context. chat: ``chat_turns`` rendered by ``chat``, the agent's template
     (``Agent.prompt`` passes it). The task, the context and the history are data, never
-    instructions: ``legion.service.guard`` marks them so (a notice, the context between delimiters,
+    instructions: ``legion.engine.prompts`` marks them so (a notice, the context between delimiters,
     no forged turns or control tokens in user text).
     """
     if cfg.prompt_format == "chat":
         if chat is None:
             raise ValueError(f"agent {cfg.name} has prompt_format chat: pass its ChatTemplate (Agent.prompt)")
-        return chat.render(chat_turns(cfg, task, context, history), add_generation_prompt=True)
+        return chat.render(chat_turns(cfg, task, context, history), add_generation_prompt=True, tools=tools)
     if history:
         lines = [f"{'Assistant' if t.role == 'assistant' else 'User'}: {t.content.strip()}" for t in history]
         context = "Conversation so far:\n" + "\n".join(lines) + (f"\n\n{context}" if context.strip() else "")
@@ -151,16 +153,26 @@ class Agent:
         )
 
     def prompt(
-        self, task: str, context: str = "", history: Sequence[ChatTurn] = (), timeout_s: float | None = None
+        self,
+        task: str,
+        context: str = "",
+        history: Sequence[ChatTurn] = (),
+        timeout_s: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """This agent's prompt for ``task`` (see ``build_prompt``); a chat agent's needs its
         template, so it waits up to ``timeout_s`` for the model to load."""
         if self.cfg.prompt_format == "chat":
             self.engine(timeout_s)
-        return build_prompt(self.cfg, task, context, chat=self._chat, history=history)
+        return build_prompt(self.cfg, task, context, chat=self._chat, history=history, tools=tools)
 
     def prompt_for_engine(
-        self, task: str, context: str = "", history: Sequence[ChatTurn] = (), timeout_s: float | None = None
+        self,
+        task: str,
+        context: str = "",
+        history: Sequence[ChatTurn] = (),
+        timeout_s: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str | list[int]:
         """``prompt`` as the engine takes it: a completion prompt as text (tokenized as text);
         a chat prompt as tokens, its template's markers as control tokens and the messages'
@@ -169,7 +181,7 @@ class Agent:
             return self.prompt(task, context, history)
         engine = self.engine(timeout_s)
         assert self._chat is not None
-        pieces = self._chat.render_pieces(chat_turns(self.cfg, task, context, history))
+        pieces = self._chat.render_pieces(chat_turns(self.cfg, task, context, history), tools=tools)
         tokens = engine.tokenize("", add_bos=True)  # BOS, where the model takes one
         for piece in pieces:
             tokens += [piece] if isinstance(piece, int) else engine.tokenize(piece, add_bos=False)
@@ -185,9 +197,13 @@ class Agent:
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
         """
         engine = self.engine(timeout_s)
-        said = req.instruction or (instruction(req.output) if req.output is not None else None)
+        # A template that renders tools itself gets them; any other prompt gets Legion's words.
+        tools = req.tools if req.tools and self._chat is not None and self._chat.takes_tools else None
+        said = None if tools else req.instruction
+        if said is None and tools is None and req.output is not None:
+            said = instruction(req.output)
         task = req.task if said is None else f"{req.task}\n\n{said}"
-        prompt = self.prompt_for_engine(task, req.context, req.history)
+        prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools)
         return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
 
     def complete(

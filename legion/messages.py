@@ -64,6 +64,8 @@ class GenerateRequest(BaseModel):
     output: OutputSpec | None = None  # constrained output: the grammar the answer must follow
     # Said after the task in place of the output's own instruction (a chat request's tools).
     instruction: str | None = None
+    # The tools as OpenAI function definitions, for a chat template that renders them itself.
+    tools: list[dict[str, Any]] | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -220,6 +222,7 @@ class TaskRequest(BaseModel):
     output: OutputSpec | None = None  # constrained output (a JSON schema); in the cache key
     sampling: Sampling | None = None  # the request's sampling for every agent; in the cache key
     instruction: str | None = None  # said after the task to every agent (the tools it may call)
+    tools: list[dict[str, Any]] | None = None  # those tools as function definitions (chat templates)
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

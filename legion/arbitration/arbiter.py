@@ -155,6 +155,7 @@ class _Session:
             # integrator), not a plan or the sub-questions a strategy asks on the way.
             output=self.req.output if task == self.task else None,
             instruction=self.req.instruction if task == self.task else None,
+            tools=self.req.tools if task == self.task else None,
         )
 
     def remaining_s(self) -> float | None:

@@ -17,9 +17,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from jinja2 import TemplateError, TemplateSyntaxError
+from jinja2 import TemplateError, TemplateSyntaxError, meta
 from jinja2.exceptions import SecurityError
 
 from legion.chat_formats import NAMED_TEMPLATES, sandbox_environment
@@ -158,21 +158,33 @@ class ChatTemplate:
         self._control_re = re.compile("|".join(map(re.escape, marks))) if marks else None
         self._unsplit_warned = False
         self.supports_system = self._probe_system()
+        # A template that reads a ``tools`` variable renders function definitions itself, in its
+        # model's own format (Qwen's, Llama 3.1's, Hermes'); others get Legion's rendering.
+        self.takes_tools = "tools" in meta.find_undeclared_variables(sandbox_environment().parse(source))
 
     def render(
-        self, turns: Sequence[ChatTurn | Mapping[str, str]], *, add_generation_prompt: bool = True
+        self,
+        turns: Sequence[ChatTurn | Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The prompt text for ``turns``; ``add_generation_prompt`` opens the assistant's turn.
 
         A template without a system role gets the system text at the start of the first user
         turn. Raises ``InvalidRequest`` when the template refuses the conversation (its
         ``raise_exception``, for instance roles that do not alternate) or reaches for
-        something the sandbox forbids.
+        something the sandbox forbids. ``tools`` (OpenAI function definitions) reach a template
+        that ``takes_tools``.
         """
-        return self._checked_render(self._messages(turns), add_generation_prompt)
+        return self._checked_render(self._messages(turns), add_generation_prompt, tools)
 
     def render_pieces(
-        self, turns: Sequence[ChatTurn | Mapping[str, str]], *, add_generation_prompt: bool = True
+        self,
+        turns: Sequence[ChatTurn | Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[str | int]:
         """The prompt of ``render`` as the engine should read it: the control tokens the
         template itself writes (``<start_of_turn>``, ``<|im_start|>``) as token ids, and
@@ -186,11 +198,11 @@ class ChatTemplate:
         but the model reads its markers spelled out), with a warning.
         """
         messages = self._messages(turns)
-        text = self._checked_render(messages, add_generation_prompt)
+        text = self._checked_render(messages, add_generation_prompt, tools)
         marks = {f"\ue000{secrets.token_hex(8)}\ue001": m["content"] for m in messages}
         masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
         try:
-            shape = self._render(masked, add_generation_prompt)
+            shape = self._render(masked, add_generation_prompt, tools)
         except TemplateError:
             shape = None
         parts: list[tuple[str, bool]] = []  # (text, written by the template)
@@ -232,9 +244,14 @@ class ChatTemplate:
         messages = [_as_message(t) for t in turns]
         return messages if self.supports_system else _fold_system(messages)
 
-    def _checked_render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _checked_render(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         try:
-            out = self._render(messages, add_generation_prompt)
+            out = self._render(messages, add_generation_prompt, tools)
         except SecurityError as exc:
             raise InvalidRequest(
                 f"chat template {self.name} tried something the sandbox forbids ({exc}); fix the template"
@@ -246,12 +263,19 @@ class ChatTemplate:
             out = out[len(self.bos_token) :]
         return out
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        extra = {"tools": [dict(t) for t in tools]} if tools and self.takes_tools else {}
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **extra,
         )
 
     def _probe_system(self) -> bool:

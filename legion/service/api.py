@@ -355,6 +355,7 @@ def chat_request(
         output=output,
         sampling=sampling,
         instruction=None if plan is None else plan.instruction,
+        tools=None if plan is None else [t.model_dump(exclude_none=True) for t in body.tools or []],
     )
 
 

@@ -158,10 +158,20 @@ def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPla
     return ToolPlan(mode="auto", names=names, instruction=_render(tools, "auto", None))
 
 
+def _unwrapped(answer: str) -> str:
+    """The answer without the wrapping a chat template's own call format or a code fence adds
+    (``<tool_call>{...}</tool_call>``, as Qwen's and Hermes' templates ask for)."""
+    text = answer.strip()
+    for opening, closing in (("<tool_call>", "</tool_call>"), ("```json", "```"), ("```", "```")):
+        if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
+            return text[len(opening) : -len(closing)].strip()
+    return text
+
+
 def tool_call_of(answer: str, tools: list[ToolDef] | None) -> ToolCall | None:
     """The call an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
     arguments validate against its schema; ``None`` for a text answer."""
-    text = answer.strip()
+    text = _unwrapped(answer)
     if not tools or not text.startswith("{"):
         return None
     by_name = {t.function.name: t.function for t in tools}

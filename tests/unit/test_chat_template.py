@@ -341,3 +341,29 @@ def test_a_rendered_bos_is_dropped_from_the_pieces_too():
 def test_a_conversation_without_messages_is_all_template():
     chat = _chatml_with_control()
     assert chat.render_pieces([]) == [151644, "assistant\n"]
+
+
+# A template in the style of Qwen's and Hermes': the functions in the system turn, in its own tags.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t['function'] | tojson }}{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_a_template_that_reads_tools_renders_them_and_others_never_see_them():
+    tpl = ChatTemplate(TOOLS_TEMPLATE, name="tools")
+    assert tpl.takes_tools and not ChatTemplate(NAMED_TEMPLATES["chatml"].source).takes_tools
+    turns = [ChatTurn(role="user", content="Weather in Paris?")]
+    with_tools = tpl.render(turns, tools=[WEATHER_TOOL])
+    assert with_tools.startswith('<|im_start|>system\n<tools>{"name": "get_weather"')
+    assert "<tools>" not in tpl.render(turns)
+    # The agent's prompt passes them through its template.
+    cfg = AgentConfig(name="a", prompt_format="chat", chat_template=TOOLS_TEMPLATE)
+    assert '"get_weather"' in build_prompt(cfg, "Weather in Paris?", chat=tpl, tools=[WEATHER_TOOL])
+    # Split into pieces, the functions' text is the template's own, its markers control tokens.
+    control = ChatTemplate(TOOLS_TEMPLATE, control_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)])
+    pieces = control.render_pieces(turns, tools=[WEATHER_TOOL])
+    assert pieces[0] == 1 and any(isinstance(p, str) and "get_weather" in p for p in pieces)

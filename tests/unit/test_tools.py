@@ -100,6 +100,12 @@ def test_an_answer_is_a_call_only_when_it_calls_a_tool_with_valid_arguments():
     assert tool_call_of('{"name": "get_weather", "arguments": {"days": 2}}', tools) is None  # city missing
     assert tool_call_of('{"name": "get_news", "arguments": {}}', tools) is None
     assert tool_call_of("It is sunny in Paris.", tools) is None
+    # A template's own call format (Qwen's, Hermes') or a code fence around the call.
+    wrapped = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    assert tool_call_of(wrapped, tools).function.name == "get_time"
+    assert (
+        tool_call_of('```json\n{"name": "get_time", "arguments": {}}\n```', tools).function.name == "get_time"
+    )
     assert tool_call_of('{"name": "get_time", "arguments": {}}', None) is None
 
 
