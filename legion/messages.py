@@ -223,6 +223,9 @@ class TaskRequest(BaseModel):
     sampling: Sampling | None = None  # the request's sampling for every agent; in the cache key
     instruction: str | None = None  # said after the task to every agent (the tools it may call)
     tools: list[dict[str, Any]] | None = None  # those tools as function definitions (chat templates)
+    # tool_choice auto: an answer that validates against this is a call, voted on as its canonical
+    # JSON beside the text answers (which the equivalence groups as usual).
+    calls: OutputSpec | None = None
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

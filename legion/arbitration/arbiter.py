@@ -10,6 +10,7 @@ Arbiter reaches the agents through ``Agents`` (``actors.remote.RayAgents`` in a 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equi
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
 from legion.arbitration.trust import TrustStore, agreement_losses
 from legion.config import LegionConfig
-from legion.engine.constrained import AnswerMismatch, parse_answer, vote_key
+from legion.engine.constrained import AnswerMismatch, parse_answer, unwrap_json, vote_key
 from legion.engine.llama import ScoredContinuation
 from legion.errors import AgentGone, ErrorCode, LegionError, Overloaded, TaskTimeout
 from legion.messages import (
@@ -124,6 +125,7 @@ class _Session:
         self.latest: list[Candidate] = []
         self.missing: set[str] = set()
         self.rounds = 0  # rounds of agent calls, for the metrics
+        self.call_keys: set[str] = set()  # tool_choice auto: the vote keys that are calls
 
     def now_ms(self) -> float:
         return round((time.perf_counter() - self.t0) * 1000, 2)
@@ -198,7 +200,27 @@ class _Session:
             latency_ms=self.now_ms(),
             finish_reason=out.finish_reason,
         )
-        return c if gen.output is None else _check_constrained(c, gen)
+        if gen.output is not None:
+            return _check_constrained(c, gen)
+        return self._as_call(c) if self.req.calls is not None and gen.task == self.task else c
+
+    def _as_call(self, c: Candidate) -> Candidate:
+        # tool_choice auto: a valid call votes as its canonical JSON, a call that does not
+        # validate is left out with the reason, and any other answer is text.
+        text = unwrap_json(c.text)
+        try:
+            value = parse_answer(text, self.req.calls)
+        except AnswerMismatch as exc:
+            try:
+                attempt = json.loads(text)
+            except ValueError:
+                return c
+            if isinstance(attempt, dict) and "name" in attempt:
+                return c.model_copy(update={"error": f"the call is not valid: {exc}", "normalized": ""})
+            return c
+        key = vote_key(value, self.req.calls)
+        self.call_keys.add(key)
+        return c.model_copy(update={"normalized": key})
 
     async def _gather(
         self, requests: Mapping[str, GenerateRequest], step: str, trace_each: bool
@@ -240,7 +262,11 @@ class _Session:
         answers = [out[n] for n in requests]
         # Constrained (JSON) answers already carry their canonical JSON as the key.
         constrained = any(r.output is not None for r in requests.values())
-        ordered = answers if constrained else await self._group(answers, requests, step)
+        if constrained:
+            ordered = answers
+        else:  # calls (tool_choice auto) already carry their key; the equivalence groups the text
+            texts = iter(await self._group([c for c in answers if not self._is_call(c)], requests, step))
+            ordered = [c if self._is_call(c) else next(texts) for c in answers]
         for c in ordered:
             if trace_each and c.agent not in streamed:  # timed out
                 self._stream(c)
@@ -280,13 +306,17 @@ class _Session:
             self.trace("equivalent_answers", during=step, mode=equivalence.mode, **grouping.trace())
         return grouping.candidates
 
+    def _is_call(self, c: Candidate) -> bool:
+        return c.ok and c.normalized in self.call_keys
+
     async def option_scores(self, candidates: Sequence[Candidate]) -> OptionScores | None:
         """Every answering agent's log-likelihood of every distinct answer, given its own prompt
         for the task, and given the same prompt without the question (for calibration)."""
         options: dict[str, str] = {}
         for c in candidates:
             if c.ok and c.normalized:
-                whole = self.req.output is not None or not c.text.strip()  # JSON: the whole answer
+                # JSON (a schema's answer, a call): the whole answer; text: its first line.
+                whole = self.req.output is not None or self._is_call(c) or not c.text.strip()
                 options.setdefault(c.normalized, c.text if whole else c.text.splitlines()[0].strip())
         if not options:
             return None
@@ -431,7 +461,7 @@ class Arbiter:
             s.weights = await asyncio.to_thread(self.trust.weights, names)
             s.trace("trust", weights={a: round(w, 4) for a, w in s.weights.items()})
         decision = await strategy.deliberate(s)
-        if s.req.output is not None:
+        if s.req.output is not None or decision.answer_key in s.call_keys:
             decision.answer = _constrained_answer(s, decision.answer_key, decision.answer)
         first = s.first or s.latest
         first_ok = [c for c in first if c.ok]

@@ -167,6 +167,16 @@ def _validator(schema_json: str) -> _Validator:
     return _Validator(json.loads(schema_json))
 
 
+def unwrap_json(text: str) -> str:
+    """``text`` without the wrapping a chat template's call format or a code fence puts around
+    JSON (``<tool_call>{...}</tool_call>``, as Qwen's and Hermes' templates ask for)."""
+    text = text.strip()
+    for opening, closing in (("<tool_call>", "</tool_call>"), ("```json", "```"), ("```", "```")):
+        if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
+            return text[len(opening) : -len(closing)].strip()
+    return text
+
+
 def canonical_json(value: Any) -> str:
     """``value`` as compact JSON with sorted keys: equal values, equal strings."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -356,6 +356,7 @@ def chat_request(
         sampling=sampling,
         instruction=None if plan is None else plan.instruction,
         tools=None if plan is None else [t.model_dump(exclude_none=True) for t in body.tools or []],
+        calls=None if plan is None else plan.calls,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from legion.engine.constrained import AnswerMismatch, canonical_json, parse_answer, schema_spec
+from legion.engine.constrained import AnswerMismatch, canonical_json, parse_answer, schema_spec, unwrap_json
 from legion.errors import InvalidSchema, InvalidTools
 from legion.messages import OutputSpec
 
@@ -76,6 +76,7 @@ class ToolPlan(BaseModel):
     names: list[str]
     instruction: str
     output: OutputSpec | None = None
+    calls: OutputSpec | None = None  # auto: the answers that are calls, voted on as calls
 
 
 def _parameters(f: FunctionDef) -> dict[str, Any]:
@@ -149,29 +150,20 @@ def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPla
         return ToolPlan(
             mode="named", names=names, instruction=_render(tools, "named", name), output=specs[name]
         )
+    schema = {"anyOf": [_call_schema(t.function) for t in tools]} if len(tools) > 1 else None
+    any_call = specs[names[0]] if schema is None else schema_spec(schema)
     if choice == "required":
-        schema = {"anyOf": [_call_schema(t.function) for t in tools]} if len(tools) > 1 else None
-        output = specs[names[0]] if schema is None else schema_spec(schema)
+        output = any_call
         return ToolPlan(
             mode="required", names=names, instruction=_render(tools, "required", None), output=output
         )
-    return ToolPlan(mode="auto", names=names, instruction=_render(tools, "auto", None))
-
-
-def _unwrapped(answer: str) -> str:
-    """The answer without the wrapping a chat template's own call format or a code fence adds
-    (``<tool_call>{...}</tool_call>``, as Qwen's and Hermes' templates ask for)."""
-    text = answer.strip()
-    for opening, closing in (("<tool_call>", "</tool_call>"), ("```json", "```"), ("```", "```")):
-        if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
-            return text[len(opening) : -len(closing)].strip()
-    return text
+    return ToolPlan(mode="auto", names=names, instruction=_render(tools, "auto", None), calls=any_call)
 
 
 def tool_call_of(answer: str, tools: list[ToolDef] | None) -> ToolCall | None:
     """The call an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
     arguments validate against its schema; ``None`` for a text answer."""
-    text = _unwrapped(answer)
+    text = unwrap_json(answer)
     if not tools or not text.startswith("{"):
         return None
     by_name = {t.function.name: t.function for t in tools}

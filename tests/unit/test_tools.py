@@ -231,3 +231,25 @@ def test_a_tool_result_carrying_an_injection_is_flagged_in_the_trace(tmp_path):
     blocked = client(tmp_path / "b", CallingArbiter("x"), security={"guard_user_input": "block"})
     r = blocked.post("/v1/chat/completions", json={"messages": turn, "tools": [WEATHER], "cache": False})
     assert r.status_code == 422 and "prompt-injection" in r.json()["error"]["message"]
+
+
+def test_under_auto_the_arbiter_votes_between_text_and_each_distinct_call(tmp_path):
+    plan = tool_plan(_tools(WEATHER, TIME), "auto")
+    answers = {
+        "solver": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "reasoner": '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>',
+        "critic": "It is sunny in Paris.",
+    }
+    agents = ScriptedAgents(lambda agent, req: answers[agent])
+    req = TaskRequest(id="t", task="Weather in Paris?", strategy="plurality", calls=plan.calls)
+    req.instruction = plan.instruction
+    result = asyncio.run(make(tmp_path, agents).run(req))
+    # The two spellings of one call vote together, against the text answer.
+    assert tool_call_of(result.answer, _tools(WEATHER, TIME)).function.name == "get_weather"
+    assert sorted(result.votes.values()) == [1.0, 2.0]
+    # A text majority wins as text; a call that names a tool but does not validate is left out.
+    answers |= {"solver": "Sunny in Paris.", "reasoner": '{"name": "get_weather", "arguments": {"city": 3}}'}
+    result = asyncio.run(make(tmp_path, agents).run(req.model_copy(update={"id": "t2"})))
+    assert tool_call_of(result.answer, _tools(WEATHER, TIME)) is None and "unny" in result.answer
+    bad = next(c for c in result.candidates if c.agent == "reasoner")
+    assert not bad.ok and bad.error.startswith("the call is not valid")
