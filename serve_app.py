@@ -151,10 +151,7 @@ class LegionIngress:
         responses={200: {"content": {"text/event-stream": {}}, **_SSE}},
     )
     async def chat(self, body: ChatBody, request: Request) -> Response:
-        raw = request.headers.get("x-session-id") or body.user
-        session = None if raw is None else check_session_id(raw)
-        prep = await self.pipeline.prepare_chat(body, session)
-        headers = {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
+        prep, headers = await self._prepare_chat(body, request)
         if body.stream:
             return self._stream(prep, ChatEvents(prep.req.id, body.model, body.tools), headers)
         return _json(chat_response(await self.pipeline.complete(prep), body.model, body.tools), headers)
@@ -167,10 +164,7 @@ class LegionIngress:
     )
     async def responses(self, body: ResponsesBody, request: Request) -> Response:
         chat = chat_body(body)
-        raw = request.headers.get("x-session-id") or chat.user
-        session = None if raw is None else check_session_id(raw)
-        prep = await self.pipeline.prepare_chat(chat, session)
-        headers = {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
+        prep, headers = await self._prepare_chat(chat, request)
         if body.stream:
             return self._stream(prep, ResponsesEvents(body, chat), headers)
         done = completed(body, chat, await self.pipeline.complete(prep))
@@ -190,6 +184,14 @@ class LegionIngress:
     @_route("POST", "/v1/embeddings", response_model=EmbeddingList)
     async def embeddings(self, body: EmbeddingBody) -> Response:
         return _json(await self.openai.embed(body))
+
+    async def _prepare_chat(self, body: ChatBody, request: Request) -> tuple[Prepared, dict]:
+        """A chat (or Responses) request prepared, with its session (``X-Session-Id`` or
+        ``user``) and the headers its answer carries."""
+        raw = request.headers.get("x-session-id") or body.user
+        session = None if raw is None else check_session_id(raw)
+        prep = await self.pipeline.prepare_chat(body, session)
+        return prep, {"X-Legion-Cache": prep.cache, **({"X-Session-Id": session} if session else {})}
 
     def _stream(self, prep: Prepared, events: TaskEvents | ChatEvents, headers: dict) -> StreamingResponse:
         run = partial(self.pipeline.complete, prep)

@@ -265,17 +265,21 @@ def strategy_for_model(model: str, cfg: LegionConfig) -> str:
     )
 
 
-def _text(content: str | list[dict[str, Any]] | None) -> str:
+TEXT_PARTS = ("text", "input_text", "output_text")  # chat's, and the Responses API's
+
+
+def content_text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's text: the string, or its text parts joined; ``InvalidRequest`` for any
+    other part (an image, audio)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     parts = []
     for part in content:
-        if part.get("type") != "text":
-            raise InvalidRequest(
-                f"message content part of type {part.get('type')!r} is not supported; send text"
-            )
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            raise InvalidRequest(f"message content part of type {kind!r} is not supported; send text")
         parts.append(str(part.get("text", "")))
     return "".join(parts)
 
@@ -291,7 +295,7 @@ def client_keeps_history(body: ChatBody) -> bool:
 
 def _turn(m: ChatMessage) -> str | None:
     """One message as a line of the quoted conversation (``None``: nothing to say)."""
-    text = _text(m.content).strip()
+    text = content_text(m.content).strip()
     if m.role == "tool":
         who = m.name or m.tool_call_id or "a tool"
         return f"Tool result ({who}): {text}"
@@ -331,7 +335,7 @@ def chat_request(
     if not users:
         raise InvalidRequest("messages holds no user message: the last user message is the task")
     last = users[-1]
-    task = check_task_text(_text(body.messages[last].content), cfg)
+    task = check_task_text(content_text(body.messages[last].content), cfg)
     lines = [line for m in body.messages[:last] if (line := _turn(m)) is not None]
     if history:
         # After the instructions, as if the client had sent the stored turns itself.

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from legion.errors import LegionError, UnsupportedField
 from legion.messages import Candidate, TaskResult
-from legion.service.api import MODEL_PREFIX, ChatBody, task_response, usage_of
+from legion.service.api import MODEL_PREFIX, ChatBody, content_text, task_response, usage_of
 from legion.service.tools import ToolCall, tool_call_of
 
 # Fields accepted and ignored: they change nothing in the answer.
@@ -85,20 +85,6 @@ def _refuse(field: str, why: str) -> UnsupportedField:
     return UnsupportedField(f"{field} is not supported: {why}", details={"field": field})
 
 
-def _text_of(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text"):
-            raise _refuse(f"input content of type {kind!r}", "send text (input_text)")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
-
-
 def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if body.instructions:
@@ -111,7 +97,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise _refuse(f"input message role {role!r}", "use user, system, developer or assistant")
-            out.append({"role": role, "content": _text_of(item.get("content"))})
+            out.append({"role": role, "content": content_text(item.get("content"))})
         elif kind == "function_call":
             call = {
                 "id": item.get("call_id") or item.get("id") or "call",
