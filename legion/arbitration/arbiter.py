@@ -215,7 +215,8 @@ class _Session:
                 attempt = json.loads(text)
             except ValueError:
                 return c
-            if isinstance(attempt, dict) and "name" in attempt:
+            items = attempt if isinstance(attempt, list) else [attempt]
+            if items and all(isinstance(i, dict) and "name" in i for i in items):
                 return c.model_copy(update={"error": f"the call is not valid: {exc}", "normalized": ""})
             return c
         key = vote_key(value, self.req.calls)

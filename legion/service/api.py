@@ -34,7 +34,7 @@ from legion.messages import (
     TaskResult,
     TraceEvent,
 )
-from legion.service.tools import ToolCall, ToolChoice, ToolDef, tool_call_of, tool_plan
+from legion.service.tools import ToolCall, ToolChoice, ToolDef, tool_calls_of, tool_plan
 from legion.state.history import Turn
 
 MODEL_PREFIX = "legion"
@@ -167,7 +167,9 @@ class ChatBody(BaseModel):
     tool_choice: ToolChoice | None = Field(
         None, description='"auto" (the default with tools), "required", "none", or a named function.'
     )
-    parallel_tool_calls: bool | None = Field(None, description="Accepted; Legion makes one call per turn.")
+    parallel_tool_calls: bool | None = Field(
+        None, description="true: an answer may be several calls (a list); otherwise one call per turn."
+    )
 
 
 def _refuse(field: str, why: str) -> UnsupportedField:
@@ -319,7 +321,7 @@ def chat_request(
     if body.n != 1:
         raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
     sampling = chat_sampling(body)
-    plan = tool_plan(body.tools, body.tool_choice)
+    plan = tool_plan(body.tools, body.tool_choice, parallel=body.parallel_tool_calls is True)
     output = response_format_spec(body.response_format)
     if plan is not None and plan.output is not None:
         if output is not None:
@@ -531,18 +533,16 @@ def usage_of(result: TaskResult) -> Usage:
 
 
 def chat_response(result: TaskResult, model: str, tools: list[ToolDef] | None = None) -> ChatCompletion:
-    """The chat answer; an answer that calls one of ``tools`` comes back as ``tool_calls``."""
-    call = tool_call_of(result.answer, tools)
+    """The chat answer; an answer that calls ``tools`` comes back as ``tool_calls``."""
+    calls = tool_calls_of(result.answer, tools)
     message = (
-        AssistantMessage(content=result.answer)
-        if call is None
-        else AssistantMessage(content=None, tool_calls=[call])
+        AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=result.answer)
     )
     return ChatCompletion(
         id=result.id,
         created=int(time.time()),
         model=model,
-        choices=[ChatChoice(message=message, finish_reason="stop" if call is None else "tool_calls")],
+        choices=[ChatChoice(message=message, finish_reason="tool_calls" if calls else "stop")],
         usage=usage_of(result),
         legion=task_response(result),
     )
@@ -574,16 +574,18 @@ class ChatChunks:
     def answer(self, result: TaskResult) -> list[ChatCompletionChunk]:
         """The answer in word-sized chunks (a call: its name, then its arguments in pieces),
         then the final chunk with the whole response."""
-        call = tool_call_of(result.answer, self.tools)
-        if call is not None:
-            args = call.function.arguments
-            first = ToolCallDelta(
-                id=call.id, type="function", function={"name": call.function.name, "arguments": ""}
-            )
-            out = [self.chunk(ChatDelta(tool_calls=[first]))]
-            for i in range(0, len(args), 16):
-                piece = ToolCallDelta(function={"arguments": args[i : i + 16]})
-                out.append(self.chunk(ChatDelta(tool_calls=[piece])))
+        calls = tool_calls_of(result.answer, self.tools)
+        if calls:
+            out = []
+            for n, call in enumerate(calls):  # each call: its id and name, then its arguments
+                args, name = call.function.arguments, call.function.name
+                first = ToolCallDelta(
+                    index=n, id=call.id, type="function", function={"name": name, "arguments": ""}
+                )
+                out.append(self.chunk(ChatDelta(tool_calls=[first])))
+                for i in range(0, len(args), 16):
+                    piece = ToolCallDelta(index=n, function={"arguments": args[i : i + 16]})
+                    out.append(self.chunk(ChatDelta(tool_calls=[piece])))
             out.append(self.chunk(ChatDelta(), "tool_calls", legion=task_response(result)))
             return out
         words = result.answer.split(" ")

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from legion.errors import LegionError, UnsupportedField
 from legion.messages import Candidate, TaskResult
 from legion.service.api import MODEL_PREFIX, ChatBody, content_text, task_response, usage_of
-from legion.service.tools import ToolCall, tool_call_of
+from legion.service.tools import tool_calls_of
 
 # Fields accepted and ignored: they change nothing in the answer.
 RESPONSES_IGNORED_FIELDS = frozenset(
-    {"metadata", "parallel_tool_calls", "service_tier", "truncation", "include", "user", "prompt_cache_key"}
+    {"metadata", "service_tier", "truncation", "include", "user", "prompt_cache_key"}
 )
 
 
@@ -71,6 +71,7 @@ class ResponsesBody(BaseModel):
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -160,6 +161,7 @@ def chat_body(body: ResponsesBody) -> ChatBody:
         top_p=body.top_p,
         tools=tools,
         tool_choice=_tool_choice(body.tool_choice),
+        parallel_tool_calls=body.parallel_tool_calls,
         response_format=_response_format(body.text),
         stream=body.stream,
         cache=body.cache,
@@ -171,18 +173,21 @@ def _new(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _output(result: TaskResult, chat: ChatBody) -> tuple[list[dict[str, Any]], ToolCall | None]:
-    call = tool_call_of(result.answer, chat.tools)
-    if call is not None:
-        item = {
-            "type": "function_call",
-            "id": _new("fc"),
-            "call_id": call.id,
-            "name": call.function.name,
-            "arguments": call.function.arguments,
-            "status": "completed",
-        }
-        return [item], call
+def _output(result: TaskResult, chat: ChatBody) -> list[dict[str, Any]]:
+    """The answer's output items: a ``function_call`` per call, or one ``message``."""
+    calls = tool_calls_of(result.answer, chat.tools)
+    if calls:
+        return [
+            {
+                "type": "function_call",
+                "id": _new("fc"),
+                "call_id": call.id,
+                "name": call.function.name,
+                "arguments": call.function.arguments,
+                "status": "completed",
+            }
+            for call in calls
+        ]
     message = {
         "type": "message",
         "id": _new("msg"),
@@ -190,7 +195,7 @@ def _output(result: TaskResult, chat: ChatBody) -> tuple[list[dict[str, Any]], T
         "role": "assistant",
         "content": [{"type": "output_text", "text": result.answer, "annotations": []}],
     }
-    return [message], None
+    return [message]
 
 
 def response_object(
@@ -224,7 +229,7 @@ def response_object(
         "instructions": body.instructions,
         "tools": tools,
         "tool_choice": body.tool_choice or ("auto" if tools else "none"),
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": bool(body.parallel_tool_calls),
         "temperature": body.temperature,
         "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens,
@@ -243,7 +248,7 @@ def response_object(
 
 def completed(body: ResponsesBody, chat: ChatBody, result: TaskResult) -> dict[str, Any]:
     """The whole response to a request that does not stream."""
-    output, _ = _output(result, chat)
+    output = _output(result, chat)
     return response_object(body, chat, _new("resp"), int(time.time()), result=result, output=output)
 
 
@@ -274,34 +279,37 @@ class ResponsesEvents:
         return None
 
     def result(self, result: TaskResult) -> list[str]:
-        output, call = _output(result, self.chat)
-        item = output[0]
+        output = _output(result, self.chat)
         out = []
-        if call is None:
-            text = result.answer
-            pending = {**item, "status": "in_progress", "content": []}
-            part = {"type": "output_text", "text": "", "annotations": []}
-            where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
-            out.append(self._event("response.output_item.added", output_index=0, item=pending))
-            out.append(self._event("response.content_part.added", part=part, **where))
-            words = text.split(" ")
-            for i, w in enumerate(words):
-                out.append(self._event("response.output_text.delta", delta=w if i == 0 else " " + w, **where))
-            out.append(self._event("response.output_text.done", text=text, **where))
-            out.append(self._event("response.content_part.done", part={**part, "text": text}, **where))
-        else:
-            args = call.function.arguments
-            pending = {**item, "status": "in_progress", "arguments": ""}
-            where = {"item_id": item["id"], "output_index": 0}
-            out.append(self._event("response.output_item.added", output_index=0, item=pending))
-            for i in range(0, len(args), 16):
-                out.append(
-                    self._event("response.function_call_arguments.delta", delta=args[i : i + 16], **where)
-                )
-            out.append(self._event("response.function_call_arguments.done", arguments=args, **where))
-        out.append(self._event("response.output_item.done", output_index=0, item=item))
+        for n, item in enumerate(output):
+            if item["type"] == "message":
+                out += self._message_events(n, item, result.answer)
+            else:
+                args = item["arguments"]
+                where = {"item_id": item["id"], "output_index": n}
+                pending = {**item, "status": "in_progress", "arguments": ""}
+                out.append(self._event("response.output_item.added", output_index=n, item=pending))
+                for i in range(0, len(args), 16):
+                    delta = args[i : i + 16]
+                    out.append(self._event("response.function_call_arguments.delta", delta=delta, **where))
+                out.append(self._event("response.function_call_arguments.done", arguments=args, **where))
+            out.append(self._event("response.output_item.done", output_index=n, item=item))
         done = response_object(self.body, self.chat, self.id, self.created, result=result, output=output)
         out.append(self._event("response.completed", response=done))
+        return out
+
+    def _message_events(self, n: int, item: dict[str, Any], text: str) -> list[str]:
+        pending = {**item, "status": "in_progress", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        where = {"item_id": item["id"], "output_index": n, "content_index": 0}
+        out = [
+            self._event("response.output_item.added", output_index=n, item=pending),
+            self._event("response.content_part.added", part=part, **where),
+        ]
+        for i, w in enumerate(text.split(" ")):
+            out.append(self._event("response.output_text.delta", delta=w if i == 0 else " " + w, **where))
+        out.append(self._event("response.output_text.done", text=text, **where))
+        out.append(self._event("response.content_part.done", part={**part, "text": text}, **where))
         return out
 
     def error(self, exc: LegionError) -> str:

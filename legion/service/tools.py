@@ -8,7 +8,8 @@ parameter schemas, each answer is validated with ``jsonschema``, and the Arbiter
 canonical JSON of the call, so the (name, arguments) pair is what wins: the same path as
 JSON-schema answers (``legion.engine.constrained``). With ``auto`` the agents see the tools and
 answer freely; an arbitrated answer that is a valid call of one of them comes back as the call,
-any other as text. ``none`` sends no tools to the agents. One call per turn.
+any other as text. ``none`` sends no tools to the agents. With ``parallel_tool_calls: true`` an
+answer may be a list of calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from legion.errors import InvalidSchema, InvalidTools
 from legion.messages import OutputSpec
 
 MAX_TOOLS = 32
+MAX_CALLS = 8  # calls in one answer with parallel_tool_calls
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
@@ -92,7 +94,7 @@ def _call_schema(f: FunctionDef) -> dict[str, Any]:
     }
 
 
-def _render(tools: list[ToolDef], mode: str, named: str | None) -> str:
+def _render(tools: list[ToolDef], mode: str, named: str | None, parallel: bool) -> str:
     lines = ["You can call these functions:"]
     for t in tools:
         f = t.function
@@ -100,21 +102,37 @@ def _render(tools: list[ToolDef], mode: str, named: str | None) -> str:
         lines.append(f"- {f.name}:{about} Arguments (JSON schema): {canonical_json(_parameters(f))}")
     shape = '{"name": "<function name>", "arguments": {<its arguments>}}'
     if mode == "named":
-        lines.append(
-            f'Call {named} now: answer with only a JSON object {{"name": "{named}", "arguments": {{...}}}}.'
-        )
+        shape = f'{{"name": "{named}", "arguments": {{...}}}}'
+        lines.append(f"Call {named} now: answer with only a JSON object {shape}.")
     elif mode == "required":
         lines.append(f"Call one of them now: answer with only a JSON object {shape}.")
     else:
         lines.append(f"To call one, answer with only a JSON object {shape}; otherwise answer in plain text.")
+    if parallel:
+        lines.append(
+            f"To make several calls at once, answer with a JSON array of such objects (at most {MAX_CALLS})."
+        )
     return "\n".join(lines)
 
 
-def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPlan | None:
+def _calls_spec(functions: list[FunctionDef], parallel: bool) -> OutputSpec:
+    """Answers that are one call of ``functions`` (or, ``parallel``, a list of such calls)."""
+    one = [_call_schema(f) for f in functions]
+    single = one[0] if len(one) == 1 else {"anyOf": one}
+    if not parallel:
+        return schema_spec(single)
+    several = {"type": "array", "items": single, "minItems": 1, "maxItems": MAX_CALLS}
+    return schema_spec({"anyOf": [single, several]})
+
+
+def tool_plan(
+    tools: list[ToolDef] | None, choice: ToolChoice | None, parallel: bool = False
+) -> ToolPlan | None:
     """The plan for a request's ``tools`` and ``tool_choice``, or ``None`` when the agents get no
-    tools (none given, or ``tool_choice: "none"``). Raises ``InvalidTools`` (a 400) naming the
-    tool and the fault: a bad parameters schema, a duplicate name, a named choice that is not
-    among the tools, a choice without tools."""
+    tools (none given, or ``tool_choice: "none"``); ``parallel`` (``parallel_tool_calls: true``)
+    lets an answer be a list of calls. Raises ``InvalidTools`` (a 400) naming the tool and the
+    fault: a bad parameters schema, a duplicate name, a named choice that is not among the
+    tools, a choice without tools."""
     tools = tools or []
     if not tools:
         if choice not in (None, "none"):
@@ -128,10 +146,9 @@ def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPla
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InvalidTools(f"tool {dup[0]!r} is listed twice: give every function its own name")
-    specs: dict[str, OutputSpec] = {}
     for t in tools:
         try:
-            specs[t.function.name] = schema_spec(_call_schema(t.function))
+            schema_spec(_call_schema(t.function))
         except InvalidSchema as exc:
             raise InvalidTools(
                 f"tool {t.function.name!r}: its parameters are not a schema Legion can hold calls to: "
@@ -140,45 +157,53 @@ def tool_plan(tools: list[ToolDef] | None, choice: ToolChoice | None) -> ToolPla
             ) from None
     if choice == "none":
         return None
+    functions = [t.function for t in tools]
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
-        if name not in specs:
+        if name not in names:
             raise InvalidTools(
                 f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
                 details={"allowed": names},
             )
+        output = _calls_spec([f for f in functions if f.name == name], parallel)
         return ToolPlan(
-            mode="named", names=names, instruction=_render(tools, "named", name), output=specs[name]
+            mode="named", names=names, instruction=_render(tools, "named", name, parallel), output=output
         )
-    schema = {"anyOf": [_call_schema(t.function) for t in tools]} if len(tools) > 1 else None
-    any_call = specs[names[0]] if schema is None else schema_spec(schema)
+    any_call = _calls_spec(functions, parallel)
     if choice == "required":
-        output = any_call
-        return ToolPlan(
-            mode="required", names=names, instruction=_render(tools, "required", None), output=output
-        )
-    return ToolPlan(mode="auto", names=names, instruction=_render(tools, "auto", None), calls=any_call)
+        instruction = _render(tools, "required", None, parallel)
+        return ToolPlan(mode="required", names=names, instruction=instruction, output=any_call)
+    instruction = _render(tools, "auto", None, parallel)
+    return ToolPlan(mode="auto", names=names, instruction=instruction, calls=any_call)
 
 
-def tool_call_of(answer: str, tools: list[ToolDef] | None) -> ToolCall | None:
-    """The call an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
-    arguments validate against its schema; ``None`` for a text answer."""
+def tool_calls_of(answer: str, tools: list[ToolDef] | None) -> list[ToolCall]:
+    """The calls an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
+    arguments validate against its schema, or a list of such objects; ``[]`` for a text answer
+    (or a list with any call that does not validate)."""
     text = unwrap_json(answer)
-    if not tools or not text.startswith("{"):
-        return None
-    by_name = {t.function.name: t.function for t in tools}
+    if not tools or not text.startswith(("{", "[")):
+        return []
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        return None
-    f = by_name.get(value.get("name")) if isinstance(value, dict) else None
-    if f is None:
-        return None
-    try:
-        parse_answer(text, schema_spec(_call_schema(f)))
-    except (AnswerMismatch, InvalidSchema):
-        return None
-    arguments = json.dumps(value["arguments"], ensure_ascii=False)
-    return ToolCall(
-        id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=f.name, arguments=arguments)
-    )
+        return []
+    items = value if isinstance(value, list) else [value]
+    by_name = {t.function.name: t.function for t in tools}
+    calls = []
+    for item in items:
+        f = by_name.get(item.get("name")) if isinstance(item, dict) else None
+        if f is None:
+            return []
+        try:
+            parse_answer(json.dumps(item), schema_spec(_call_schema(f)))
+        except (AnswerMismatch, InvalidSchema):
+            return []
+        arguments = json.dumps(item["arguments"], ensure_ascii=False)
+        calls.append(
+            ToolCall(
+                id=f"call_{uuid.uuid4().hex[:24]}",
+                function=ToolCallFunction(name=f.name, arguments=arguments),
+            )
+        )
+    return calls

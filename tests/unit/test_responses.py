@@ -119,3 +119,24 @@ def test_ignored_fields_pass_and_store_false_is_fine(tmp_path):
         "cache": False,
     }
     assert client(tmp_path).post("/v1/responses", json=body).status_code == 200
+
+
+def test_parallel_calls_are_one_function_call_item_each(tmp_path):
+    from tests.unit.test_tools import TIME, TWO_CALLS
+
+    c = client(tmp_path, CallingArbiter(TWO_CALLS))
+    tools = [FLAT_WEATHER, {"type": "function", **TIME["function"]}]
+    body = {
+        "input": "Weather and time?",
+        "tools": tools,
+        "tool_choice": "required",
+        "parallel_tool_calls": True,
+    }
+    out = c.post("/v1/responses", json=body).json()["output"]
+    assert [(i["type"], i["name"]) for i in out] == [
+        ("function_call", "get_weather"),
+        ("function_call", "get_time"),
+    ]
+    got = events(c.post("/v1/responses", json=body | {"stream": True}).text)
+    done = [e["item"]["name"] for e in got if e["type"] == "response.output_item.done"]
+    assert done == ["get_weather", "get_time"] and got[-1]["response"]["parallel_tool_calls"] is True

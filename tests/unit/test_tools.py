@@ -13,7 +13,7 @@ from legion.config import config_from_dict
 from legion.errors import InvalidTools
 from legion.messages import Candidate, TaskRequest, TaskResult, TraceEvent
 from legion.service.api import ChatBody, chat_request
-from legion.service.tools import NamedToolChoice, ToolDef, tool_call_of, tool_plan
+from legion.service.tools import NamedToolChoice, ToolDef, tool_calls_of, tool_plan
 from tests.unit.test_arbiter import ScriptedAgents, make
 from tests.unit.test_routes import AgentsArbiter, chat_chunks, client
 
@@ -91,22 +91,23 @@ def test_a_required_call_and_a_response_format_cannot_both_shape_the_answer(tmp_
 
 def test_an_answer_is_a_call_only_when_it_calls_a_tool_with_valid_arguments():
     tools = _tools(WEATHER, TIME)
-    call = tool_call_of(' {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}', tools)
+    (call,) = tool_calls_of(' {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}', tools)
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
         "city": "Paris",
         "days": 2,
     }
     assert call.id.startswith("call_") and call.type == "function"
-    assert tool_call_of('{"name": "get_weather", "arguments": {"days": 2}}', tools) is None  # city missing
-    assert tool_call_of('{"name": "get_news", "arguments": {}}', tools) is None
-    assert tool_call_of("It is sunny in Paris.", tools) is None
+    assert tool_calls_of('{"name": "get_weather", "arguments": {"days": 2}}', tools) == []  # city missing
+    assert tool_calls_of('{"name": "get_news", "arguments": {}}', tools) == []
+    assert tool_calls_of("It is sunny in Paris.", tools) == []
     # A template's own call format (Qwen's, Hermes') or a code fence around the call.
     wrapped = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
-    assert tool_call_of(wrapped, tools).function.name == "get_time"
+    assert tool_calls_of(wrapped, tools)[0].function.name == "get_time"
     assert (
-        tool_call_of('```json\n{"name": "get_time", "arguments": {}}\n```', tools).function.name == "get_time"
+        tool_calls_of('```json\n{"name": "get_time", "arguments": {}}\n```', tools)[0].function.name
+        == "get_time"
     )
-    assert tool_call_of('{"name": "get_time", "arguments": {}}', None) is None
+    assert tool_calls_of('{"name": "get_time", "arguments": {}}', None) == []
 
 
 class CallingArbiter(AgentsArbiter):
@@ -245,11 +246,35 @@ def test_under_auto_the_arbiter_votes_between_text_and_each_distinct_call(tmp_pa
     req.instruction = plan.instruction
     result = asyncio.run(make(tmp_path, agents).run(req))
     # The two spellings of one call vote together, against the text answer.
-    assert tool_call_of(result.answer, _tools(WEATHER, TIME)).function.name == "get_weather"
+    assert [c.function.name for c in tool_calls_of(result.answer, _tools(WEATHER, TIME))] == ["get_weather"]
     assert sorted(result.votes.values()) == [1.0, 2.0]
     # A text majority wins as text; a call that names a tool but does not validate is left out.
     answers |= {"solver": "Sunny in Paris.", "reasoner": '{"name": "get_weather", "arguments": {"city": 3}}'}
     result = asyncio.run(make(tmp_path, agents).run(req.model_copy(update={"id": "t2"})))
-    assert tool_call_of(result.answer, _tools(WEATHER, TIME)) is None and "unny" in result.answer
+    assert tool_calls_of(result.answer, _tools(WEATHER, TIME)) == [] and "unny" in result.answer
     bad = next(c for c in result.candidates if c.agent == "reasoner")
     assert not bad.ok and bad.error.startswith("the call is not valid")
+
+
+TWO_CALLS = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+
+
+def test_parallel_tool_calls_let_an_answer_be_several_calls(tmp_path):
+    single = tool_plan(_tools(WEATHER, TIME), "required")
+    several = tool_plan(_tools(WEATHER, TIME), "required", parallel=True)
+    assert "array" not in json.dumps(single.output.json_schema) and "JSON array" not in single.instruction
+    assert {"type": "array"}.items() <= several.output.json_schema["anyOf"][1].items()
+    assert "JSON array" in several.instruction
+    c = client(tmp_path, CallingArbiter(TWO_CALLS))
+    body = {"messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": True}
+    calls = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["tool_calls"]
+    assert [x["function"]["name"] for x in calls] == ["get_weather", "get_time"]
+    assert len({x["id"] for x in calls}) == 2
+    chunks = chat_chunks(c.post("/v1/chat/completions", json=body | {"stream": True}).text)
+    deltas = [d for ch in chunks[:-1] for d in ch["choices"][0]["delta"].get("tool_calls") or []]
+    named = [(d["index"], d["function"]["name"]) for d in deltas if "name" in d["function"]]
+    assert named == [(0, "get_weather"), (1, "get_time")]
+    args = {i: "".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in (0, 1)}
+    assert json.loads(args[0]) == {"city": "Paris"} and json.loads(args[1]) == {}
+    # A list with one call that does not validate is no call at all.
+    assert tool_calls_of('[{"name": "get_weather", "arguments": {}}]', _tools(WEATHER)) == []
