@@ -286,6 +286,38 @@ def content_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
+def _stored_message(turn: tuple[str, str] | Turn) -> ChatMessage:
+    if isinstance(turn, tuple):
+        return ChatMessage(role="assistant" if turn[0] == "assistant" else "user", content=turn[1])
+    role = turn.role if turn.role in ("assistant", "tool") else "user"
+    calls = [ToolCall.model_validate(c) for c in turn.tool_calls] if turn.tool_calls else None
+    return ChatMessage(role=role, content=turn.content, tool_calls=calls, tool_call_id=turn.tool_call_id)
+
+
+def session_turns(body: ChatBody, answer_turn: Turn) -> list[Turn]:
+    """What a chat request adds to its session: the question and the answer, or, when it
+    carries a function's results after the question (the stored question and call came
+    before), those results and the answer."""
+    users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+    last = users[-1] if users else len(body.messages)
+    results = [
+        Turn(role="tool", content=content_text(m.content), tool_call_id=m.tool_call_id)
+        for m in body.messages[last + 1 :]
+        if m.role == "tool"
+    ]
+    if results:
+        return [*results, answer_turn]
+    return [Turn(role="user", content=content_text(body.messages[last].content)), answer_turn]
+
+
+def answer_turn(result: TaskResult, tools: list[ToolDef] | None) -> Turn:
+    """The answer as a stored assistant turn, with its calls when it made some (the ids the
+    client got)."""
+    calls = tool_calls_of(result.answer, tools, seed=result.id)
+    stored = [c.model_dump() for c in calls] or None
+    return Turn(role="assistant", content=result.answer, task_id=result.id, tool_calls=stored)
+
+
 def client_keeps_history(body: ChatBody) -> bool:
     """Whether the chat carries turns besides its last user message and the instructions:
     earlier user or assistant turns, or calls and tool results after it."""
@@ -311,12 +343,12 @@ def _turn(m: ChatMessage) -> str | None:
 
 
 def chat_request(
-    body: ChatBody, cfg: LegionConfig, history: list[tuple[str, str]] | None = None
+    body: ChatBody, cfg: LegionConfig, history: Sequence[tuple[str, str] | Turn] | None = None
 ) -> TaskRequest:
     """Turn a chat into a task: the last user message is the task; earlier turns are context.
 
-    ``history`` holds the session's stored ``(role, text)`` turns, placed after the request's
-    instructions; pass it only when ``client_keeps_history(body)`` is false.
+    ``history`` holds the session's stored turns (``Turn``s, or ``(role, text)`` pairs), placed
+    after the request's instructions; pass it only when ``client_keeps_history(body)`` is false.
     """
     if body.n != 1:
         raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
@@ -341,7 +373,8 @@ def chat_request(
     lines = [line for m in body.messages[:last] if (line := _turn(m)) is not None]
     if history:
         # After the instructions, as if the client had sent the stored turns itself.
-        lines += [f"{'Assistant' if role == 'assistant' else 'User'}: {text}" for role, text in history]
+        stored = [_stored_message(t) for t in history]
+        lines += [line for m in stored if (line := _turn(m)) is not None]
     # What came after the question: the calls made for it and the tools' results (quoted as data,
     # and screened by the injection guard like the rest of the context).
     after = [line for m in body.messages[last + 1 :] if (line := _turn(m)) is not None]
@@ -534,7 +567,7 @@ def usage_of(result: TaskResult) -> Usage:
 
 def chat_response(result: TaskResult, model: str, tools: list[ToolDef] | None = None) -> ChatCompletion:
     """The chat answer; an answer that calls ``tools`` comes back as ``tool_calls``."""
-    calls = tool_calls_of(result.answer, tools)
+    calls = tool_calls_of(result.answer, tools, seed=result.id)
     message = (
         AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=result.answer)
     )
@@ -574,7 +607,7 @@ class ChatChunks:
     def answer(self, result: TaskResult) -> list[ChatCompletionChunk]:
         """The answer in word-sized chunks (a call: its name, then its arguments in pieces),
         then the final chunk with the whole response."""
-        calls = tool_calls_of(result.answer, self.tools)
+        calls = tool_calls_of(result.answer, self.tools, seed=result.id)
         if calls:
             out = []
             for n, call in enumerate(calls):  # each call: its id and name, then its arguments

@@ -27,8 +27,10 @@ from legion.service.api import (
     ChatBody,
     SessionInfo,
     TaskBody,
+    answer_turn,
     chat_request,
     client_keeps_history,
+    session_turns,
     task_request,
 )
 from legion.service.guard import InjectionGuard
@@ -69,6 +71,7 @@ class Prepared:
     context: dict = field(default_factory=dict)  # what went into the agents' context, for the trace
     flags: list[dict] = field(default_factory=list)  # injection patterns found in the user's text
     session: str | None = None  # the conversation to remember the turns in
+    chat: ChatBody | None = None  # a chat request: its tool results are remembered as such
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -115,8 +118,8 @@ class TaskPipeline:
         req = chat_request(body, self.cfg)
         turns = [] if client_keeps_history(body) else await self._recall(session, req, body.use_rag)
         if turns:
-            req = chat_request(body, self.cfg, history=[(t.role, t.content) for t in turns])
-        return await self.prepare(
+            req = chat_request(body, self.cfg, history=turns)
+        prep = await self.prepare(
             req,
             use_cache=body.cache,
             use_rag=body.use_rag,
@@ -124,6 +127,8 @@ class TaskPipeline:
             session=session,
             turns=len(turns),
         )
+        prep.chat = body
+        return prep
 
     async def prepare(
         self,
@@ -183,7 +188,7 @@ class TaskPipeline:
                 await asyncio.to_thread(self.cache.put, prep.key, result)
             except sqlite3.Error as exc:
                 log.warning("could not store a result in the cache: %s", exc)
-        await self._remember(prep.session, prep.req, result)
+        await self._remember(prep, result)
         return result
 
     async def session(self, session_id: str) -> SessionInfo:
@@ -296,13 +301,17 @@ class TaskPipeline:
             log.warning("conversation history unavailable, answering without it: %s", exc)
             return []
 
-    async def _remember(self, session: str | None, req: TaskRequest, result: TaskResult) -> None:
+    async def _remember(self, prep: Prepared, result: TaskResult) -> None:
+        session = prep.session
         if session is None or self.history is None:
             return
-        turns = [
-            Turn(role="user", content=req.task),
-            Turn(role="assistant", content=result.answer, task_id=result.id),
-        ]
+        if prep.chat is not None:  # calls and tool results kept as what they are
+            turns = session_turns(prep.chat, answer_turn(result, prep.chat.tools))
+        else:
+            turns = [
+                Turn(role="user", content=prep.req.task),
+                Turn(role="assistant", content=result.answer, task_id=result.id),
+            ]
         try:
             await asyncio.to_thread(self.history.append, session, turns)
         except sqlite3.Error as exc:

@@ -175,7 +175,7 @@ def _new(prefix: str) -> str:
 
 def _output(result: TaskResult, chat: ChatBody) -> list[dict[str, Any]]:
     """The answer's output items: a ``function_call`` per call, or one ``message``."""
-    calls = tool_calls_of(result.answer, chat.tools)
+    calls = tool_calls_of(result.answer, chat.tools, seed=result.id)
     if calls:
         return [
             {

@@ -14,6 +14,7 @@ answer may be a list of calls.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import Any, Literal
@@ -177,10 +178,12 @@ def tool_plan(
     return ToolPlan(mode="auto", names=names, instruction=instruction, calls=any_call)
 
 
-def tool_calls_of(answer: str, tools: list[ToolDef] | None) -> list[ToolCall]:
+def tool_calls_of(answer: str, tools: list[ToolDef] | None, seed: str | None = None) -> list[ToolCall]:
     """The calls an arbitrated ``answer`` makes: a JSON object naming one of ``tools`` whose
     arguments validate against its schema, or a list of such objects; ``[]`` for a text answer
-    (or a list with any call that does not validate)."""
+    (or a list with any call that does not validate). ``seed`` (the task's id) makes the call ids
+    the same each time the answer is read: in the response, its stream and the stored session."""
+    base = hashlib.sha256(seed.encode()).hexdigest()[:20] if seed else uuid.uuid4().hex[:20]
     text = unwrap_json(answer)
     if not tools or not text.startswith(("{", "[")):
         return []
@@ -200,10 +203,6 @@ def tool_calls_of(answer: str, tools: list[ToolDef] | None) -> list[ToolCall]:
         except (AnswerMismatch, InvalidSchema):
             return []
         arguments = json.dumps(item["arguments"], ensure_ascii=False)
-        calls.append(
-            ToolCall(
-                id=f"call_{uuid.uuid4().hex[:24]}",
-                function=ToolCallFunction(name=f.name, arguments=arguments),
-            )
-        )
+        call_id = f"call_{base}{len(calls)}"
+        calls.append(ToolCall(id=call_id, function=ToolCallFunction(name=f.name, arguments=arguments)))
     return calls

@@ -1,15 +1,20 @@
 """``ConversationStore``: the turns of each chat session in SQLite, shared by every replica.
 
-A turn is one message (``user`` or ``assistant``) with its position in the session; the
-position is assigned inside the write transaction, so writers in several processes never
-collide or leave a gap. ``recent`` picks the latest turns that fit the agents' budget.
+A turn is one message (``user``, ``assistant``, or ``tool``: a function's result) with its
+position in the session; the position is assigned inside the write transaction, so writers in
+several processes never collide or leave a gap. An assistant turn that called functions keeps
+its calls (``tool_calls``), a tool turn the call it answers (``tool_call_id``). ``recent`` picks
+the latest turns that fit the agents' budget. A file written before tool turns existed is
+rebuilt in place, in one transaction, its turns kept.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -17,27 +22,63 @@ from legion.config import LegionConfig
 from legion.db import reading, transaction
 from legion.errors import InvalidRequest
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS turns (
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     session_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool')),
     content TEXT NOT NULL,
     task_id TEXT,
     created_at REAL NOT NULL,
+    tool_calls TEXT,
+    tool_call_id TEXT,
     PRIMARY KEY (session_id, seq)
 )
 """
+_OLD_COLUMNS = "session_id, seq, role, content, task_id, created_at"
+_COLUMNS = "role, content, seq, task_id, created_at, tool_calls, tool_call_id"
 
 MAX_SESSION_ID_CHARS = 128
 
 
 class Turn(BaseModel):
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant" or "tool"
     content: str
     seq: int = 0
     task_id: str | None = None
     created_at: float = 0.0
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+def _turn(row: tuple) -> Turn:
+    calls = json.loads(row[5]) if row[5] else None
+    return Turn(
+        role=row[0],
+        content=row[1],
+        seq=row[2],
+        task_id=row[3],
+        created_at=row[4],
+        tool_calls=calls,
+        tool_call_id=row[6],
+    )
+
+
+def _migrate(conn) -> None:
+    """Create the table, or rebuild one written before tool turns (its role CHECK allowed only
+    user and assistant): copy every turn into the new table, then swap, in the caller's
+    transaction, so a failure leaves the old table as it was."""
+    found = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'turns'").fetchone()
+    if found is None:
+        conn.execute(_TABLE.format(name="turns"))
+        return
+    if "tool_call_id" in found[0]:
+        return
+    conn.execute("DROP TABLE IF EXISTS turns_rebuilt")
+    conn.execute(_TABLE.format(name="turns_rebuilt"))
+    conn.execute(f"INSERT INTO turns_rebuilt ({_OLD_COLUMNS}) SELECT {_OLD_COLUMNS} FROM turns")
+    conn.execute("DROP TABLE turns")
+    conn.execute("ALTER TABLE turns_rebuilt RENAME TO turns")
 
 
 def check_session_id(value: str) -> str:
@@ -61,7 +102,7 @@ class ConversationStore:
         self.path = Path(path).expanduser()
         self.max_stored_turns = max_stored_turns
         with transaction(self.path) as conn:
-            conn.execute(_SCHEMA)
+            _migrate(conn)
 
     @classmethod
     def from_config(cls, cfg: LegionConfig) -> ConversationStore:
@@ -76,10 +117,19 @@ class ConversationStore:
             ).fetchone()
             seqs = list(range(last + 1, last + 1 + len(turns)))
             conn.executemany(
-                "INSERT INTO turns (session_id, seq, role, content, task_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns (session_id, seq, role, content, task_id, created_at, tool_calls, "
+                "tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (session_id, s, t.role, t.content, t.task_id, now)
+                    (
+                        session_id,
+                        s,
+                        t.role,
+                        t.content,
+                        t.task_id,
+                        now,
+                        json.dumps(t.tool_calls) if t.tool_calls else None,
+                        t.tool_call_id,
+                    )
                     for s, t in zip(seqs, turns, strict=True)
                 ],
             )
@@ -94,10 +144,9 @@ class ConversationStore:
         """Every stored turn of the session, oldest first (empty for an unknown session)."""
         with reading(self.path) as conn:
             rows = conn.execute(
-                "SELECT role, content, seq, task_id, created_at FROM turns WHERE session_id = ? ORDER BY seq",
-                (session_id,),
+                f"SELECT {_COLUMNS} FROM turns WHERE session_id = ? ORDER BY seq", (session_id,)
             ).fetchall()
-        return [Turn(role=r[0], content=r[1], seq=r[2], task_id=r[3], created_at=r[4]) for r in rows]
+        return [_turn(r) for r in rows]
 
     def recent(self, session_id: str, *, max_turns: int, max_chars: int) -> list[Turn]:
         """The latest turns, oldest first, at most ``max_turns`` and ``max_chars`` of content.
@@ -108,8 +157,7 @@ class ConversationStore:
             return []
         with reading(self.path) as conn:
             rows = conn.execute(
-                "SELECT role, content, seq, task_id, created_at FROM turns "
-                "WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+                f"SELECT {_COLUMNS} FROM turns WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
                 (session_id, max_turns),
             ).fetchall()
         picked: list[Turn] = []
@@ -118,7 +166,7 @@ class ConversationStore:
             used += len(r[1])
             if used > max_chars:
                 break
-            picked.append(Turn(role=r[0], content=r[1], seq=r[2], task_id=r[3], created_at=r[4]))
+            picked.append(_turn(r))
         return picked[::-1]
 
 

@@ -174,3 +174,47 @@ def test_a_writer_killed_mid_write_leaves_every_committed_turn(tmp_path):
     assert len(turns) >= 2 * len(committed)
     # The file still takes writes after the crash.
     ConversationStore(path).append("shared", [Turn(role="user", content="after q0")])
+
+
+OLD_SCHEMA = """
+CREATE TABLE turns (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    task_id TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (session_id, seq)
+)
+"""
+
+
+def test_a_file_from_before_tool_turns_is_rebuilt_with_every_turn_kept(tmp_path):
+    path = tmp_path / "history.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(OLD_SCHEMA)
+        rows = [
+            ("ada", i, "user" if i % 2 else "assistant", f"turn {i}", f"task-{i}", 100.0 + i)
+            for i in (1, 2, 3)
+        ]
+        conn.executemany("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?)", rows)
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO turns VALUES ('ada', 9, 'tool', 'x', NULL, 1.0)")
+    store = ConversationStore(path)
+    kept = store.turns("ada")
+    assert [(t.seq, t.role, t.content, t.task_id, t.created_at) for t in kept] == [r[1:] for r in rows]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    store.append(
+        "ada",
+        [
+            Turn(role="assistant", content="{}", tool_calls=[call]),
+            Turn(role="tool", content="sunny", tool_call_id="call_1"),
+        ],
+    )
+    again = ConversationStore(path).turns("ada")  # opening it again changes nothing
+    assert [t.role for t in again] == ["user", "assistant", "user", "assistant", "tool"]
+    assert again[3].tool_calls == [call] and again[4].tool_call_id == "call_1"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert names == {"turns"}

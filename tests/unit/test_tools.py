@@ -278,3 +278,33 @@ def test_parallel_tool_calls_let_an_answer_be_several_calls(tmp_path):
     assert json.loads(args[0]) == {"city": "Paris"} and json.loads(args[1]) == {}
     # A list with one call that does not validate is no call at all.
     assert tool_calls_of('[{"name": "get_weather", "arguments": {}}]', _tools(WEATHER)) == []
+
+
+def test_a_sessions_calls_and_tool_results_are_stored_as_what_they_are(tmp_path):
+    arbiter = CallingArbiter(CALL)
+    c = client(tmp_path, arbiter)
+    first = c.post(
+        "/v1/chat/completions",
+        json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required", "user": "ada", "cache": False},
+    ).json()
+    (call,) = first["choices"][0]["message"]["tool_calls"]
+    arbiter.answer = "It is 22 degrees and sunny."
+    turn = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "22 degrees, sunny"},
+    ]
+    c.post("/v1/chat/completions", json={"messages": turn, "tools": [WEATHER], "user": "ada", "cache": False})
+    stored = c.get("/v1/sessions/ada").json()["turns"]
+    assert [t["role"] for t in stored] == ["user", "assistant", "tool", "assistant"]
+    assert stored[1]["tool_calls"] == [call]  # the very call (and id) the client got
+    assert stored[2]["tool_call_id"] == call["id"] and stored[2]["content"] == "22 degrees, sunny"
+    assert stored[3]["content"] == "It is 22 degrees and sunny." and stored[3]["tool_calls"] is None
+    # A later question without the client's history: the agents see the call and its result.
+    c.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "And tomorrow?"}], "user": "ada"},
+    )
+    context = arbiter.seen[-1].context
+    assert f"Assistant called: get_weather({call['function']['arguments']}) [{call['id']}]" in context
+    assert f"Tool result ({call['id']}): 22 degrees, sunny" in context
