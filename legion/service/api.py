@@ -351,7 +351,9 @@ def chat_request(
     after the request's instructions; pass it only when ``client_keeps_history(body)`` is false.
     """
     if body.n != 1:
-        raise InvalidRequest("n must be 1: Legion returns one arbitrated answer per request")
+        raise UnsupportedField(
+            "n must be 1: Legion returns one arbitrated answer per request", details={"field": "n"}
+        )
     sampling = chat_sampling(body)
     plan = tool_plan(body.tools, body.tool_choice, parallel=body.parallel_tool_calls is True)
     output = response_format_spec(body.response_format)

@@ -126,7 +126,7 @@ def test_openai_client_errors(legion_url):
         oa.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError, match="no user message"):
         oa.chat.completions.create(model="legion", messages=[{"role": "system", "content": "hi"}])
-    with pytest.raises(openai.UnprocessableEntityError, match="n must be 1"):
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
         oa.chat.completions.create(model="legion", n=2, messages=[{"role": "user", "content": "hi"}])
 
 
