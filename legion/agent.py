@@ -199,9 +199,9 @@ class Agent:
         engine = self.engine(timeout_s)
         # A template that renders tools itself gets them; any other prompt gets Legion's words.
         tools = req.tools if req.tools and self._chat is not None and self._chat.takes_tools else None
-        said = None if tools else req.instruction
-        if said is None and tools is None and req.output is not None:
-            said = instruction(req.output)
+        said = None
+        if tools is None:
+            said = req.instruction or (instruction(req.output) if req.output is not None else None)
         task = req.task if said is None else f"{req.task}\n\n{said}"
         prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools)
         return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)

@@ -140,10 +140,16 @@ def parse_answer(text: str, spec: OutputSpec) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnswerMismatch(f"the answer is not complete JSON ({exc.msg} at character {exc.pos})") from None
-    error = _validator(canonical_json(spec.json_schema)).best_match_error(value)
+    error = schema_error(value, spec.json_schema)
     if error is not None:
         raise AnswerMismatch(error)
     return value
+
+
+def schema_error(value: Any, schema: dict) -> str | None:
+    """Why ``value`` does not validate against ``schema`` (its first error, with its place), or
+    ``None``; the validator is built once per schema."""
+    return _validator(canonical_json(schema)).best_match_error(value)
 
 
 class _Validator:

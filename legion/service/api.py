@@ -172,7 +172,8 @@ class ChatBody(BaseModel):
     )
 
 
-def _refuse(field: str, why: str) -> UnsupportedField:
+def refuse_field(field: str, why: str) -> UnsupportedField:
+    """The 400 for a field Legion cannot honour: it names the field and says why."""
     return UnsupportedField(f"{field} is not supported: {why}", details={"field": field})
 
 
@@ -181,22 +182,22 @@ def chat_sampling(body: ChatBody) -> Sampling | None:
     ``UnsupportedField`` (a 400 naming the field) for a field Legion would otherwise drop."""
     extra = sorted(set(body.model_extra or {}) - CHAT_IGNORED_FIELDS)
     if extra:
-        raise _refuse(
+        raise refuse_field(
             extra[0],
             "Legion does not know this chat field; leave it out (ignored fields: "
             f"{', '.join(sorted(CHAT_IGNORED_FIELDS))})",
         )
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
-            raise _refuse(name, "Legion's agents apply no repetition penalties; send 0 or leave it out")
+            raise refuse_field(name, "Legion's agents apply no repetition penalties; send 0 or leave it out")
     if body.logprobs or body.top_logprobs:
-        raise _refuse(
+        raise refuse_field(
             "logprobs" if body.logprobs else "top_logprobs",
             "the answer is arbitrated between agents, so no one model's log-probabilities are its own; "
             "ask one agent through /v1/completions (model agent:<name>) for them",
         )
     if body.logit_bias:
-        raise _refuse("logit_bias", "Legion's agents run different vocabularies; leave it out")
+        raise refuse_field("logit_bias", "Legion's agents run different vocabularies; leave it out")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None:
         if len(stop) > MAX_STOP_SEQUENCES:

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from legion.errors import LegionError, UnsupportedField
+from legion.errors import LegionError
 from legion.messages import Candidate, TaskResult
-from legion.service.api import MODEL_PREFIX, ChatBody, content_text, task_response, usage_of
+from legion.service.api import MODEL_PREFIX, ChatBody, content_text, refuse_field, task_response, usage_of
 from legion.service.tools import tool_calls_of
 
 # Fields accepted and ignored: they change nothing in the answer.
@@ -72,7 +72,7 @@ class ResponsesBody(BaseModel):
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     text: _TextFormat | None = None
@@ -80,10 +80,6 @@ class ResponsesBody(BaseModel):
     store: bool | None = Field(None, description="Only false: Legion keeps no responses to continue from.")
     previous_response_id: str | None = Field(None, description="Refused: send the conversation as input.")
     cache: bool = True
-
-
-def _refuse(field: str, why: str) -> UnsupportedField:
-    return UnsupportedField(f"{field} is not supported: {why}", details={"field": field})
 
 
 def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
@@ -97,7 +93,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
-                raise _refuse(f"input message role {role!r}", "use user, system, developer or assistant")
+                raise refuse_field(f"input message role {role!r}", "use user, system, developer or assistant")
             out.append({"role": role, "content": content_text(item.get("content"))})
         elif kind == "function_call":
             call = {
@@ -113,14 +109,16 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
         elif kind == "reasoning":
             continue  # a reasoning model's notes: nothing for these agents to read
         else:
-            raise _refuse(f"input item type {kind!r}", "send message, function_call or function_call_output")
+            raise refuse_field(
+                f"input item type {kind!r}", "send message, function_call or function_call_output"
+            )
     return out
 
 
 def _tool_choice(choice: str | dict[str, Any] | None) -> Any:
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not choice.get("name"):
-            raise _refuse("tool_choice", 'name a function: {"type": "function", "name": ...}')
+            raise refuse_field("tool_choice", 'name a function: {"type": "function", "name": ...}')
         return {"type": "function", "function": {"name": choice["name"]}}
     return choice
 
@@ -134,7 +132,7 @@ def _response_format(text: _TextFormat | None) -> dict[str, Any] | None:
     if fmt.get("type") == "json_schema":
         spec = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
-    raise _refuse(f"text.format type {fmt.get('type')!r}", "use text, json_object or json_schema")
+    raise refuse_field(f"text.format type {fmt.get('type')!r}", "use text, json_object or json_schema")
 
 
 def chat_body(body: ResponsesBody) -> ChatBody:
@@ -142,11 +140,13 @@ def chat_body(body: ResponsesBody) -> ChatBody:
     cannot honour (a 400 naming it)."""
     extra = sorted(set(body.model_extra or {}) - RESPONSES_IGNORED_FIELDS)
     if extra:
-        raise _refuse(extra[0], "Legion does not know this field of the Responses API; leave it out")
+        raise refuse_field(extra[0], "Legion does not know this field of the Responses API; leave it out")
     if body.store:
-        raise _refuse("store", "Legion keeps no responses; send store: false and the whole conversation")
+        raise refuse_field("store", "Legion keeps no responses; send store: false and the whole conversation")
     if body.previous_response_id:
-        raise _refuse("previous_response_id", "Legion keeps no responses; send the conversation as input")
+        raise refuse_field(
+            "previous_response_id", "Legion keeps no responses; send the conversation as input"
+        )
     tools = None
     if body.tools:
         tools = [
@@ -200,7 +200,6 @@ def _output(result: TaskResult, chat: ChatBody) -> list[dict[str, Any]]:
 
 def response_object(
     body: ResponsesBody,
-    chat: ChatBody,
     rid: str,
     created: int,
     *,
@@ -249,7 +248,7 @@ def response_object(
 def completed(body: ResponsesBody, chat: ChatBody, result: TaskResult) -> dict[str, Any]:
     """The whole response to a request that does not stream."""
     output = _output(result, chat)
-    return response_object(body, chat, _new("resp"), int(time.time()), result=result, output=output)
+    return response_object(body, _new("resp"), int(time.time()), result=result, output=output)
 
 
 class ResponsesEvents:
@@ -269,7 +268,7 @@ class ResponsesEvents:
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def start(self) -> list[str]:
-        r = response_object(self.body, self.chat, self.id, self.created)
+        r = response_object(self.body, self.id, self.created)
         return [self._event("response.created", response=r), self._event("response.in_progress", response=r)]
 
     def event(self, item: Any) -> str | None:
@@ -294,7 +293,7 @@ class ResponsesEvents:
                     out.append(self._event("response.function_call_arguments.delta", delta=delta, **where))
                 out.append(self._event("response.function_call_arguments.done", arguments=args, **where))
             out.append(self._event("response.output_item.done", output_index=n, item=item))
-        done = response_object(self.body, self.chat, self.id, self.created, result=result, output=output)
+        done = response_object(self.body, self.id, self.created, result=result, output=output)
         out.append(self._event("response.completed", response=done))
         return out
 
@@ -313,7 +312,7 @@ class ResponsesEvents:
         return out
 
     def error(self, exc: LegionError) -> str:
-        r = response_object(self.body, self.chat, self.id, self.created)
+        r = response_object(self.body, self.id, self.created)
         r |= {"status": "failed", "error": {"code": exc.code.value, "message": exc.message}}
         return self._event("response.failed", response=r)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from legion.engine.constrained import AnswerMismatch, canonical_json, parse_answer, schema_spec, unwrap_json
+from legion.engine.constrained import canonical_json, schema_error, schema_spec, unwrap_json
 from legion.errors import InvalidSchema, InvalidTools
 from legion.messages import OutputSpec
 
@@ -76,7 +76,6 @@ class ToolPlan(BaseModel):
     agent's prompt, ``output`` (required or named) holds every answer to a call."""
 
     mode: Literal["auto", "required", "named"]
-    names: list[str]
     instruction: str
     output: OutputSpec | None = None
     calls: OutputSpec | None = None  # auto: the answers that are calls, voted on as calls
@@ -167,15 +166,13 @@ def tool_plan(
                 details={"allowed": names},
             )
         output = _calls_spec([f for f in functions if f.name == name], parallel)
-        return ToolPlan(
-            mode="named", names=names, instruction=_render(tools, "named", name, parallel), output=output
-        )
+        return ToolPlan(mode="named", instruction=_render(tools, "named", name, parallel), output=output)
     any_call = _calls_spec(functions, parallel)
     if choice == "required":
         instruction = _render(tools, "required", None, parallel)
-        return ToolPlan(mode="required", names=names, instruction=instruction, output=any_call)
+        return ToolPlan(mode="required", instruction=instruction, output=any_call)
     instruction = _render(tools, "auto", None, parallel)
-    return ToolPlan(mode="auto", names=names, instruction=instruction, calls=any_call)
+    return ToolPlan(mode="auto", instruction=instruction, calls=any_call)
 
 
 def tool_calls_of(answer: str, tools: list[ToolDef] | None, seed: str | None = None) -> list[ToolCall]:
@@ -198,9 +195,7 @@ def tool_calls_of(answer: str, tools: list[ToolDef] | None, seed: str | None = N
         f = by_name.get(item.get("name")) if isinstance(item, dict) else None
         if f is None:
             return []
-        try:
-            parse_answer(json.dumps(item), schema_spec(_call_schema(f)))
-        except (AnswerMismatch, InvalidSchema):
+        if schema_error(item, _call_schema(f)) is not None:
             return []
         arguments = json.dumps(item["arguments"], ensure_ascii=False)
         call_id = f"call_{base}{len(calls)}"
