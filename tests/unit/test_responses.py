@@ -140,3 +140,20 @@ def test_parallel_calls_are_one_function_call_item_each(tmp_path):
     got = events(c.post("/v1/responses", json=body | {"stream": True}).text)
     done = [e["item"]["name"] for e in got if e["type"] == "response.output_item.done"]
     assert done == ["get_weather", "get_time"] and got[-1]["response"]["parallel_tool_calls"] is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "says"),
+    [
+        ({"temperature": 3}, 422, "temperature"),
+        ({"top_p": 0}, 422, "top_p"),
+        ({"max_output_tokens": 0}, 422, "max_output_tokens"),
+        ({"tool_choice": {"type": "function"}}, 400, "tool_choice is not supported: name a function"),
+        ({"text": {"format": {"type": "xml"}}}, 400, "text.format type 'xml'"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, 400, "input message role 'robot'"),
+    ],
+)
+def test_bad_values_say_what_to_fix(tmp_path, extra, status, says):
+    r = client(tmp_path).post("/v1/responses", json={"input": "hi", **extra})
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]

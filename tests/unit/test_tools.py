@@ -308,3 +308,18 @@ def test_a_sessions_calls_and_tool_results_are_stored_as_what_they_are(tmp_path)
     context = arbiter.seen[-1].context
     assert f"Assistant called: get_weather({call['function']['arguments']}) [{call['id']}]" in context
     assert f"Tool result ({call['id']}): 22 degrees, sunny" in context
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+        ({"parallel_tool_calls": "yes please"}, "parallel_tool_calls"),
+    ],
+)
+def test_malformed_tool_fields_say_which_field(tmp_path, extra, says):
+    r = client(tmp_path).post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], **extra})
+    assert r.status_code == 422, r.text
+    assert says in r.json()["error"]["message"]
