@@ -18,7 +18,7 @@ from legion import metrics
 from legion.agent import Agent
 from legion.config import AgentConfig
 from legion.logging_setup import configure_logging, log_context
-from legion.messages import AgentHealth, CompletionRequest, GenerateRequest, Generation
+from legion.messages import AgentHealth, ChoiceScores, CompletionRequest, GenerateRequest, Generation
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,25 @@ class AgentActor:
                     metrics.tokens_generated(self._tag, item.completion_tokens)
                 yield item
 
-    def score(self, task: str, context: str, continuations: list[str], load_timeout_s: float = 120.0):
-        return self._agent.score(task, context, continuations, timeout_s=load_timeout_s)
+    def score(
+        self,
+        task: str,
+        context: str,
+        continuations: list[str],
+        view: str | None = None,
+        load_timeout_s: float = 120.0,
+    ):
+        return self._agent.score(task, context, continuations, timeout_s=load_timeout_s, view=view)
+
+    def score_choices(
+        self,
+        task: str,
+        choices: list[str],
+        members: list[str] | None = None,
+        context: str = "",
+        load_timeout_s: float = 120.0,
+    ) -> list[ChoiceScores]:
+        return self._agent.score_choices(task, choices, members, context, timeout_s=load_timeout_s)
 
     def health(self) -> AgentHealth:
         h = self._agent.health()

@@ -25,11 +25,9 @@ import ray
 from actors.placement import start_agent
 from legion.config import AgentConfig, LegionConfig
 
-BUNDLED_MODEL = "bundled (Gemma 3 270M Q4_K_M)"  # what an empty model_path runs
-
 log = logging.getLogger(__name__)
 
-_WORK = frozenset({"generate", "generate_n", "score", "complete", "complete_stream"})
+_WORK = frozenset({"generate", "generate_n", "score", "score_choices", "complete", "complete_stream"})
 
 
 @dataclass
@@ -67,6 +65,7 @@ class AgentPool:
             "generate",
             "generate_n",
             "score",
+            "score_choices",
             "complete",
             "health",
             "stats",
@@ -142,7 +141,7 @@ class AgentPool:
     def info(self) -> dict:
         with self._lock:
             return {
-                "model_file": Path(self.agent.model_path).name if self.agent.model_path else BUNDLED_MODEL,
+                "model_file": Path(self.agent.model_path).name if self.agent.model_path else self.agent.model,
                 "replicas": [{"name": r.name, "in_flight": r.in_flight} for r in self._replicas],
                 "min_replicas": self.agent.min_replicas,
                 "max_replicas": self.agent.max_replicas,

@@ -20,6 +20,7 @@ from legion.engine.llama import ScoredContinuation
 from legion.errors import AgentGone, AgentUnavailable, InternalError, NotReady, StoreUnavailable
 from legion.messages import (
     AgentHealth,
+    ChoiceScores,
     CompletionRequest,
     Document,
     GenerateRequest,
@@ -93,9 +94,14 @@ class RayAgents:
         return await self._call(agent, "generate", req)
 
     async def score(
-        self, agent: str, task: str, context: str, continuations: list[str]
+        self, agent: str, task: str, context: str, continuations: list[str], view: str | None = None
     ) -> list[ScoredContinuation]:
-        return await self._call(agent, "score", task, context, continuations)
+        return await self._call(agent, "score", task, context, continuations, view)
+
+    async def score_choices(
+        self, agent: str, task: str, choices: list[str], members: list[str], context: str = ""
+    ) -> list[ChoiceScores]:
+        return await self._call(agent, "score_choices", task, choices, members, context)
 
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         return await self._call(agent, "complete", req)

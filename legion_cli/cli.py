@@ -14,9 +14,9 @@ from legion.errors import LegionError
 
 
 def _model_paths(cfg) -> list[str]:
-    from legion.engine.llama import bundled_model_path
+    from legion.engine.llama import model_file
 
-    return [a.model_path or bundled_model_path() for a in cfg.agents]
+    return list(dict.fromkeys(model_file(a) for a in cfg.agents))
 
 
 def _preflight(paths: list[str]) -> None:
@@ -128,6 +128,10 @@ def _ask(args: argparse.Namespace) -> int:
         body["strategy"] = args.strategy
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
+    if args.choices is not None:
+        body["choices"] = args.choices
+    if args.min_confidence is not None:
+        body["min_confidence"] = args.min_confidence
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = f"{args.url.rstrip('/')}/v1/tasks"
     try:
@@ -150,6 +154,19 @@ def _ask(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(data, indent=2))
+        return 0
+    choice = data.get("choice")
+    if choice is not None:
+        if data["answer"] is None:
+            print(f"(no answer: {choice['abstained']})")
+        else:
+            print(data["answer"])
+        source = choice["probability_source"]
+        print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, probabilities from {source}]")
+        for i, (text, p) in enumerate(zip(choice["choices"], choice["probabilities"], strict=True)):
+            picked = [m for m, j in choice["picks"].items() if j == i]
+            mark = "*" if i == choice["index"] else " "
+            print(f" {mark} {p:6.3f}  {text}" + (f"   picked by {', '.join(picked)}" if picked else ""))
         return 0
     print(data["answer"])
     print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, votes {data['votes']}]")
@@ -347,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--strategy", help="arbitration strategy, e.g. debate (default: the server's own)")
     a.add_argument("--max-tokens", type=int, help="reply length in tokens (default: each agent's)")
+    a.add_argument(
+        "--choices",
+        nargs="+",
+        metavar="CHOICE",
+        help="the answer is one of these: each view scores each, and each one's probability is printed",
+    )
+    a.add_argument(
+        "--min-confidence",
+        type=float,
+        help="with --choices: no answer when the decided choice's probability is below this (0 to 1)",
+    )
     a.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: 300)"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -19,20 +20,26 @@ from typing import Any, Protocol
 from legion import metrics
 from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
+from legion.arbitration.strategies.base import choice_candidates
+from legion.arbitration.strategies.learned import learned_distribution
 from legion.arbitration.trust import TrustStore, agreement_losses
 from legion.config import LegionConfig
 from legion.engine.constrained import AnswerMismatch, parse_answer, unwrap_json, vote_key
 from legion.engine.llama import ScoredContinuation
-from legion.errors import AgentGone, ErrorCode, LegionError, Overloaded, TaskTimeout
+from legion.errors import AgentGone, ErrorCode, InvalidRequest, LegionError, Overloaded, TaskTimeout
 from legion.messages import (
     AgentHealth,
     Candidate,
+    ChoiceResult,
+    ChoiceScores,
+    Decision,
     GenerateRequest,
     Generation,
     TaskRequest,
     TaskResult,
     TraceEvent,
 )
+from legion.profile import load_profile
 from legion.streaming import relay
 
 log = logging.getLogger(__name__)
@@ -58,14 +65,55 @@ class Agents(Protocol):
         """The agent's replicas and their autoscaling bounds (no call to the agent)."""
         ...
 
-    async def generate(self, agent: str, req: GenerateRequest) -> Generation: ...
+    async def generate(self, agent: str, req: GenerateRequest) -> Generation:
+        """The agent's answer, in the voice of the member ``req.view`` names."""
+        ...
 
     async def score(
-        self, agent: str, task: str, context: str, continuations: list[str]
+        self, agent: str, task: str, context: str, continuations: list[str], view: str | None = None
     ) -> list[ScoredContinuation]:
-        """The agent's log-likelihood of each continuation after its own prompt for ``task``
-        with ``context`` (rendered by the agent: its role, its prompt format, its template)."""
+        """The agent's log-likelihood of each continuation after member ``view``'s own prompt for
+        ``task`` with ``context`` (rendered by the agent: its role, its prompt format, its template)."""
         ...
+
+    async def score_choices(
+        self, agent: str, task: str, choices: list[str], members: list[str], context: str = ""
+    ) -> list[ChoiceScores]:
+        """Each of the agent's ``members`` scores ``choices`` in its own view, in one call."""
+        ...
+
+
+class PanelAgents:
+    """The panel as the strategies and the equivalence judge see it: every member (each view of
+    each agent) by its name, each call sent to the agent that owns it, in that member's voice."""
+
+    def __init__(self, agents: Agents, owner: Mapping[str, str]):
+        self._agents = agents
+        self._owner = dict(owner)
+
+    def saturated(self) -> bool:
+        return self._agents.saturated()
+
+    async def status(self, member: str) -> tuple[AgentHealth, dict]:
+        return await self._agents.status(self._owner[member])
+
+    def pool_info(self, member: str) -> dict:
+        return self._agents.pool_info(self._owner[member])
+
+    async def generate(self, member: str, req: GenerateRequest) -> Generation:
+        return await self._agents.generate(self._owner[member], req.model_copy(update={"view": member}))
+
+    async def score(
+        self, member: str, task: str, context: str, continuations: list[str], view: str | None = None
+    ) -> list[ScoredContinuation]:
+        return await self._agents.score(self._owner[member], task, context, continuations, member)
+
+
+def _softmax_list(xs: Sequence[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    total = sum(e)
+    return [x / total for x in e]
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -110,20 +158,22 @@ class _Session:
     """One task's access to the agents (``legion.arbitration.strategies.Session``), with its trace."""
 
     def __init__(self, arbiter: Arbiter, req: TaskRequest, on_event: Callable[[Event], None] | None):
-        self._agents = arbiter.agents
+        self._agents = arbiter.members
         self._cfg = arbiter.cfg
+        self._panel = arbiter.panel
         self._equivalence = arbiter.equivalence
         self._on_event = on_event
         self.req = req
         self.task = req.task
         self.settings = arbiter.cfg.arbiter
-        self.roles = {a.name: a.role for a in arbiter.cfg.agents}
+        self.roles = {m.name: m.role for m in arbiter.panel}
         self.weights: Mapping[str, float] | None = None
         self.t0 = time.perf_counter()
         self.events: list[TraceEvent] = []
         self.first: list[Candidate] | None = None
         self.latest: list[Candidate] = []
         self.missing: set[str] = set()
+        self.standing: Mapping[str, float] = {}  # each member's weight in a tie (Candidate.weight)
         self.rounds = 0  # rounds of agent calls, for the metrics
         self.call_keys: set[str] = set()  # tool_choice auto: the vote keys that are calls
 
@@ -199,6 +249,7 @@ class _Session:
             completion_tokens=out.completion_tokens,
             latency_ms=self.now_ms(),
             finish_reason=out.finish_reason,
+            weight=self.standing.get(name),
         )
         if gen.output is not None:
             return _check_constrained(c, gen)
@@ -323,7 +374,7 @@ class _Session:
             return None
         keys, texts = list(options), list(options.values())
         conts = [" " + t for t in texts]
-        agents = [a for a in self._cfg.agents if a.name not in self.missing]
+        agents = [m for m in self._panel if m.name not in self.missing]
         scores = OptionScores(options=keys, texts=texts, n_bytes=[len(c.encode()) for c in conts])
         timeout = self.settings.agent_timeout_s
         t0 = self.now_ms()
@@ -368,6 +419,10 @@ class Arbiter:
         never in the other modes."""
         self.cfg = cfg
         self.agents = agents
+        # The panel: every view of every agent votes as one member, named <agent>/<view>.
+        self.panel = cfg.panel
+        self.owner = {m.name: a.name for a in cfg.agents for m in a.members()}
+        self.members = PanelAgents(agents, self.owner)
         a = cfg.arbiter
         self.trust = trust or TrustStore(cfg.data_path / a.trust_file, eta=a.trust_eta, floor=a.trust_floor)
         self._similarity = (
@@ -389,7 +444,7 @@ class Arbiter:
         if self._similarity is not None:
             return Equivalence(self._similarity)
         if a.equivalence == "judge":
-            return Equivalence(AgentJudge(self.agents, judges, timeout_s=a.agent_timeout_s))
+            return Equivalence(AgentJudge(self.members, judges, timeout_s=a.agent_timeout_s))
         return Equivalence()
 
     async def run(self, req: TaskRequest, on_event: Callable[[Event], None] | None = None) -> TaskResult:
@@ -418,23 +473,40 @@ class Arbiter:
         """Each agent's config, pool, trust record, health and stats (``GET /v1/agents``). An
         agent that does not answer within ``timeout_s`` is ``loading`` (it may come back), one
         gone for good ``failed``; either way its stats are ``None``."""
-        names = [a.name for a in self.cfg.agents]
+        names = [m.name for m in self.panel]
         try:
             trust = await asyncio.to_thread(self.trust.records, names)
         except Exception:
             log.exception("could not read the trust weights")
             trust = {}
+        weights = self._profile_weights()
+
+        def trusted(name: str) -> dict | None:
+            t = trust.get(name)
+            if t is None:
+                return None
+            return {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
 
         async def entry(a) -> dict:
-            t = trust.get(a.name)
             out = {
                 "name": a.name,
                 "role": a.role,
                 "config": a.model_dump(mode="json"),
                 "pool": self.agents.pool_info(a.name),
-                "trust": {"weight": round(t.weight, 6), "updates": t.updates, "agreements": t.agreements}
-                if t
-                else None,
+                "trust": trusted(a.name),
+                # The panel members it speaks as: each votes, has its trust and its profile weight.
+                "views": [
+                    {
+                        "name": m.name,
+                        "role": m.role,
+                        "prompt_form": m.prompt_form,
+                        "scoring": m.scoring,
+                        "few_shot": m.few_shot,
+                        "trust": trusted(m.name),
+                        "profile_weight": weights.get(m.name),
+                    }
+                    for m in a.members()
+                ],
             }
             try:
                 health, out["stats"] = await asyncio.wait_for(self.agents.status(a.name), timeout_s)
@@ -452,16 +524,41 @@ class Arbiter:
 
         return list(await asyncio.gather(*(entry(a) for a in self.cfg.agents)))
 
+    def _profile_weights(self) -> dict[str, float]:
+        if self.cfg.arbiter.profile is None:
+            return {}
+        try:
+            return {k: round(v, 6) for k, v in load_profile(self.cfg.arbiter.profile).weights.items()}
+        except LegionError:
+            log.exception("could not read the profile")
+            return {}
+
     def stream(self, req: TaskRequest) -> AsyncIterator[Event | TaskResult]:
         """``run``'s events as they happen, then its result; its errors after the events."""
         return relay(lambda emit: self.run(req, emit))
 
     async def _arbitrate(self, s: _Session, strategy: Strategy) -> TaskResult:
-        names = [a.name for a in self.cfg.agents]
+        names = [m.name for m in self.panel]
+        profiled = self._profile_weights()
+        trust = None
+        if strategy.uses_trust or not profiled:
+            try:
+                trust = await asyncio.to_thread(self.trust.weights, names)
+            except Exception:  # the trust store is a tie-breaker here, never a reason to fail
+                if strategy.uses_trust:
+                    raise
+                log.exception("could not read the trust weights")
         if strategy.uses_trust:
-            s.weights = await asyncio.to_thread(self.trust.weights, names)
+            s.weights = trust
             s.trace("trust", weights={a: round(w, 4) for a, w in s.weights.items()})
-        decision = await strategy.deliberate(s)
+        # Votes that tie between answers go to the members' standing: the profile's weights,
+        # else the trust weights, never one model's likelihood of its own answer.
+        s.standing = profiled or trust or {}
+        choice = None
+        if s.req.choices is not None:
+            decision, choice = await self._choose(s, strategy)
+        else:
+            decision = await strategy.deliberate(s)
         if s.req.output is not None or decision.answer_key in s.call_keys:
             decision.answer = _constrained_answer(s, decision.answer_key, decision.answer)
         first = s.first or s.latest
@@ -495,4 +592,113 @@ class Arbiter:
             latency_ms=s.now_ms(),
             missing_agents=sorted({c.agent for c in (s.first or []) if not c.ok}),
             trace=s.events,
+            choice=choice,
         )
+
+    async def _choose(self, s: _Session, strategy: Strategy) -> tuple[Decision, ChoiceResult]:
+        """A task with choices: every member scores every choice in its own view (one call per
+        agent, its members' calls batched in its engine), each member picks its best, and the
+        strategy decides over those picks and scores, as ``legion eval`` decides an item."""
+        req = s.req
+        choices = list(req.choices or [])
+        if not getattr(strategy, "decides_choices", False):
+            raise InvalidRequest(
+                f"strategy {strategy.name!r} asks the agents to write and argue; a task with choices is "
+                "decided over their scores: use plurality, borda, approval, trust, equilibrium, learned "
+                "or conflict (or leave strategy out)",
+                details={"field": "strategy"},
+            )
+        by_agent: dict[str, list[str]] = {}
+        for m in self.panel:
+            by_agent.setdefault(self.owner[m.name], []).append(m.name)
+        s.rounds += 1
+        s.trace("choices", choices=choices, agents={a: ms for a, ms in by_agent.items()})
+        timeout = self.cfg.arbiter.agent_timeout_s
+
+        async def scored(agent: str, members: list[str]) -> list[ChoiceScores]:
+            call = self.agents.score_choices(agent, req.task, choices, members, req.context)
+            try:
+                return await asyncio.wait_for(call, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no scores within agent_timeout_s={timeout}") from None
+
+        got = await asyncio.gather(*(scored(a, ms) for a, ms in by_agent.items()), return_exceptions=True)
+        conts = [" " + c for c in choices]
+        scores = OptionScores(
+            options=[str(i) for i in range(len(choices))],
+            texts=choices,
+            n_bytes=[len(c.encode("utf-8")) for c in conts],
+            rule_applied=True,
+        )
+        failed: list[Candidate] = []
+        for members, result in zip(by_agent.values(), got, strict=True):
+            if isinstance(result, BaseException):
+                error = str(result) if isinstance(result, TimeoutError) else describe_failure(result)
+                code = result.code.value if isinstance(result, LegionError) else None
+                failed += [
+                    Candidate(agent=m, role=s.roles[m], error=error, error_code=code, latency_ms=s.now_ms())
+                    for m in members
+                ]
+                continue
+            for cs in result:
+                scores.loglik[cs.member] = cs.scores
+                scores.n_tokens[cs.member] = cs.n_tokens
+        answered = {c.agent: c for c in choice_candidates(scores, s.roles, s.standing)}
+        for c in answered.values():
+            c.latency_ms = s.now_ms()
+        failed_by = {c.agent: c for c in failed}
+        cands = [answered.get(m.name) or failed_by[m.name] for m in self.panel]
+        s.first = s.latest = cands
+        s.missing = set(failed_by)
+        if cands and all(c.error_code == ErrorCode.OVERLOADED.value for c in cands):
+            raise _overloaded("every agent's queue is full")
+        for c in cands:
+            s._stream(c)
+            s._record(
+                TraceEvent(
+                    step="candidate" if c.ok else "agent_failed",
+                    at_ms=c.latency_ms,
+                    data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
+                    if c.ok
+                    else {"agent": c.agent, "error": c.error, "during": "choices"},
+                ),
+                streamed=True,
+            )
+        if scores.loglik:
+            s.trace("scores", **scores.trace())
+        decision = strategy.decide(cands, s.weights, scores)
+        probabilities, source = self._choice_probabilities(scores)
+        index = int(decision.answer_key) if decision.answer_key else None
+        confidence = probabilities[index] if index is not None else None
+        abstained = None
+        if index is not None and req.min_confidence is not None and confidence < req.min_confidence:
+            abstained = (
+                f"the decided choice {choices[index]!r} has probability {confidence:.3f}, below "
+                f"min_confidence {req.min_confidence:g}"
+            )
+            s.trace("below_min_confidence", choice=index, confidence=round(confidence, 6))
+        choice = ChoiceResult(
+            choices=choices,
+            index=None if abstained else index,
+            confidence=None if confidence is None else round(confidence, 6),
+            probabilities=[round(p, 6) for p in probabilities],
+            probability_source=source,
+            picks={c.agent: int(c.normalized) for c in cands if c.ok and c.normalized},
+            abstained=abstained,
+        )
+        if index is not None:
+            decision.answer = choices[index]
+        return decision, choice
+
+    def _choice_probabilities(self, scores: OptionScores) -> tuple[list[float], str]:
+        """P(choice): the profile's fitted combination of the members' scores where there is a
+        profile, else the mean over the members of each one's softmax over its scores."""
+        n = len(scores.options)
+        if not scores.loglik:
+            return [1.0 / n] * n, "uniform"
+        if self.cfg.arbiter.profile is not None:
+            got = learned_distribution(scores, load_profile(self.cfg.arbiter.profile), scores.options)
+            if got is not None:
+                return [float(p) for p in got[0]], "profile"
+        each = [_softmax_list(v) for v in scores.loglik.values()]
+        return [sum(p[i] for p in each) / len(each) for i in range(n)], "mean"

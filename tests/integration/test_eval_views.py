@@ -6,7 +6,8 @@ import pytest
 
 from legion.config import config_from_dict
 from legion.engine.llama import LlamaEngine, bundled_model_path
-from legion.evaluation.multiple_choice import Item, PlainScorer, Scorer, evaluate
+from legion.engine.views import Item
+from legion.evaluation.multiple_choice import PlainScorer, Scorer, evaluate
 
 QUESTIONS = [
     ("What color is the sky on a clear day?", ["blue", "green", "red"], 0),

@@ -63,7 +63,7 @@ class ScriptedAgents:
         )
 
     async def score(
-        self, agent: str, task: str, context: str, continuations: list[str]
+        self, agent: str, task: str, context: str, continuations: list[str], view: str | None = None
     ) -> list[ScoredContinuation]:
         self.scored.append((agent, task))
         table = self._loglik[agent]
@@ -298,7 +298,7 @@ class JudgingAgents(ScriptedAgents):
     """Scripted agents that, asked whether two answers say the same, say yes only of "NYC" and
     "New York City" (the judge's continuations' log-probabilities; the Arbiter is the subject)."""
 
-    async def score(self, agent, task, context, continuations):
+    async def score(self, agent, task, context, continuations, view=None):
         self.scored.append((agent, task))
         same = "NYC" in task and "New York City" in task
         lp = {"yes": -0.2 if same else -3.0, "no": -3.0 if same else -0.2}

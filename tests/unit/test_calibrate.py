@@ -10,6 +10,7 @@ import pytest
 
 from legion.arbitration.strategies import OptionScores, build_strategy
 from legion.config import AgentConfig, config_from_dict
+from legion.engine.views import Item
 from legion.errors import ConfigError, InvalidRequest
 from legion.evaluation.calibrate import (
     build_dataset,
@@ -20,7 +21,7 @@ from legion.evaluation.calibrate import (
     fit_weights,
     make_profile,
 )
-from legion.evaluation.multiple_choice import Item, default_strategies, evaluate
+from legion.evaluation.multiple_choice import default_strategies, evaluate
 from legion.profile import PROFILE_VERSION, check_agents, load_profile, parse_profile
 
 

@@ -115,6 +115,7 @@ def test_every_agent_call_of_the_task_samples_as_the_request_asks(tmp_path):
 def _agent(**cfg) -> Agent:
     agent = object.__new__(Agent)  # its __init__ loads the model; sampling() needs only the config
     agent.cfg, agent._chat = AgentConfig(name="a", **cfg), None
+    agent.members = agent._writers = {"a": agent.cfg}
     return agent
 
 

@@ -209,7 +209,7 @@ class JudgingAgents:
         self.logprobs = logprobs
         self.prompts: list[tuple[str, str, list[str]]] = []
 
-    async def score(self, agent, task, context, continuations):
+    async def score(self, agent, task, context, continuations, view=None):
         self.prompts.append((agent, task, continuations))
         table = self.logprobs[agent]
         if isinstance(table, BaseException):

@@ -9,6 +9,7 @@ import pytest
 
 from legion.arbitration.strategies import OptionScores
 from legion.config import AgentConfig, config_from_dict
+from legion.engine.views import exemplars
 from legion.errors import InvalidRequest
 from legion.evaluation.multiple_choice import (
     Item,
@@ -16,9 +17,7 @@ from legion.evaluation.multiple_choice import (
     check_strategies,
     evaluate,
     load_items,
-    train_file_for,
 )
-from legion.evaluation.views import exemplars
 
 
 def write(tmp_path, rows, name="set_dev.jsonl"):
@@ -63,13 +62,6 @@ def test_missing_and_empty_files(tmp_path):
         load_items(tmp_path / "nope.jsonl")
     with pytest.raises(InvalidRequest, match="no items"):
         load_items(write(tmp_path, ["", "  "]))
-
-
-def test_train_file_is_found_beside_the_dev_file(tmp_path):
-    dev = write(tmp_path, [GOOD], "arc_x_dev.jsonl")
-    assert train_file_for(dev) is None
-    train = write(tmp_path, [GOOD], "arc_x_train.jsonl")
-    assert train_file_for(dev) == train
 
 
 def test_exemplars_depend_on_the_agent_and_show_the_right_choice():

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from legion.config import config_from_dict
+from legion.engine.views import Item
 from legion.errors import InvalidRequest
 from legion.evaluation.freetext import FreeTextEval, JudgeAgreement, exact_match, judge, short_item
-from legion.evaluation.multiple_choice import Item
 from legion.messages import GenerateRequest, Generation
 
 ITEM = Item(

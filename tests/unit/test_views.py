@@ -6,10 +6,18 @@ import math
 
 import pytest
 
-from legion.arbitration.scoring import apply_rule
 from legion.config import AgentConfig
-from legion.evaluation.multiple_choice import Item, agreement, timing
-from legion.evaluation.views import content_free, exemplars, premise, render, solved, split_question
+from legion.engine.views import (
+    Item,
+    apply_rule,
+    content_free,
+    exemplars,
+    premise,
+    render,
+    solved,
+    split_question,
+)
+from legion.evaluation.multiple_choice import agreement, timing
 
 ITEM = Item(
     id="q",

@@ -83,6 +83,32 @@ class OptionScores:
 Scores = OptionScores | None  # the third argument of ``SingleRound.tally``
 
 
+def choice_candidates(
+    scores: OptionScores, roles: Mapping[str, str], weights: Mapping[str, float] | None = None
+) -> list[Candidate]:
+    """Each member's answer over scored choices: its best-scored choice (``scores.loglik`` holds
+    each member's scores under its own rule; ties go to the first choice), for the members in
+    ``roles`` (name -> role) that scored, in that order; ``weights`` is their standing in a tie."""
+    out = []
+    for name, role in roles.items():
+        ll = scores.loglik.get(name)
+        if ll is None:
+            continue
+        best = max(range(len(ll)), key=lambda i: (ll[i], -i))
+        n_tok = scores.n_tokens.get(name) or [1] * len(ll)
+        out.append(
+            Candidate(
+                agent=name,
+                role=role,
+                text=scores.texts[best],
+                normalized=scores.options[best],
+                score=ll[best] / max(1, n_tok[best]),
+                weight=None if weights is None else weights.get(name),
+            )
+        )
+    return out
+
+
 def _softmax(xs: Sequence[float]) -> list[float]:
     m = max(xs)
     e = [math.exp(x - m) for x in xs]
@@ -146,11 +172,13 @@ class Strategy(Protocol):
 
 class SingleRound:
     """A strategy that decides over the agents' first answers: fan out once, score the distinct
-    answers when it ``needs_scores`` and they differ, then ``decide``: the subclass's ``tally``."""
+    answers when it ``needs_scores`` and they differ, then ``decide``: the subclass's ``tally``.
+    ``decides_choices``: it can decide a task with choices from the members' scores alone."""
 
     name = ""
     needs_scores = False
     uses_trust = False
+    decides_choices = True
 
     def configure(self, settings: ArbiterConfig) -> SingleRound:
         return self
@@ -226,13 +254,22 @@ def representative_text(key: str, groups: Mapping[str, list[Candidate]], scores:
     return key
 
 
+def standing(group: Sequence[Candidate]) -> float:
+    """What a group of answers weighs when votes tie: its members' weights (``Candidate.weight``,
+    the profile's or the trust weights), summed; 0 when none carries one."""
+    return sum(max(0.0, c.weight) for c in group if c.weight is not None)
+
+
 def _rank_by_points(
     points: Mapping[str, float], groups: Mapping[str, list[Candidate]], order: Sequence[str]
 ) -> list[str]:
-    # Most points first; ties go to the best log-likelihood score, then to first appearance.
-    def key(k: str) -> tuple[float, float, int]:
-        best = max((c.score for c in groups.get(k, []) if c.score is not None), default=float("-inf"))
-        return (-points[k], -best, order.index(k))
+    # Most points first; ties go to the members' standing (profile or trust weights), and only
+    # then to the best log-likelihood score (one model's own view of its answer), then to first
+    # appearance.
+    def key(k: str) -> tuple[float, float, float, int]:
+        group = groups.get(k, [])
+        best = max((c.score for c in group if c.score is not None), default=float("-inf"))
+        return (-points[k], -standing(group), -best, order.index(k))
 
     return sorted(points, key=key)
 

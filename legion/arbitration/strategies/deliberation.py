@@ -49,6 +49,7 @@ class Debate:
 
     name = "debate"
     needs_scores = False
+    decides_choices = False
     uses_trust = False
 
     def __init__(self, rounds: int = 2):
@@ -130,6 +131,7 @@ class Decomposition:
 
     name = "decompose"
     needs_scores = False
+    decides_choices = False
     uses_trust = False
 
     def __init__(self, max_subtasks: int = 4):
@@ -234,6 +236,7 @@ class ConflictResolution:
 
     name = "conflict"
     needs_scores = False
+    decides_choices = True
     uses_trust = True
 
     def __init__(

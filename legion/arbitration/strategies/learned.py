@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from legion.arbitration.scoring import apply_rule, combine
+from legion.arbitration.scoring import combine
 from legion.arbitration.strategies.base import (
     Groups,
     OptionScores,
@@ -24,6 +24,7 @@ from legion.arbitration.strategies.base import (
     ranked_decision,
     representative_text,
 )
+from legion.engine.views import apply_rule
 from legion.errors import InvalidRequest
 from legion.messages import Decision
 from legion.profile import Profile, load_profile
