@@ -128,6 +128,9 @@ class Agent:
         self._loaded = threading.Event()
         self._stats = AgentStats()
         self._stats_lock = threading.Lock()
+        # Generations in flight by prompt and sampling: two members whose prompts come out the
+        # same (views that differ only in how they score choices) share one decode.
+        self._inflight: dict[tuple, Any] = {}
         if load_in_background:
             threading.Thread(target=self._load, name=f"load-{cfg.name}", daemon=True).start()
         else:
@@ -272,7 +275,9 @@ class Agent:
             said = req.instruction or (instruction(req.output) if req.output is not None else None)
         task = req.task if said is None else f"{req.task}\n\n{said}"
         prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools, view=req.view)
-        return self._counted(engine, prompt, self.sampling(req), req.n, req.timeout_s)
+        params = self.sampling(req)
+        same = (prompt if isinstance(prompt, str) else tuple(prompt), repr(params), req.n, req.timeout_s)
+        return self._counted(engine, prompt, params, req.n, req.timeout_s, share=same)
 
     def complete(
         self,
@@ -329,13 +334,24 @@ class Agent:
         n: int,
         timeout_s: float | None,
         on_text: Callable[[str], None] | None = None,
+        share: tuple | None = None,
     ) -> list[Generation]:
         """``n`` generations of ``prompt``, counted in this agent's stats (in flight, errors,
-        requests, tokens)."""
+        requests, tokens). With ``share``, a key of the prompt and its sampling: a request whose
+        key is already being decoded waits for that decode instead of starting its own (its
+        tokens are counted once)."""
         with self._stats_lock:
             self._stats.in_flight += 1
+            future = self._inflight.get(share) if share is not None else None
+        shared = future is not None
         try:
-            gens = engine.submit_generate(prompt, params, n, timeout_s, on_text).result()
+            if future is None:
+                future = engine.submit_generate(prompt, params, n, timeout_s, on_text)
+                if share is not None:
+                    with self._stats_lock:
+                        self._inflight.setdefault(share, future)
+                    future.add_done_callback(lambda _: self._forget(share))
+            gens = future.result()
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1
@@ -345,9 +361,14 @@ class Agent:
                 self._stats.in_flight -= 1
         with self._stats_lock:
             self._stats.requests += 1
-            self._stats.prompt_tokens += gens[0].prompt_tokens
-            self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
-        return gens
+            if not shared:
+                self._stats.prompt_tokens += gens[0].prompt_tokens
+                self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
+        return [g.model_copy() for g in gens] if shared else gens
+
+    def _forget(self, share: tuple) -> None:
+        with self._stats_lock:
+            self._inflight.pop(share, None)
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until loading has finished (or failed); False on timeout."""

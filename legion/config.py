@@ -50,6 +50,11 @@ class SamplingConfig(_Strict):
     )
 
 
+def _default_stops(prompt_format: str) -> list[str]:
+    """The stops an agent of ``prompt_format`` has unless it sets its own."""
+    return [] if prompt_format == "chat" else list(SamplingConfig().stop)
+
+
 class ViewConfig(_Strict):
     """One view of an agent: a panel member that speaks through the agent's engine. A field left
     out is the agent's own; ``sampling`` holds only what differs from the agent's sampling."""
@@ -366,12 +371,15 @@ class AgentConfig(_Strict):
         if not self.views:
             return [self]
         base = self.model_dump(exclude={"views", "name"})
+        # The agent's stops are its format's defaults unless it chose its own (read from the
+        # values, not from which fields were set: a config dumped and read again sets them all).
+        own_stops = self.sampling.stop != _default_stops(self.prompt_format)
         out = []
         for v in self.views:
             data = {**base, **{f: getattr(v, f) for f in VIEW_OVERRIDES if getattr(v, f) is not None}}
             sampling = dict(base["sampling"])
-            if v.prompt_format is not None and "stop" not in self.sampling.model_fields_set:
-                sampling.pop("stop")  # the format's own default stops (none for chat)
+            if not own_stops:  # the member's format's own default stops (none for chat)
+                sampling["stop"] = _default_stops(data.get("prompt_format", "completion"))
             data["sampling"] = {**sampling, **v.sampling}
             if data.get("prompt_format") == "chat":
                 data.pop("prompt_template", None)
@@ -380,7 +388,9 @@ class AgentConfig(_Strict):
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first.get("loc", ()))
-                raise ValueError(f"view {v.name!r}: {where}: {first.get('msg')}") from None
+                raise ValueError(
+                    f"view {v.name!r}: {f'{where}: ' if where else ''}{first.get('msg')}"
+                ) from None
             out.append(member.model_copy(update={"name": f"{self.name}/{v.name}"}))
         return out
 
@@ -861,7 +871,8 @@ class LegionConfig(BaseSettings):
         """The agent a panel member speaks through."""
         for a in self.agents:
             if member == a.name or member.startswith(f"{a.name}/"):
-                return a
+                if member in {m.name for m in a.members()}:
+                    return a
         raise KeyError(member)
 
 

@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     INVALID_SCHEMA = "invalid_schema"
     UNSUPPORTED_FIELD = "unsupported_field"
     INVALID_TOOLS = "invalid_tools"
+    INVALID_CHOICES = "invalid_choices"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_STRATEGY = "unknown_strategy"
     MODEL_NOT_FOUND = "model_not_found"
@@ -36,6 +37,7 @@ _HTTP_STATUS = {
     ErrorCode.INVALID_SCHEMA: 400,
     ErrorCode.UNSUPPORTED_FIELD: 400,
     ErrorCode.INVALID_TOOLS: 400,
+    ErrorCode.INVALID_CHOICES: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNKNOWN_STRATEGY: 422,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -117,6 +119,14 @@ class InvalidTools(LegionError):
     names the tool and the fault (a 400, as OpenAI answers bad tools)."""
 
     code = ErrorCode.INVALID_TOOLS
+
+
+class InvalidChoices(LegionError):
+    """A task's ``choices`` (or ``min_confidence``) that cannot be decided as given: too few, too
+    many, empty, too long, the same twice, or with a strategy or field that cannot go with them;
+    a 400 naming the field and what to change."""
+
+    code = ErrorCode.INVALID_CHOICES
 
 
 class UnknownStrategy(LegionError):

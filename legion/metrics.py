@@ -65,6 +65,12 @@ _DEFS = {
         ("strategy",),
         _RATIO_BOUNDARIES,
     ),
+    "member_votes": (
+        "counter",
+        "legion_member_votes",
+        "Panel members' first answers by whether they matched the decision (agreed, disagreed, failed).",
+        ("agent", "view", "outcome"),
+    ),
     "replicas": ("gauge", "legion_agent_replicas", "Replicas in an agent's pool.", ("agent",)),
     "up": (
         "gauge",
@@ -143,6 +149,14 @@ def arbitration(strategy: str, rounds: int, agreement: float | None) -> None:
     _record("rounds", rounds, strategy=strategy)
     if agreement is not None:
         _record("agreement", agreement, strategy=strategy)
+
+
+def member_votes(outcomes: dict[str, str]) -> None:
+    """Each panel member's outcome in one decided task (``agreed``, ``disagreed``, ``failed``),
+    by agent and view (a member ``<agent>/<view>``; an agent without views is its own view)."""
+    for member, outcome in outcomes.items():
+        agent, _, view = member.partition("/")
+        _record("member_votes", 1, agent=agent, view=view or agent, outcome=outcome)
 
 
 def pool_size(agent: str, replicas: int) -> None:

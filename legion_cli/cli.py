@@ -179,6 +179,18 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # --views has its own defaults (short answers, more tasks); every other measure 48 and 3.
+    if args.max_tokens is None:
+        args.max_tokens = 24 if args.views else 48
+    if args.repeats is None:
+        args.repeats = 8 if args.views else 3
+    if args.views:
+        from legion.config import load_config
+        from legion_cli.views_bench import run_views_bench
+
+        cfg = load_config(args.config)
+        _preflight(_model_paths(cfg))
+        return run_views_bench(cfg.agents, args.repeats, args.max_tokens, args.json)
     if args.rag_scale:
         from legion_cli.rag_scale import run_rag_scale_bench
 
@@ -386,15 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_ask)
 
     b = sub.add_parser("bench", help="measure tokens/s (bare vs actor) and HTTP overhead")
-    b.add_argument("--config", help="YAML config whose first agent is benchmarked")
+    b.add_argument("--config", help="YAML config whose first agent (--views: every agent) is benchmarked")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--max-tokens", type=int, default=48, help="tokens per generation")
+    b.add_argument("--max-tokens", type=int, help="tokens per generation (default 48; --views 24)")
     b.add_argument("--rounds", type=int, default=3, help="generations per agent per measure")
     b.add_argument(
         "--repeats",
         type=int,
-        default=3,
-        help="alternated pairs per comparison (bare/actor per number of agents, agent/llama-server)",
+        help="alternated pairs per comparison (bare/actor per number of agents, agent/llama-server; "
+        "default 3), or tasks per side with --views (default 8)",
     )
     b.add_argument("--http-requests", type=int, default=20, help="requests for the HTTP overhead")
     b.add_argument(
@@ -443,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the model and a copy of it), side by side",
     )
     b.add_argument("--model-path", help="with --model-memory: the GGUF (default: the bundled Gemma)")
+    b.add_argument(
+        "--views",
+        action="store_true",
+        help="instead: the config's agents speaking as their views in one engine each, against one "
+        "agent process per member on the same CPUs: task latency p50/p95, tokens/s, RSS and PSS",
+    )
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("ingest", help="chunk, embed and store documents (.txt, .md, .html) for retrieval")
@@ -470,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="only the first N items (file order)")
     e.add_argument("--strategies", help="comma-separated strategies (default: every one that scores choices)")
     e.add_argument("--agents", help="comma-separated agent names (default: every configured agent)")
-    e.add_argument("--shots", help="training JSONL for few-shot exemplars (default: *_train beside --data)")
+    e.add_argument(
+        "--shots",
+        help="JSONL for few-shot exemplars (default: each member's own, as legion serve draws them)",
+    )
     e.add_argument("--config", help="YAML config whose agents are evaluated")
     e.add_argument(
         "--threads", type=int, help="llama.cpp threads of each in-process engine (default 2; --free-text 1)"
@@ -527,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--out", required=True, help="the profile (JSON) to write")
     cb.add_argument("--limit", type=int, help="only the first N items of each file (file order)")
     cb.add_argument("--agents", help="comma-separated agent names (default: every configured agent)")
-    cb.add_argument("--shots", help="JSONL for few-shot exemplars (default: each --data file itself)")
+    cb.add_argument(
+        "--shots",
+        help="JSONL for few-shot exemplars (default: each member's own, as legion serve draws them)",
+    )
     cb.add_argument("--scores", help="JSONL cache of scored choices, as for legion eval")
     cb.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the in-process engines")
     cb.add_argument("--folds", type=int, default=5, help="cross-validation folds choosing the L2 penalty")

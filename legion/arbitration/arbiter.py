@@ -26,7 +26,7 @@ from legion.arbitration.trust import TrustStore, agreement_losses
 from legion.config import LegionConfig
 from legion.engine.constrained import AnswerMismatch, parse_answer, unwrap_json, vote_key
 from legion.engine.llama import ScoredContinuation
-from legion.errors import AgentGone, ErrorCode, InvalidRequest, LegionError, Overloaded, TaskTimeout
+from legion.errors import AgentGone, ErrorCode, InvalidChoices, LegionError, Overloaded, TaskTimeout
 from legion.messages import (
     AgentHealth,
     Candidate,
@@ -567,6 +567,17 @@ class Arbiter:
             sum(c.normalized == decision.answer_key for c in first_ok) / len(first_ok) if first_ok else None
         )
         metrics.arbitration(strategy.name, s.rounds, agreement)
+        if decision.answer_key:
+            metrics.member_votes(
+                {
+                    c.agent: "failed"
+                    if not c.ok
+                    else "agreed"
+                    if c.normalized == decision.answer_key
+                    else "disagreed"
+                    for c in first
+                }
+            )
         s.trace(
             "decision",
             strategy=strategy.name,
@@ -602,7 +613,7 @@ class Arbiter:
         req = s.req
         choices = list(req.choices or [])
         if not getattr(strategy, "decides_choices", False):
-            raise InvalidRequest(
+            raise InvalidChoices(
                 f"strategy {strategy.name!r} asks the agents to write and argue; a task with choices is "
                 "decided over their scores: use plurality, borda, approval, trust, equilibrium, learned "
                 "or conflict (or leave strategy out)",

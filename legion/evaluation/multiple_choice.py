@@ -28,7 +28,7 @@ from typing import Any
 from legion.agent import member_prefix
 from legion.arbitration.strategies import OptionScores, build_strategy, strategy_names
 from legion.arbitration.strategies.base import choice_candidates
-from legion.arbitration.trust import hedge_update
+from legion.arbitration.trust import agreement_losses, hedge_update
 from legion.config import AgentConfig, LegionConfig, load_config
 from legion.engine import views
 from legion.engine.views import Item, load_items
@@ -490,7 +490,12 @@ def evaluate(
     results = {f"single:{a.name}": _Result() for a in chosen} | {s: _Result() for s in names}
     sizes = list(range(1, len(chosen))) if curve is not None else []
     sub_results = {k: {s: _Result() for s in names} for k in sizes}
-    weights = {k: {a.name: 1.0 for a in chosen[:k]} for k in [*sizes, len(chosen)]}
+    # As served: each strategy keeps its own trust weights, which start equal and take one Hedge
+    # step per item towards the members that agreed with its decision (no labels: a server has
+    # none); a tie goes to the members' standing, the profile's weights or else those trust weights.
+    trust = {(k, s): {a.name: 1.0 for a in chosen[:k]} for k in [*sizes, len(chosen)] for s in names}
+    profiled = load_profile(cfg.arbiter.profile).weights if cfg.arbiter.profile else None
+    decisions: dict[str, list[str]] = {s: [] for s in names}
     solver_s = 0.0
     wall_s = 0.0
     picks: dict[str, list[int]] = {a.name: [] for a in chosen}
@@ -517,9 +522,9 @@ def evaluate(
             picks[a.name].append(int(c.normalized))
         for s, strat in runners.items():
             t0 = time.perf_counter()
-            w = weights[len(chosen)] if getattr(strat, "uses_trust", False) else None
-            d = strat.decide(cands, w, scores)
+            d = _decide(strat, cands, scores, trust, (len(chosen), s), profiled, cfg)
             took = time.perf_counter() - t0
+            decisions[s].append(d.answer_key)
             r = results[s]
             r.n += 1
             r.correct += int(d.answer_key == truth)
@@ -530,17 +535,9 @@ def evaluate(
         for k in sizes:
             sub = _restrict(scores, chosen[:k])
             for s, strat in runners.items():
-                w = weights[k] if getattr(strat, "uses_trust", False) else None
-                d = strat.decide(cands[:k], w, sub)
+                d = _decide(strat, cands[:k], sub, trust, (k, s), profiled, cfg)
                 sub_results[k][s].n += 1
                 sub_results[k][s].correct += int(d.answer_key == truth)
-        for k, w in weights.items():
-            weights[k] = hedge_update(
-                w,
-                {c.agent: (0.0 if c.normalized == truth else 1.0) for c in cands[:k]},
-                cfg.arbiter.trust_eta,
-                cfg.arbiter.trust_floor,
-            )
     if wall_s > 0:
         log.info(
             "equilibrium solver: %.2f ms per item, %.2f%% of the item's wall time",
@@ -557,6 +554,7 @@ def evaluate(
             curve[k]["best_single"] = max(singles[:k])
         curve[len(chosen)] = {s: out[s]["accuracy"] for s in names} | {"best_single": max(singles)}
     if report is not None:
+        report["decisions"] = {s: [int(k) if k else None for k in ks] for s, ks in decisions.items()}
         n = report.get("baseline_items", 0)
         first = (
             {a.name: sum(agent_s[a.name] for _, agent_s, _ in scored[:n]) / n for a in chosen} if n else {}
@@ -569,6 +567,28 @@ def evaluate(
         if isinstance(scorer, Scorer):
             report["timing"] = timing(chosen, scorer.passes, report.get("plain_s_per_item"), first)
     return out
+
+
+def _decide(
+    strat: Any,
+    cands: Sequence[Candidate],
+    scores: OptionScores,
+    trust: dict[tuple[int, str], dict[str, float]],
+    at: tuple[int, str],
+    profiled: dict[str, float] | None,
+    cfg: LegionConfig,
+) -> Any:
+    """``strat``'s decision over one item as the Arbiter makes it (``Arbiter._choose``): with the
+    trust weights of this strategy and panel size, ties to the members' standing; then the trust
+    step the Arbiter takes after a task."""
+    w = trust[at]
+    standing = profiled if profiled is not None else w
+    ranked = [c.model_copy(update={"weight": standing.get(c.agent)}) for c in cands]
+    d = strat.decide(ranked, w if getattr(strat, "uses_trust", False) else None, scores)
+    if d.answer_key:
+        losses = agreement_losses({c.agent: c.normalized for c in cands}, d.answer_key)
+        trust[at] = hedge_update(w, losses, cfg.arbiter.trust_eta, cfg.arbiter.trust_floor)
+    return d
 
 
 def agreement(picks: dict[str, list[int]]) -> dict[str, dict[str, float]]:

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from legion.arbitration.strategies import get_strategy, strategy_names
 from legion.config import LegionConfig
 from legion.engine.constrained import response_format_spec, schema_spec
-from legion.errors import InvalidRequest, InvalidTools, ModelNotFound, PayloadTooLarge, UnsupportedField
+from legion.errors import (
+    InvalidChoices,
+    InvalidRequest,
+    InvalidTools,
+    ModelNotFound,
+    PayloadTooLarge,
+    UnsupportedField,
+)
 from legion.messages import (
     AgentHealth,
     Candidate,
@@ -85,12 +92,12 @@ def check_choices(choices: list[str] | None, min_confidence: float | None) -> li
     too long one, the same one twice; a ``min_confidence`` outside 0..1 or without choices."""
     if min_confidence is not None:
         if choices is None:
-            raise InvalidRequest(
+            raise InvalidChoices(
                 "min_confidence applies to a task with choices: send choices, or leave min_confidence out",
                 details={"field": "min_confidence"},
             )
         if not 0.0 <= min_confidence <= 1.0:
-            raise InvalidRequest(
+            raise InvalidChoices(
                 f"min_confidence is a probability: send a number from 0 to 1, got {min_confidence}",
                 details={"field": "min_confidence"},
             )
@@ -98,15 +105,15 @@ def check_choices(choices: list[str] | None, min_confidence: float | None) -> li
         return None
     where = {"field": "choices"}
     if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        raise InvalidRequest(
+        raise InvalidChoices(
             f"choices holds {len(choices)}; send {MIN_CHOICES} to {MAX_CHOICES} choices", details=where
         )
     out = [c.strip() for c in choices]
     for i, c in enumerate(out):
         if not c:
-            raise InvalidRequest(f"choices[{i}] is empty: every choice needs text", details=where)
+            raise InvalidChoices(f"choices[{i}] is empty: every choice needs text", details=where)
         if len(c) > MAX_CHOICE_CHARS:
-            raise InvalidRequest(
+            raise InvalidChoices(
                 f"choices[{i}] is {len(c)} characters; the limit is {MAX_CHOICE_CHARS}: shorten it",
                 details=where,
             )
@@ -114,7 +121,7 @@ def check_choices(choices: list[str] | None, min_confidence: float | None) -> li
     for i, c in enumerate(out):
         key = " ".join(c.lower().split())
         if key in seen:
-            raise InvalidRequest(
+            raise InvalidChoices(
                 f"choices[{i}] ({c!r}) repeats choices[{seen[key]}]: send each choice once", details=where
             )
         seen[key] = i
@@ -313,7 +320,7 @@ def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
     if choices is not None:
         check_choice_strategy(strategy)
         if body.json_schema is not None:
-            raise InvalidRequest(
+            raise InvalidChoices(
                 "choices and schema cannot both shape the answer: send one of them",
                 details={"field": "choices"},
             )
@@ -332,7 +339,7 @@ def check_choice_strategy(strategy: str) -> None:
     """Refuse, before any agent works, a strategy that cannot decide over scored choices."""
     if not getattr(get_strategy(strategy), "decides_choices", False):
         able = [s for s in strategy_names() if getattr(get_strategy(s), "decides_choices", False)]
-        raise InvalidRequest(
+        raise InvalidChoices(
             f"strategy {strategy!r} has the agents write and argue; a task with choices is decided over "
             f"their scores: use one of {', '.join(able)}",
             details={"field": "strategy", "allowed": able},
@@ -448,7 +455,7 @@ def chat_request(
     output = response_format_spec(body.response_format)
     choices = check_choices(body.choices, body.min_confidence)
     if choices is not None and (plan is not None or output is not None):
-        raise InvalidRequest(
+        raise InvalidChoices(
             "choices cannot go with tools or response_format: the answer is one of the choices",
             details={"field": "choices"},
         )

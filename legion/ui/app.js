@@ -95,9 +95,10 @@ function fmt(x, digits) {
 }
 
 // ------------------------------------------------------------------ charts (plain SVG)
-// A horizontal bar chart: one bar per [label, value]; `highlight` names the winning label.
+// A horizontal bar chart: one bar per [label, value]; `highlight` names the winning label,
+// `name(label)` the text shown for it (the bar's data-label keeps the label itself).
 function barChart(title, entries, opts) {
-  const o = Object.assign({ highlight: null, digits: 2, width: 440 }, opts || {});
+  const o = Object.assign({ highlight: null, digits: 2, width: 440, name: (l) => l }, opts || {});
   const wrap = el("figure", { class: "bar-chart" }, el("figcaption", {}, title));
   const rowH = 24, labelW = 130, valueW = 60;
   const height = entries.length * rowH + 4;
@@ -113,10 +114,11 @@ function barChart(title, entries, opts) {
   entries.forEach(([label, value], i) => {
     const y = i * rowH + 2;
     const x1 = labelW + ((value - lo) / span) * plotW;
+    const shown = String(o.name(label));
     const name = svg("text", { x: labelW - 6, y: y + rowH * 0.65, "text-anchor": "end", class: "label" });
-    name.textContent = label.length > 18 ? label.slice(0, 17) + "…" : label || "(empty)";
+    name.textContent = shown.length > 18 ? shown.slice(0, 17) + "…" : shown || "(empty)";
     const full = svg("title");
-    full.textContent = `${label}: ${value}`;
+    full.textContent = `${shown}: ${value}`;
     const bar = svg("rect", {
       x: Math.min(x0, x1), y: y + 3, width: Math.max(1, Math.abs(x1 - x0)), height: rowH - 8,
       class: "bar" + (label === o.highlight ? " winner" : ""), "data-label": label, "data-value": value,
@@ -131,8 +133,10 @@ function barChart(title, entries, opts) {
   return wrap;
 }
 
-// Grouped bars: for each label, one bar per series ([name, values aligned with labels]).
-function groupedChart(title, labels, series, highlight) {
+// Grouped bars: for each label, one bar per series ([name, values aligned with labels]);
+// `nameOf(label)` is the text shown for a label.
+function groupedChart(title, labels, series, highlight, nameOf) {
+  const shown = (l) => String(nameOf ? nameOf(l) : l);
   const wrap = el("figure", { class: "bar-chart" }, el("figcaption", {}, title));
   const width = 520, labelW = 130, barH = 9, gap = 10;
   const groupH = series.length * barH + gap;
@@ -143,7 +147,7 @@ function groupedChart(title, labels, series, highlight) {
   labels.forEach((label, i) => {
     const y = i * groupH + 2;
     const name = svg("text", { x: labelW - 6, y: y + groupH / 2, "text-anchor": "end", class: "label" });
-    name.textContent = label.length > 18 ? label.slice(0, 17) + "…" : label;
+    name.textContent = shown(label).length > 18 ? shown(label).slice(0, 17) + "…" : shown(label);
     chart.append(name);
     series.forEach(([sname, vs], j) => {
       const bar = svg("rect", {
@@ -151,7 +155,7 @@ function groupedChart(title, labels, series, highlight) {
         class: `bar series-${j}` + (label === highlight ? " winner" : ""),
       });
       const t = svg("title");
-      t.textContent = `${sname} · ${label}: ${fmt(vs[i], 4)}`;
+      t.textContent = `${sname} · ${shown(label)}: ${fmt(vs[i], 4)}`;
       bar.append(t);
       chart.append(bar);
     });
@@ -168,14 +172,16 @@ function groupedChart(title, labels, series, highlight) {
 }
 
 // ------------------------------------------------------------------ task stream
-// `joins` (from answerJoins) says how the card's answer joined its group, when it did.
-function candidateCard(c, joins) {
+// `joins` (from answerJoins) says how the card's answer joined its group, when it did; `choice`
+// is the result's, for a task with choices (a card's group is then the index of its pick).
+function candidateCard(c, joins, choice) {
   const ok = !c.error;
   const join = joins && joins[c.agent];
   const key = c.group || c.normalized; // the API's field, or a trace event's
   const group = ok && joins && key
     ? el("p", { class: "group small", "data-group": key, title: "the answer group this candidate votes in" },
-      `group “${key}”`, join && join.via ? ` · ${joinedBy(join)}` : "")
+      choice ? `picks ${choiceName(choice, key)}` : `group “${key}”`,
+      join && join.via ? ` · ${joinedBy(join)}` : "")
     : "";
   return el(
     "article",
@@ -256,6 +262,7 @@ function clearResult() {
   trustResult = null;
   $("decision-strategy").textContent = "";
   $("answer-box").hidden = true;
+  $("choice-result").hidden = true;
 }
 
 $("task-form").addEventListener("submit", async (ev) => {
@@ -266,6 +273,10 @@ $("task-form").addEventListener("submit", async (ev) => {
   if ($("strategy").value) body.strategy = $("strategy").value;
   if ($("max-tokens").value) body.max_tokens = Number($("max-tokens").value);
   if ($("use-rag").checked) body.use_rag = true;
+  // One choice per line; blank lines are layout, not choices. The server checks the rest.
+  const choices = $("choices-input").value.split("\n").map((c) => c.trim()).filter((c) => c);
+  if (choices.length) body.choices = choices;
+  if ($("min-confidence").value !== "") body.min_confidence = Number($("min-confidence").value);
   clearResult();
   $("run").disabled = true;
   setStatus("Asking the agents…");
@@ -305,24 +316,25 @@ $("task-form").addEventListener("submit", async (ev) => {
 
 // ------------------------------------------------------------------ the decision
 function showResult(result) {
-  $("answer").textContent = result.answer || "(no answer)";
+  $("answer").textContent = answerText(result);
   $("answer-meta").textContent =
     `${result.strategy} · ${fmt(result.latency_ms, 0)} ms` +
     (result.cached ? " · cached" : "") +
     (result.missing_agents.length ? ` · missing: ${result.missing_agents.join(", ")}` : "");
   $("answer-box").hidden = false;
   const joins = answerJoins(result);
-  $("candidates").replaceChildren(...result.candidates.map((c) => candidateCard(c, joins)));
+  $("candidates").replaceChildren(...result.candidates.map((c) => candidateCard(c, joins, result.choice)));
   $("trace").replaceChildren(...result.trace.map(traceItem));
   $("decision-strategy").textContent = result.strategy;
   const decision = result.trace.find((e) => e.step === "decision");
   const winner = decision ? decision.data.winner : null;
   const votes = Object.entries(result.votes || {}).sort((a, b) => b[1] - a[1]);
   const isEq = decision && Array.isArray(decision.data.generator);
+  const name = (key) => (result.choice ? choiceName(result.choice, key) : key);
   $("votes-chart").replaceChildren(
     votes.length
       ? barChart(isEq ? "Equilibrium ranking score per answer" : "Votes per answer", votes,
-        { highlight: winner, digits: isEq ? 3 : 2 })
+        { highlight: winner, digits: isEq ? 3 : 2, name })
       : el("p", { class: "muted" }, "No votes (every agent abstained)."));
   $("equilibrium-chart").replaceChildren();
   if (isEq) {
@@ -331,11 +343,65 @@ function showResult(result) {
     $("equilibrium-chart").append(groupedChart(
       "Consensus game: P(correct) policies, initial and at equilibrium", labels,
       [["generator₀", d.generator_init], ["discrim.₀", d.discriminator_init],
-        ["generator", d.generator], ["discriminator", d.discriminator]], winner));
+        ["generator", d.generator], ["discriminator", d.discriminator]], winner, name));
   }
+  showChoice(result);
   showGroups(result);
   showDebate(result);
   showTrust(result);
+}
+
+// The answer as a person reads it: a task with choices may have abstained (answer null).
+function answerText(result) {
+  if (result.answer !== null && result.answer !== undefined && result.answer !== "") return result.answer;
+  return result.choice && result.choice.abstained ? "(abstained)" : "(no answer)";
+}
+
+const letter = (i) => String.fromCharCode(65 + i); // the API allows at most 26 choices
+
+// A choice by its key (its index as the votes and the candidates' groups hold it): "B. Lyon".
+function choiceName(choice, key) {
+  const i = Number(key);
+  return Number.isInteger(i) && i >= 0 && i < choice.choices.length ? `${letter(i)}. ${choice.choices[i]}` : key;
+}
+
+const SOURCES = {
+  profile: "the profile's fitted combination of the members' scores",
+  mean: "the mean of each member's own distribution over the choices",
+  uniform: "uniform (no member scored the choices)",
+};
+
+// A task with choices: each choice's probability as a bar, the decided one marked, and the
+// members that picked it; an abstained answer says why.
+function showChoice(result) {
+  const c = result.choice;
+  $("choice-result").hidden = !c;
+  $("choice-list").replaceChildren();
+  $("choice-meta").textContent = "";
+  $("choice-abstained").hidden = true;
+  if (!c) return;
+  const pickers = c.choices.map(() => []);
+  for (const [member, i] of Object.entries(c.picks || {})) if (pickers[i]) pickers[i].push(member);
+  $("choice-list").replaceChildren(...c.choices.map((text, i) => {
+    const p = c.probabilities[i];
+    const decided = i === c.index;
+    const fill = el("span", { class: "fill" });
+    fill.style.width = `${Math.max(0, Math.min(1, p || 0)) * 100}%`;
+    const who = pickers[i].flatMap((m, j) => [j ? ", " : "", el("span", { class: "picker", "data-member": m }, m)]);
+    return el("li", { class: "choice" + (decided ? " decided" : ""), "data-index": i, "data-probability": p },
+      el("span", { class: "letter" }, letter(i)),
+      el("span", { class: "text" }, text, decided ? el("span", { class: "mark" }, " ✓ decided") : ""),
+      el("span", { class: "prob", title: `P(${letter(i)}) = ${p}` }, fill),
+      el("span", { class: "value" }, `${fmt(100 * p, 1)}%`),
+      el("span", { class: "pickers small muted" }, ...(who.length ? ["picked by ", ...who] : ["picked by no member"])));
+  }));
+  if (c.abstained) {
+    $("choice-abstained").textContent = `Abstained: ${c.abstained}`;
+    $("choice-abstained").hidden = false;
+  }
+  $("choice-meta").textContent =
+    (c.confidence === null || c.confidence === undefined ? "" : `confidence ${fmt(c.confidence, 3)} · `) +
+    `probabilities: ${SOURCES[c.probability_source] || c.probability_source}`;
 }
 
 // Answers that said the same thing and voted as one, per round, with what joined each member.
@@ -376,7 +442,11 @@ function showDebate(result) {
 function showTrust(result) {
   if (result !== undefined) trustResult = result;
   const traced = trustResult && trustResult.trace.find((e) => e.step === "trust");
-  const now = Object.fromEntries(lastAgents.filter((a) => a.trust).map((a) => [a.name, a.trust.weight]));
+  const now = {}; // every panel member's weight: an agent with views votes as its views
+  for (const a of lastAgents) {
+    if (a.trust) now[a.name] = a.trust.weight;
+    for (const v of a.views || []) if (v.trust) now[v.name] = v.trust.weight;
+  }
   $("trust-chart").replaceChildren();
   if (traced) {
     const labels = Object.keys(traced.data.weights);
@@ -406,7 +476,7 @@ function showRecent() {
   $("recent").replaceChildren(...recent().map((item) => {
     const li = el("li", {},
       el("button", { type: "button", class: "link" }, item.task), " → ",
-      el("strong", {}, item.result.answer || "(no answer)"), " ",
+      el("strong", {}, answerText(item.result)), " ",
       el("span", { class: "muted small" },
         `${item.result.strategy}${item.result.cached ? " · cached" : ""} · ${new Date(item.at).toLocaleTimeString()}`));
     li.querySelector("button").addEventListener("click", () => {
@@ -439,16 +509,42 @@ function showProfile(profile) {
     : "";
 }
 
+// The panel members an agent speaks as, in a row under its own; none for an agent without
+// views (its one member is itself, which its own row shows).
+function viewsRow(a) {
+  const views = a.views || [];
+  if (!views.length || (views.length === 1 && views[0].name === a.name)) return null;
+  const head = el("tr", {},
+    ...["view", "role", "form · scoring", "few-shot", "trust", "profile weight"].map((h) => el("th", {}, h)));
+  const weight = (w) => (typeof w === "number" ? fmt(w, 3) : "–");
+  const rows = views.map((v) => el("tr", { class: "view", "data-member": v.name },
+    el("td", { class: "name" }, v.name),
+    el("td", { class: "role" }, v.role),
+    el("td", { class: "form" }, `${v.prompt_form} · ${v.scoring}`),
+    el("td", { class: "few-shot" }, v.few_shot),
+    el("td", {
+      class: "trust", "data-weight": v.trust ? v.trust.weight : "",
+      title: v.trust ? `${v.trust.updates} updates, ${v.trust.agreements} agreements` : "no vote yet",
+    }, weight(v.trust && v.trust.weight)),
+    el("td", {
+      class: "profile-weight", "data-weight": typeof v.profile_weight === "number" ? v.profile_weight : "",
+      title: typeof v.profile_weight === "number" ? "its weight in the Arbiter profile" : "not in a profile",
+    }, weight(v.profile_weight))));
+  return el("tr", { class: "views", "data-agent": a.name },
+    el("td", { colspan: 9 }, el("table", { class: "views" }, el("thead", {}, head), el("tbody", {}, ...rows))));
+}
+
 function showAgents(agents, profile) {
   showProfile(profile);
   lastAgents = agents;
-  $("agents").querySelector("tbody").replaceChildren(...agents.map((a) => {
+  $("agents").querySelector("tbody").replaceChildren(...agents.flatMap((a) => {
     const h = a.health || {};
     const s = a.stats || {};
     const replicas = (a.pool && a.pool.replicas) || [];
     const inFlight = replicas.reduce((n, r) => n + (r.in_flight || 0), 0);
     const state = h.state === "failed" ? "failed" : h.loaded ? "loaded" : h.error ? "down" : "loading";
-    return el("tr", { "data-agent": a.name },
+    const views = viewsRow(a); // its members vote and earn trust, not the agent
+    const row = el("tr", { class: "agent", "data-agent": a.name },
       el("td", {}, a.name), el("td", {}, a.role),
       el("td", { class: "model", title: h.model ? `${h.model.path} · ${h.model.n_params} parameters` : "" },
         h.model ? `${h.model.file} (${h.model.description}, ${fmt(h.model.size_bytes / 2 ** 20, 0)} MiB)`
@@ -456,7 +552,8 @@ function showAgents(agents, profile) {
       el("td", { class: `state ${state}`, title: h.error || h.node || "" }, state),
       el("td", {}, inFlight), el("td", {}, replicas.length),
       el("td", {}, fmt(s.tokens_per_s, 1)), el("td", {}, s.requests === undefined ? "–" : s.requests),
-      el("td", {}, a.trust ? fmt(a.trust.weight, 3) : "–"));
+      el("td", {}, a.trust ? fmt(a.trust.weight, 3) : views ? "per view" : "–"));
+    return views ? [row, views] : [row];
   }));
   $("agents-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   showTrust();

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -26,6 +28,14 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 REPO_OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+VIEWS_APP = "legionviews"
+
+
+def _playwright():
+    """Playwright's sync API, or a skip that says what to install."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does)")
+    return pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 
 
 def _events(client: httpx.Client, body: dict) -> tuple[httpx.Response, list[tuple[str, dict]]]:
@@ -100,9 +110,7 @@ def test_ui_static_files_are_served(client):
 
 
 def test_console_in_a_real_browser(legion_url, legion_config, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    sync_api = _playwright()
     agents = [a.name for a in legion_config.agents]
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
@@ -175,9 +183,7 @@ def keyed_url(legion_url, legion_config):
 
 
 def test_console_asks_for_a_key_and_keeps_it_in_the_tab(keyed_url):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    sync_api = _playwright()
     assert httpx.get(f"{keyed_url}/ui/app.js", timeout=30).status_code == 200  # public
     assert httpx.get(f"{keyed_url}/v1/agents", timeout=30).status_code == 401
     with sync_api.sync_playwright() as p:
@@ -206,3 +212,158 @@ def test_task_stream_reports_a_failure_as_an_error_event(keyed_url):
     assert names[-2:] == ["error", "done"] and "result" not in names, names
     error = events[-2][1]["error"]
     assert error["code"] == "timeout" and "timeout" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def views_app(legion_url, tmp_path_factory):
+    """A third app whose one agent speaks as three views, with the profile ``legion calibrate``
+    fits for them on a few items of the shipped ARC-Easy train split: (url, config)."""
+    from ray import serve
+
+    import legion
+    from actors import stop_actors
+    from legion.config import config_from_dict
+    from serve_app import build_app
+
+    tmp = tmp_path_factory.mktemp("views")
+    agent = {
+        "name": "panel",
+        "num_cpus": 0.6,
+        "views": [
+            {"name": "qa", "prompt_form": "qa", "scoring": "sum"},
+            {"name": "cloze-byte", "prompt_form": "cloze", "scoring": "per_byte"},
+            {"name": "qa2", "prompt_form": "qa", "scoring": "per_token", "few_shot": 2, "few_shot_seed": 1},
+        ],
+    }
+    fitted = tmp / "views.yaml"
+    fitted.write_text(json.dumps({"agents": [agent]}))  # YAML reads JSON
+    profile = tmp / "profile.json"
+    train = Path(legion.__file__).parent / "data" / "arc_easy_train.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "legion_cli", "calibrate", "--data", str(train), "--limit", "12",
+         "--config", str(fitted), "--out", str(profile), "--folds", "3", "--threads", "2"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cfg = config_from_dict(
+        {
+            "agents": [agent],
+            "arbiter": {"agent_timeout_s": 300, "profile": str(profile)},
+            "serve": {"app_name": VIEWS_APP, "max_replicas": 1, "ingress_num_cpus": 0},
+            "data_dir": str(tmp / "data"),
+        }
+    )
+    serve.run(build_app(cfg), name=VIEWS_APP, route_prefix=f"/{VIEWS_APP}")
+    url = f"{legion_url}/{VIEWS_APP}"
+    wait_healthy(url, 300)
+    yield url, cfg
+    serve.delete(VIEWS_APP)
+    stop_actors(cfg)
+
+
+def _recent(page) -> list[dict]:
+    """The tasks the console remembers in this tab, newest first: each with the API's result."""
+    return json.loads(page.evaluate("sessionStorage.getItem('legion.recent')") or "[]")
+
+
+def test_console_shows_views_and_decides_over_choices(views_app, tmp_path):
+    """The agents panel lists each agent's views; a task with choices shows every choice's
+    probability, the decided one and who picked it, and an abstention says why."""
+    sync_api = _playwright()
+    url, cfg = views_app
+    members = [m.name for m in cfg.panel]
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{url}/ui/")
+            page.wait_for_selector("#agents tr.agent td.state.loaded")
+            page.wait_for_function("document.querySelectorAll('#strategy option').length > 1")
+
+            # (1) Each agent's views under it, as /v1/agents describes them.
+            (agent,) = httpx.get(f"{url}/v1/agents", timeout=60).json()["agents"]
+            assert [v["name"] for v in agent["views"]] == members
+            rows = page.locator("#agents tr.views[data-agent='panel'] tr.view")
+            assert [rows.nth(i).get_attribute("data-member") for i in range(rows.count())] == members
+            for v in agent["views"]:
+                row = page.locator(f"#agents tr.view[data-member='{v['name']}']")
+                assert row.locator("td.name").inner_text() == v["name"]
+                assert row.locator("td.form").inner_text() == f"{v['prompt_form']} · {v['scoring']}"
+                assert row.locator("td.few-shot").inner_text() == str(v["few_shot"])
+                assert v["profile_weight"] is not None  # the fixture's profile weighs every member
+                cell = row.locator("td.profile-weight")
+                assert float(cell.get_attribute("data-weight")) == v["profile_weight"]
+                assert float(cell.inner_text()) == pytest.approx(v["profile_weight"], abs=5e-4)
+
+            # (2) A task with choices: one line per choice; markup in a choice stays text.
+            choices = ["blue", "<i>seven</i>", "a hammer"]
+            page.fill("#task-input", "Question: Which of these is a color?\nAnswer:")
+            page.fill("#choices-input", "\n".join(choices) + "\n\n")  # a blank line is no choice
+            page.uncheck("#use-cache")
+            page.click("#run")
+            page.wait_for_function("document.querySelectorAll('#recent li').length === 1", timeout=300_000)
+            assert page.locator("#status.error").count() == 0, page.text_content("#status")
+            result = _recent(page)[0]["result"]
+            choice = result["choice"]
+            assert choice["choices"] == choices and choice["index"] is not None
+            assert choice["probability_source"] == "profile"
+            assert page.text_content("#answer") == choices[choice["index"]] == result["answer"]
+            items = page.locator("#choice-list li.choice")
+            assert items.count() == len(choices)
+            assert page.locator("#choice-list i").count() == 0  # shown as text, not parsed
+            for i, text in enumerate(choices):
+                li = items.nth(i)
+                assert text in li.locator(".text").inner_text()
+                assert float(li.get_attribute("data-probability")) == choice["probabilities"][i]
+                width = li.locator(".prob .fill").evaluate("e => e.getBoundingClientRect().width")
+                track = li.locator(".prob").evaluate("e => e.getBoundingClientRect().width")
+                assert width == pytest.approx(choice["probabilities"][i] * track, abs=1.5)
+                pickers = li.locator(".picker")
+                shown = [pickers.nth(j).get_attribute("data-member") for j in range(pickers.count())]
+                assert shown == [m for m, k in choice["picks"].items() if k == i]
+                assert ("decided" in li.get_attribute("class")) == (i == choice["index"])
+            assert sorted(choice["picks"]) == sorted(members)
+            assert page.locator("#choice-abstained").is_hidden()
+            # The candidates are the members, slash and all, each naming the choice it picked.
+            cards = page.locator("#candidates .candidate")
+            assert sorted(cards.nth(i).get_attribute("data-agent") for i in range(cards.count())) == sorted(
+                members
+            )
+            for m, k in choice["picks"].items():
+                card = page.locator(f"#candidates .candidate[data-agent='{m}']")
+                assert card.locator("header strong").inner_text() == m
+                assert card.locator(".group").inner_text() == f"picks {chr(ord('A') + k)}. {choices[k]}"
+            page.screenshot(path=str(tmp_path / "ui-choices.png"), full_page=True)
+
+            # Below min_confidence the answer is none, and the console says why.
+            page.fill("#min-confidence", "1")
+            page.click("#run")
+            page.wait_for_function("document.querySelectorAll('#recent li').length === 2", timeout=300_000)
+            assert page.locator("#status.error").count() == 0, page.text_content("#status")
+            abstained = _recent(page)[0]["result"]
+            assert abstained["answer"] is None and abstained["choice"]["index"] is None
+            reason = abstained["choice"]["abstained"]
+            assert reason and page.text_content("#choice-abstained") == f"Abstained: {reason}"
+            assert page.text_content("#answer") == "(abstained)"
+            assert page.locator("#choice-list li.decided").count() == 0
+            assert page.locator("#choice-list li.choice").count() == len(choices)
+
+            # The members' trust weights after those votes, as /v1/agents has them (the table
+            # follows the server every 3 s).
+            (agent,) = httpx.get(f"{url}/v1/agents", timeout=60).json()["agents"]
+            trust = {v["name"]: v["trust"]["weight"] for v in agent["views"]}
+            page.wait_for_function(
+                """(want) => Object.entries(want).every(([m, w]) => {
+                    const td = document.querySelector(`#agents tr.view[data-member="${m}"] td.trust`);
+                    return td && Number(td.dataset.weight) === w; })""",
+                arg=trust,
+            )
+            page.screenshot(path=str(tmp_path / "ui-views.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    REPO_OUTPUT.mkdir(exist_ok=True)
+    for shot in ("ui-choices.png", "ui-views.png"):
+        shutil.copy(tmp_path / shot, REPO_OUTPUT / shot)

@@ -172,7 +172,7 @@ class JsonAgents:
             seconds=0.0,
         )
 
-    async def score(self, agent, task, context, continuations, view=None):  # pragma: no cover - plurality never scores
+    async def score(self, agent, task, context, continuations, view=None):  # pragma: no cover - never scores
         raise AssertionError("not used")
 
 

@@ -130,17 +130,25 @@ def test_evaluate_accounts_every_strategy_and_single_agent():
     assert res["plurality"]["n"] == 4
 
 
-def test_trust_learns_from_ground_truth_online():
+def test_trust_learns_from_agreement_with_its_decisions_never_from_labels():
     cfg = config_from_dict(
         {"agents": [{"name": "x"}, {"name": "y"}, {"name": "z"}], "arbiter": {"trust_eta": 2.0}}
     )
-    # y and z always agree on a wrong answer; x is always right. Plurality follows the
-    # pair every time; trust-weighted voting learns after the first items to follow x.
-    items = [Item(id=f"i{k}", context="c", choices=["a", "b"], answer=0) for k in range(10)]
-    table = {it.id: {"x": [-1.0, -3.0], "y": [-3.0, -1.0], "z": [-3.0, -1.0]} for it in items}
-    res = evaluate(cfg, items, ["plurality", "trust"], scorer=TableScorer(table))
-    assert res["plurality"]["accuracy"] == 0.0
-    assert res["trust"]["accuracy"] >= 0.8
+    # As served, trust weights move towards the members that agreed with the strategy's own
+    # decisions: the same scores give the same decisions whatever the labels say.
+    right = [Item(id=f"i{k}", context="c", choices=["a", "b"], answer=0) for k in range(10)]
+    wrong = [Item(id=it.id, context="c", choices=["a", "b"], answer=1) for it in right]
+    table = {
+        it.id: {"x": [-1.0, -3.0], "y": [-3.0, -1.0], "z": [-3.0, -1.0] if k % 2 else [-1.0, -3.0]}
+        for k, it in enumerate(right)
+    }
+    seen: list[dict] = [{}, {}]
+    a = evaluate(cfg, right, ["plurality", "trust"], scorer=TableScorer(table), report=seen[0])
+    b = evaluate(cfg, wrong, ["plurality", "trust"], scorer=TableScorer(table), report=seen[1])
+    assert seen[0]["decisions"] == seen[1]["decisions"]
+    assert a["trust"]["accuracy"] + b["trust"]["accuracy"] == pytest.approx(1.0)
+    # z sides with x on even items and with y on odd ones; x and y each win when z joins them.
+    assert seen[0]["decisions"]["plurality"] == [0 if k % 2 == 0 else 1 for k in range(10)]
 
 
 def test_candidates_are_each_agents_most_likely_choice():

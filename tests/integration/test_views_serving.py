@@ -1,0 +1,158 @@
+"""Agents that speak as several views, on the real models: the prompts each view builds, one
+engine under them, choices scored by the serving agent exactly as ``legion eval`` scores an item,
+the Arbiter's decision over a task's choices against ``legion eval``'s, and the choices API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from legion.agent import Agent
+from legion.arbitration.arbiter import Arbiter
+from legion.config import config_from_dict
+from legion.engine.views import Item, split_question
+from legion.errors import InvalidRequest
+from legion.evaluation.local_agents import LocalAgents
+from legion.evaluation.multiple_choice import Scorer, evaluate
+from legion.messages import GenerateRequest, TaskRequest
+
+QUESTIONS = [
+    ("What color is the sky on a clear day?", ["blue", "green", "red"], 0),
+    ("How many legs does a dog have?", ["three", "four", "six"], 1),
+    ("Which animal says moo?", ["a cat", "a cow", "a duck"], 1),
+    ("Which is the coldest?", ["fire", "the sun", "ice"], 2),
+]
+ITEMS = [
+    Item(id=f"q{i}", context=f"Question: {q}\nAnswer:", choices=c, answer=a)
+    for i, (q, c, a) in enumerate(QUESTIONS)
+]
+# One agent, one engine, four views: two forms, exemplars from the shipped pool, three rules.
+GEMMA = {
+    "name": "gemma",
+    "n_threads": 1,
+    "sampling": {"max_tokens": 8},
+    "views": [
+        {"name": "qa-tok", "scoring": "per_token"},
+        {"name": "cloze-byte", "prompt_form": "cloze", "scoring": "per_byte"},
+        {"name": "qa3-cal", "scoring": "calibrated", "few_shot": 3, "few_shot_seed": 2},
+        {"name": "letters3", "prompt_form": "letters", "few_shot": 3, "few_shot_seed": 3},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    cfg = config_from_dict({"agents": [GEMMA]})
+    agent = Agent(cfg.agents[0], load_in_background=False)
+    agent.engine()
+    yield cfg, agent
+    agent.engine().close()
+
+
+def test_each_view_writes_in_its_own_voice_through_the_one_engine(gemma):
+    cfg, agent = gemma
+    assert [m.name for m in cfg.panel] == [f"gemma/{v['name']}" for v in GEMMA["views"]]
+    plain = agent.prompt("Which animal says moo?", view="gemma/qa-tok")
+    shown = agent.prompt("Which animal says moo?", view="gemma/qa3-cal")
+    # The few-shot view's exemplars (drawn from the shipped ARC-Easy train split) come first,
+    # asked and answered as questions; the zero-shot view's prompt is the question alone.
+    assert shown.endswith(plain) and shown.count("Question:") == 4 and plain.count("Question:") == 1
+    gens = {
+        v: agent.generate(GenerateRequest(task="Which animal says moo?", view=v))
+        for v in ("gemma/qa-tok", "gemma/cloze-byte", "gemma/qa3-cal")
+    }
+    # Views that differ only in how they score choices write the same answer (one decode shared).
+    assert gens["gemma/qa-tok"].text == gens["gemma/cloze-byte"].text
+    with pytest.raises(InvalidRequest, match="no view 'gemma/nope'"):
+        agent.generate(GenerateRequest(task="x", view="gemma/nope"))
+    assert agent.stats()["engine"]["requests"] >= 2  # every view's work went to the one engine
+
+
+def test_choices_are_scored_as_legion_eval_scores_the_item(gemma):
+    cfg, agent = gemma
+    members = cfg.panel
+    scorer = Scorer(members, None, n_threads=1)
+    try:
+        by_eval = scorer.score_items(ITEMS)
+    finally:
+        scorer.close()
+    for item, (scores, _, _) in zip(ITEMS, by_eval, strict=True):
+        _, question = split_question(item.context)
+        served = {s.member: s for s in agent.score_choices(question, item.choices)}
+        assert set(served) == {m.name for m in members}
+        for m in members:
+            assert served[m.name].scores == pytest.approx(scores.loglik[m.name], abs=1e-3), m.name
+            assert served[m.name].n_tokens == scores.n_tokens[m.name]
+
+
+def test_the_arbiter_decides_a_tasks_choices_as_legion_eval_decides_the_item(gemma, tmp_path):
+    cfg, agent = gemma
+    cfg = config_from_dict({"agents": [GEMMA], "data_dir": str(tmp_path / "served")})
+    report: dict = {}
+    strategies = ["plurality", "borda", "conflict"]
+    evaluate(
+        config_from_dict({"agents": [GEMMA], "data_dir": str(tmp_path / "eval")}),
+        ITEMS,
+        strategies,
+        n_threads=1,
+        report=report,
+    )
+    for s in strategies:
+        own = cfg.model_copy(update={"data_dir": str(tmp_path / s)})  # its own trust weights
+        arbiter = Arbiter(own, LocalAgents({"gemma": agent}))
+        served = []
+        for item in ITEMS:
+            _, question = split_question(item.context)
+            req = TaskRequest(id=item.id, task=question, strategy=s, choices=item.choices)
+            result = asyncio.run(arbiter.run(req))
+            assert result.choice is not None and result.answer == item.choices[result.choice.index]
+            assert sum(result.choice.probabilities) == pytest.approx(1.0, abs=1e-4)
+            assert set(result.choice.picks) == {m.name for m in cfg.panel}
+            served.append(result.choice.index)
+        assert served == report["decisions"][s], s
+
+
+def test_v1_tasks_answers_with_a_choice_its_probabilities_and_each_agents_pick(client, legion_config):
+    body = {"task": "Which animal says moo?", "choices": ["a cat", "a cow", "a duck"], "cache": False}
+    r = client.post("/v1/tasks", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    choice = data["choice"]
+    assert data["answer"] == choice["choices"][choice["index"]]
+    assert choice["probability_source"] == "mean"  # the test config has no profile
+    assert sum(choice["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+    assert choice["confidence"] == pytest.approx(choice["probabilities"][choice["index"]], abs=1e-6)
+    assert set(choice["picks"]) == {a.name for a in legion_config.agents}
+    assert {c["agent"] for c in data["candidates"]} == set(choice["picks"])
+    assert [e["step"] for e in data["trace"]][-1] == "decision"
+
+    sure = client.post("/v1/tasks", json={**body, "min_confidence": 1.0}).json()
+    assert sure["answer"] is None and "below min_confidence 1" in sure["choice"]["abstained"]
+
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": body["task"]}], "choices": body["choices"]},
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] in body["choices"]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"choices": ["only one"]}, "send 2 to 26 choices"),
+        ({"choices": ["yes", "Yes "]}, "repeats choices[0]"),
+        ({"choices": ["a", ""]}, "choices[1] is empty"),
+        ({"choices": ["a", "x" * 1001]}, "the limit is 1000"),
+        ({"choices": [str(i) for i in range(27)]}, "send 2 to 26 choices"),
+        ({"choices": ["a", "b"], "strategy": "debate"}, "decided over their scores"),
+        ({"choices": ["a", "b"], "min_confidence": 1.5}, "from 0 to 1"),
+        ({"min_confidence": 0.5}, "applies to a task with choices"),
+    ],
+)
+def test_bad_choices_are_a_400_that_says_what_to_fix(client, extra, fragment):
+    r = client.post("/v1/tasks", json={"task": "Pick one", **extra})
+    assert r.status_code == 400, r.text
+    assert fragment in json.dumps(r.json())
