@@ -63,7 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
         runtime_env={"env_vars": log_env},
     )
     serve.start(http_options=http_options, proxy_location=cfg.serve.proxy_location)
-    print(f"Legion: starting {len(cfg.agents)} agents ({', '.join(a.name for a in cfg.agents)}) ...")
+    shown = ", ".join(f"{a.name} ({len(a.members())} views)" if a.views else a.name for a in cfg.agents)
+    print(f"Legion: starting {len(cfg.agents)} agents, a panel of {len(cfg.panel)}: {shown} ...")
+    if cfg.arbiter.profile:
+        print(f"Legion: profile {cfg.arbiter.profile}")
     serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
     url = f"{scheme}://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
     print(f"Legion: serving at {url}  (health: {url}/healthz, API docs: {url}/docs)")

@@ -156,3 +156,59 @@ def test_bad_choices_are_a_400_that_says_what_to_fix(client, extra, fragment):
     r = client.post("/v1/tasks", json={"task": "Pick one", **extra})
     assert r.status_code == 400, r.text
     assert fragment in json.dumps(r.json())
+
+
+DEFAULTS_APP = "legion-defaults"
+
+
+@pytest.fixture(scope="module")
+def defaults_url(legion_url, legion_config, tmp_path_factory):
+    """The default line-up as `legion serve` runs it with no config: two agents, nine views, the
+    shipped profile (only the app's name, its route and its data folder are the test's), beside
+    the session's app on the same Serve proxy."""
+    from ray import serve
+
+    from actors import stop_actors
+    from serve_app import build_app
+    from tests.integration.conftest import wait_healthy
+
+    cfg = config_from_dict(
+        {
+            "serve": {"app_name": DEFAULTS_APP, "port": legion_config.serve.port, "max_replicas": 1},
+            "data_dir": str(tmp_path_factory.mktemp("defaults-data")),
+        }
+    )
+    serve.run(build_app(cfg), name=DEFAULTS_APP, route_prefix="/defaults")
+    url = f"{legion_url}/defaults"
+    wait_healthy(url)
+    yield url, cfg
+    serve.delete(DEFAULTS_APP)
+    stop_actors(cfg)
+
+
+def test_the_default_line_up_serves_two_models_as_nine_views_with_its_profile(defaults_url):
+    import httpx
+
+    url, cfg = defaults_url
+    assert cfg.arbiter.profile is not None  # shipped with the package, loaded by default
+    with httpx.Client(base_url=url, timeout=600) as client:
+        listed = client.get("/v1/agents").json()
+        views = {a["name"]: [v["name"] for v in a["views"]] for a in listed["agents"]}
+        assert views == {a.name: [m.name for m in a.members()] for a in cfg.agents}
+        assert {a["name"]: a["health"]["model"]["architecture"] for a in listed["agents"]} == {
+            "gemma": "gemma3",
+            "smol": "llama",
+        }
+        assert all(v["profile_weight"] is not None for a in listed["agents"] for v in a["views"])
+        body = {
+            "task": "What gas do plants absorb from the air?",
+            "choices": ["oxygen", "carbon dioxide", "nitrogen"],
+            "cache": False,
+        }
+        data = client.post("/v1/tasks", json=body).json()
+        assert data["choice"]["probability_source"] == "profile"
+        assert set(data["choice"]["picks"]) == {m.name for m in cfg.panel}
+        assert data["answer"] in body["choices"] and data["strategy"] == cfg.arbiter.default_strategy
+        free = client.post("/v1/tasks", json={"task": "What is the capital of France?", "cache": False})
+        assert free.status_code == 200, free.text
+        assert {c["agent"] for c in free.json()["candidates"]} == {m.name for m in cfg.panel}
