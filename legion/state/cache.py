@@ -85,6 +85,16 @@ class CacheInfo(BaseModel):
         return cls(enabled=False) if stats is None else cls(enabled=True, **stats.model_dump())
 
 
+def _profile_stamp(path: str | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return [path]
+    return [path, stat.st_size, stat.st_mtime_ns]
+
+
 class ResultCache:
     """Task results in one SQLite file; safe to use from many processes and threads at once."""
 
@@ -110,6 +120,9 @@ class ResultCache:
         material = {
             "request": request,
             "agents": [a.model_dump(mode="json") for a in cfg.agents],
+            # The profile decides too (learned, equilibrium's start, a tie, a choice's
+            # probability): another profile, or the same file refitted, is another answer.
+            "profile": _profile_stamp(cfg.arbiter.profile),
         }
         blob = json.dumps(material, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -65,6 +65,9 @@ def test_key_ignores_spacing_case_and_id_but_not_what_changes_the_answer(cfg):
     other_agents = cfg.model_copy(deep=True)
     other_agents.agents[0].sampling.temperature = 0.9
     different.append(ResultCache.key(_req("What is  2+2?"), other_agents))
+    profiled = cfg.model_copy(deep=True)
+    profiled.arbiter.profile = str(cfg.data_path / "p.json")  # the same agents, a profile
+    different.append(ResultCache.key(_req("What is  2+2?"), profiled))
     assert len({base, *different}) == 1 + len(different)
 
 
