@@ -759,6 +759,7 @@ def _default_agents() -> list[AgentConfig]:
             name="gemma",
             model="gemma-3-270m",
             num_cpus=0.9,
+            prefix_cache_slots=4,  # the three exemplar prefixes stay cached, and one more
             views=[
                 view("qa-tok", "qa", "per_token"),
                 view("cloze-byte", "cloze", "per_byte"),
@@ -772,6 +773,7 @@ def _default_agents() -> list[AgentConfig]:
             name="smol",
             model="smollm2-135m-instruct",
             num_cpus=0.9,
+            prefix_cache_slots=3,
             views=[
                 view("qa5", "qa", "sum", 5, 5),
                 view("qa5-cal", "qa", "calibrated", 5, 6),
