@@ -403,7 +403,11 @@ class AgentConfig(_Strict):
 
 
 class ArbiterConfig(_Strict):
-    default_strategy: str = Field("plurality", description="Strategy when a request names none.")
+    default_strategy: str = Field(
+        "plurality",
+        description="Strategy when a request names none; with the default agents and their shipped "
+        "profile, learned.",
+    )
     agent_timeout_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="How long the Arbiter waits for agents' candidates."
     )
@@ -813,13 +817,16 @@ class LegionConfig(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _shipped_profile(cls, data: Any) -> Any:
-        # The default line-up comes with its profile; agents of one's own name their own, or none.
+        # The default line-up comes with its profile and decides with it (learned: chosen on the
+        # ARC dev sets, docs/arbitration.md); agents of one's own name their own profile, or none.
         if not isinstance(data, dict) or "agents" in data or not SHIPPED_PROFILE.is_file():
             return data
         arbiter = data.get("arbiter")
         arbiter = {} if arbiter is None else arbiter
         if isinstance(arbiter, dict) and "profile" not in arbiter:
-            return {**data, "arbiter": {**arbiter, "profile": str(SHIPPED_PROFILE)}}
+            arbiter = {**arbiter, "profile": str(SHIPPED_PROFILE)}
+            arbiter.setdefault("default_strategy", "learned")
+            return {**data, "arbiter": arbiter}
         return data
 
     @model_validator(mode="after")
