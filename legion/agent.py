@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -341,10 +342,9 @@ class Agent:
         key is already being decoded waits for that decode instead of starting its own (its
         tokens are counted once)."""
         with self._stats_lock:
-            self._stats.in_flight += 1
             future = self._inflight.get(share) if share is not None else None
         shared = future is not None
-        try:
+        with self._working():
             if future is None:
                 future = engine.submit_generate(prompt, params, n, timeout_s, on_text)
                 if share is not None:
@@ -352,6 +352,20 @@ class Agent:
                         self._inflight.setdefault(share, future)
                     future.add_done_callback(lambda _: self._forget(share))
             gens = future.result()
+        with self._stats_lock:
+            self._stats.requests += 1
+            if not shared:
+                self._stats.prompt_tokens += gens[0].prompt_tokens
+                self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
+        return [g.model_copy() for g in gens] if shared else gens
+
+    @contextmanager
+    def _working(self) -> Iterator[None]:
+        """Counts one request in flight while the block runs, and an error when it raises one."""
+        with self._stats_lock:
+            self._stats.in_flight += 1
+        try:
+            yield
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1
@@ -359,12 +373,6 @@ class Agent:
         finally:
             with self._stats_lock:
                 self._stats.in_flight -= 1
-        with self._stats_lock:
-            self._stats.requests += 1
-            if not shared:
-                self._stats.prompt_tokens += gens[0].prompt_tokens
-                self._stats.completion_tokens += sum(g.completion_tokens for g in gens)
-        return [g.model_copy() for g in gens] if shared else gens
 
     def _forget(self, share: tuple) -> None:
         with self._stats_lock:
@@ -411,22 +419,13 @@ class Agent:
             n: views.view_calls(self.members[n], quoted + member_prefix(self.members[n]), item) for n in names
         }
         futures: dict[tuple[str, tuple[str, ...]], Any] = {}
-        with self._stats_lock:
-            self._stats.in_flight += 1
-        try:
+        with self._working():
             for calls in plans.values():
                 for ctx, conts in calls:
                     key = (ctx, tuple(conts))
                     if key not in futures:
                         futures[key] = engine.submit_score(ctx, conts)
             done = {k: f.result() for k, f in futures.items()}
-        except LegionError:
-            with self._stats_lock:
-                self._stats.errors += 1
-            raise
-        finally:
-            with self._stats_lock:
-                self._stats.in_flight -= 1
         out = []
         for n, calls in plans.items():
             got = [done[(ctx, tuple(conts))] for ctx, conts in calls]

@@ -130,6 +130,15 @@ def _overloaded(detail: str) -> Overloaded:
     )
 
 
+def candidate_event(c: Candidate, during: str) -> TraceEvent:
+    """A first-round candidate as its trace step: its answer group, or why it failed."""
+    if c.ok:
+        data = {"agent": c.agent, "normalized": c.normalized, "score": c.score}
+        return TraceEvent(step="candidate", at_ms=c.latency_ms, data=data)
+    data = {"agent": c.agent, "error": c.error, "during": during}
+    return TraceEvent(step="agent_failed", at_ms=c.latency_ms, data=data)
+
+
 def _check_constrained(c: Candidate, gen: GenerateRequest) -> Candidate:
     """A constrained answer with its vote key (canonical JSON), or, when it does not parse or
     validate, a failed candidate that says why: it takes no part in the vote."""
@@ -323,16 +332,7 @@ class _Session:
             if trace_each and c.agent not in streamed:  # timed out
                 self._stream(c)
             if trace_each or not c.ok:
-                self._record(
-                    TraceEvent(
-                        step="candidate" if c.ok else "agent_failed",
-                        at_ms=c.latency_ms,
-                        data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
-                        if c.ok
-                        else {"agent": c.agent, "error": c.error, "during": step},
-                    ),
-                    streamed=trace_each,
-                )
+                self._record(candidate_event(c, step), streamed=trace_each)
             else:
                 self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
         self.latest = ordered
@@ -665,16 +665,7 @@ class Arbiter:
             raise _overloaded("every agent's queue is full")
         for c in cands:
             s._stream(c)
-            s._record(
-                TraceEvent(
-                    step="candidate" if c.ok else "agent_failed",
-                    at_ms=c.latency_ms,
-                    data={"agent": c.agent, "normalized": c.normalized, "score": c.score}
-                    if c.ok
-                    else {"agent": c.agent, "error": c.error, "during": "choices"},
-                ),
-                streamed=True,
-            )
+            s._record(candidate_event(c, "choices"), streamed=True)
         if scores.loglik:
             s.trace("scores", **scores.trace())
         decision = strategy.decide(cands, s.weights, scores)
