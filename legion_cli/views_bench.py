@@ -266,13 +266,13 @@ def print_report(r: dict) -> None:
     )
     head = ("side", "processes", "threads", "p50 s", "p95 s", "tok/s", "RSS MiB", "PSS MiB")
     print(
-        f"{head[0]:<34}{head[1]:>10}{head[2]:>8}{head[3]:>8}{head[4]:>8}{head[5]:>8}{head[6]:>10}{head[7]:>10}"
+        f"{head[0]:<42}{head[1]:>10}{head[2]:>8}{head[3]:>8}{head[4]:>8}{head[5]:>8}{head[6]:>10}{head[7]:>10}"
     )
     for key in ("a", "b"):
         s = r[key]
         label = f"{key.upper()}: {s['what']}"
         print(
-            f"{label:<34}{s['processes']:>10}{s['threads']:>8}{s['latency_s_p50']:>8.3f}"
+            f"{label:<42}{s['processes']:>10}{s['threads']:>8}{s['latency_s_p50']:>8.3f}"
             f"{s['latency_s_p95']:>8.3f}{s['tokens_per_s']:>8.1f}{s['rss_mib']:>10.1f}{s['pss_mib']:>10.1f}"
         )
     x = r["ratios"]
