@@ -56,11 +56,11 @@ def test_calibrate_then_eval_with_the_profile(tmp_path):
     profile, cache = tmp_path / "profile.json", tmp_path / "scores.jsonl"
     out = _legion(
         "calibrate", "--data", str(train), "--config", str(cfg), "--out", str(profile),
-        "--folds", "3", "--threads", "2", "--scores", str(cache),
+        "--folds", "3", "--threads", "2", "--scores", str(cache), "--shots", str(train),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     p = load_profile(profile)
-    # The two exemplars of cloze2 are left out of the fit.
+    # The two exemplars of cloze2 (drawn from --shots, the training file itself here) are left out.
     assert p.fit.items == len(FACTS) - 2 and p.fit.excluded_exemplars == 2
     assert [a.name for a in p.agents] == ["qa", "qa-pmi", "cloze2"] and p.fit.method == "conditional_logit"
     check_agents(p, load_config(cfg).agents)
@@ -68,7 +68,7 @@ def test_calibrate_then_eval_with_the_profile(tmp_path):
     ev = _legion(
         "eval", "--data", str(dev), "--config", str(cfg), "--profile", str(profile),
         "--strategies", "plurality,learned,equilibrium", "--baseline-items", "0", "--json",
-        "--scores", str(cache),
+        "--scores", str(cache), "--shots", str(train),
     )  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
