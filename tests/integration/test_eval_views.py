@@ -73,8 +73,9 @@ def test_plain_scorer_and_engine_compute_the_same_loglikelihoods():
 
 
 def test_free_text_eval_answers_with_real_agents_through_the_cli(tmp_path):
-    """``legion eval --free-text`` end to end on the bundled model: the Arbiter answers each item
-    with every strategy named, every answer is judged, and the report says what each cost."""
+    """``legion eval --free-text`` end to end on the default line-up (two models, nine views): the
+    Arbiter answers each item with every strategy named, every view's own answer is a single row,
+    every answer is judged, and the report says what each cost."""
     import json
     import subprocess
     import sys
@@ -98,12 +99,14 @@ def test_free_text_eval_answers_with_real_agents_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     res = printed["results"]
-    want = {"plurality", "debate", "single:solver", "single:reasoner", "single:critic"}
-    assert want | {"greedy:solver", "self-consistency:solverx2"} <= set(res)
+    panel = [m.name for m in config_from_dict({}).panel]
+    first = panel[0]  # the self-consistency agent by default
+    want = {"plurality", "debate", *(f"single:{m}" for m in panel)}
+    assert want | {f"greedy:{first}", f"self-consistency:{first}x2"} <= set(res)
     assert all(r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in res.values())
     # Tokens are counted per answer asked for, within --max-tokens each: two samples at most 16.
-    assert 0 < res["greedy:solver"]["tokens_per_item"] <= 8
-    assert 0 < res["self-consistency:solverx2"]["tokens_per_item"] <= 16
+    assert 0 < res[f"greedy:{first}"]["tokens_per_item"] <= 8
+    assert 0 < res[f"self-consistency:{first}x2"]["tokens_per_item"] <= 16
     # The debate's rounds ask the agents again: it costs at least the fan-out.
     assert res["debate"]["tokens_per_item"] >= res["plurality"]["tokens_per_item"]
     saved = json.loads(out.read_text())

@@ -56,8 +56,9 @@ def test_legion_doctor_reports_the_build_cpu_and_model(tmp_path):
     assert report["versions"]["llama-cpp-python"] == "0.3.36"
     assert "avx2" in report["cpu"]["flags"].split()
     assert "FMA = 1" in report["llama.cpp system info"]["features"]
-    (check,) = report["checks"]
-    assert check["ok"] and "decoded" in check["detail"]
+    # One check per model of the default line-up (Gemma 3 270M and SmolLM2-135M-Instruct).
+    checks = report["checks"]
+    assert len(checks) == 2 and all(c["ok"] and "decoded" in c["detail"] for c in checks)
 
     cfg = tmp_path / "legion.yaml"
     cfg.write_text(f"agents:\n  - name: gone\n    model_path: {tmp_path / 'missing.gguf'}\n")
