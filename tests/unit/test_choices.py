@@ -431,3 +431,30 @@ def test_a_chat_with_choices_is_a_task_with_choices_and_refuses_tools_and_format
     assert err.value.details["field"] == "strategy"
     with pytest.raises(InvalidChoices, match="choices holds 1"):
         chat_request(ChatBody(messages=ASK, choices=["a"]), cfg)
+
+
+def test_legion_ask_with_choices_prints_each_ones_probability_and_who_picked_it(
+    tmp_path, monkeypatch, capsys
+):
+    import httpx
+
+    from legion_cli.cli import main
+
+    scores = {"a/x": [1.0, 0.0, 0.0], "a/y": [1.0, 0.0, 0.0], "b/z": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+    http = client(tmp_path, make(tmp_path / "arbiter", ChoiceAgents(scores)))
+    sent = []
+
+    def post(url, json, headers, timeout, verify):  # the route app in place of the network
+        sent.append(json)
+        return http.post(httpx.URL(url).path, json=json, headers=headers)
+
+    monkeypatch.setattr(httpx, "post", post)
+    assert main(["ask", QUESTION, "--choices", *CHOICES]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sent[-1]["choices"] == CHOICES
+    assert out[0] == "oxygen" and "probabilities from mean" in out[2]
+    lines = {line.split()[-1]: line for line in out[3:]}  # each choice's line ends with its pickers
+    assert out[3].startswith(" * ") and "picked by a/x, a/y" in out[3]
+    assert "picked by b/z" in out[4] and "picked by c" in out[5] and len(lines) == 3
+    assert main(["ask", QUESTION, "--choices", *CHOICES, "--min-confidence", "0.99"]) == 0
+    assert capsys.readouterr().out.startswith("(no answer: the decided choice 'oxygen' has probability")
