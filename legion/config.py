@@ -763,7 +763,9 @@ def _default_agents() -> list[AgentConfig]:
             name="gemma",
             model="gemma-3-270m",
             num_cpus=0.9,
-            prefix_cache_slots=4,  # the three exemplar prefixes stay cached, and one more
+            # Its exemplar prefixes stay cached whether it writes (qa form) or scores choices (a
+            # cloze view's own form too): six slots, 36 MiB each at n_ctx 2048.
+            prefix_cache_slots=6,
             views=[
                 view("qa-tok", "qa", "per_token"),
                 view("cloze-byte", "cloze", "per_byte"),
@@ -777,7 +779,7 @@ def _default_agents() -> list[AgentConfig]:
             name="smol",
             model="smollm2-135m-instruct",
             num_cpus=0.9,
-            prefix_cache_slots=3,
+            prefix_cache_slots=4,
             views=[
                 view("qa5", "qa", "sum", 5, 5),
                 view("qa5-cal", "qa", "calibrated", 5, 6),

@@ -187,13 +187,17 @@ def _bench(args: argparse.Namespace) -> int:
         args.max_tokens = 24 if args.views else 48
     if args.repeats is None:
         args.repeats = 8 if args.views else 3
+    if args.choices and not args.views:
+        from legion.errors import ConfigError
+
+        raise ConfigError("--choices goes with --views: pass both")
     if args.views:
         from legion.config import load_config
         from legion_cli.views_bench import run_views_bench
 
         cfg = load_config(args.config)
         _preflight(_model_paths(cfg))
-        return run_views_bench(cfg.agents, args.repeats, args.max_tokens, args.json)
+        return run_views_bench(cfg.agents, args.repeats, args.max_tokens, args.json, args.choices)
     if args.rag_scale:
         from legion_cli.rag_scale import run_rag_scale_bench
 
@@ -463,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: the config's agents speaking as their views in one engine each, against one "
         "agent process per member on the same CPUs: task latency p50/p95, tokens/s, RSS and PSS",
+    )
+    b.add_argument(
+        "--choices",
+        action="store_true",
+        help="with --views: then the same questions as multiple-choice tasks (one score_choices call "
+        "per actor, every member it answers for): task latency p50/p95, tasks/s, the same scores",
     )
     b.set_defaults(func=_bench)
 

@@ -43,9 +43,13 @@ from legion.messages import Candidate, GenerateRequest, TaskRequest
 log = logging.getLogger(__name__)
 
 FORMS = ("listed", "open")
+
+
 # Strategies that need scored options or a profile decide free text too, but these are the ones
 # whose answers only a free-text eval can rate; the rest run when named.
-DEFAULT_STRATEGIES = ("plurality", "trust", "approval", "equilibrium", "conflict", "debate", "decompose")
+def default_strategies(profile: bool) -> list[str]:
+    """Every strategy (``learned`` only with a profile to decide by)."""
+    return [s for s in strategy_names() if profile or s != "learned"]
 
 
 @dataclass
@@ -367,7 +371,7 @@ def run_freetext_cli(args: Any) -> int:
     strategies = check_freetext_strategies(
         [s.strip() for s in args.strategies.split(",") if s.strip()]
         if args.strategies
-        else DEFAULT_STRATEGIES
+        else default_strategies(cfg.arbiter.profile is not None)
     )
     items = [short_item(it, args.form) for it in load_items(args.data, args.limit)]
     if not 0.0 <= args.min_similarity <= 1.0:

@@ -1,12 +1,13 @@
-"""``legion bench --views`` on the real model: the report's shape, and every member answered on
-both sides. Smallest settings (one task of 4 tokens per side, one agent with two views): this
-checks that the benchmark works and reports what it claims to, never how fast anything was."""
+"""``legion bench --views [--choices]`` on the real model: the report's shape, and every member
+answered (free text) and scored (choices) on both sides. Smallest settings (one task of each kind
+per side, 4 tokens, one agent with two views): this checks that the benchmark works and reports
+what it claims to, never how fast anything was."""
 
 from __future__ import annotations
 
 from legion.agent import _speaking, build_prompt
 from legion.config import config_from_dict
-from legion_cli.views_bench import compare, separate_members
+from legion_cli.views_bench import _WARM_UP, CHOICES, QUESTIONS, compare, separate_members
 
 AGENTS = config_from_dict(
     {
@@ -34,8 +35,13 @@ def test_separate_members_keep_each_members_prompt_and_split_the_cpus():
         )
 
 
+def test_every_question_has_a_few_choices():
+    assert set(CHOICES) == {*QUESTIONS, _WARM_UP}
+    assert all(3 <= len(c) <= 4 for c in CHOICES.values())
+
+
 def test_views_bench_reports_both_sides(ray_cluster):
-    r = compare(AGENTS, repeats=1, max_tokens=4)
+    r = compare(AGENTS, repeats=1, max_tokens=4, choices=True)
     members = ["gemma/qa", "gemma/qa2"]
     assert r["members"] == members and r["agents"] == {"gemma": 2}
     assert r["cpus_reserved_per_side"] == 0.5 and r["repeats"] == 1 and r["max_tokens"] == 4
@@ -57,3 +63,13 @@ def test_views_bench_reports_both_sides(ray_cluster):
         "a_over_b_pss",
     }
     assert all(v > 0 for v in r["ratios"].values())
+    c = r["choices"]
+    assert c["a"]["score_choices_calls"] == 1 and c["b"]["score_choices_calls"] == 2
+    for side in ("a", "b"):
+        s = c[side]
+        assert s["answered"] == {m: 1 for m in members}, side  # every member scored the one task
+        assert s["tasks"] == 1 and len(s["latencies_s"]) == 1
+        assert 0 < s["latency_s_p50"] <= s["latency_s_p95"] and s["tasks_per_s"] > 0
+    assert 0 <= c["same_scores"] <= c["scores"] == len(members)
+    assert set(c["ratios"]) == {"b_over_a_latency_p50", "b_over_a_latency_p95", "a_over_b_tasks_per_s"}
+    assert all(v > 0 for v in c["ratios"].values())
