@@ -403,11 +403,20 @@ class AgentConfig(_Strict):
 
 
 class ArbiterConfig(_Strict):
-    default_strategy: str = Field(
-        "plurality",
-        description="Strategy when a request names none; with the default agents and their shipped "
-        "profile, learned.",
+    default_strategy: str = Field("plurality", description="Strategy when a request names none.")
+    choice_strategy: str | None = Field(
+        None,
+        description="Strategy when a task with choices names none (None: default_strategy); with the "
+        "default agents and their shipped profile, learned (chosen on the ARC dev sets, where it is the "
+        "only strategy never below the best single view; on free text it is not, so default_strategy "
+        "stays plurality: docs/arbitration.md).",
     )
+
+    @property
+    def default_choice_strategy(self) -> str:
+        """The strategy of a task with choices that names none."""
+        return self.choice_strategy or self.default_strategy
+
     agent_timeout_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="How long the Arbiter waits for agents' candidates."
     )
@@ -819,15 +828,16 @@ class LegionConfig(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _shipped_profile(cls, data: Any) -> Any:
-        # The default line-up comes with its profile and decides with it (learned: chosen on the
-        # ARC dev sets, docs/arbitration.md); agents of one's own name their own profile, or none.
+        # The default line-up comes with its profile, and decides a task's choices with it (learned:
+        # chosen on the ARC dev sets, docs/arbitration.md); free text stays with plurality, which
+        # was ahead there. Agents of one's own name their own profile, or none.
         if not isinstance(data, dict) or "agents" in data or not SHIPPED_PROFILE.is_file():
             return data
         arbiter = data.get("arbiter")
         arbiter = {} if arbiter is None else arbiter
         if isinstance(arbiter, dict) and "profile" not in arbiter:
             arbiter = {**arbiter, "profile": str(SHIPPED_PROFILE)}
-            arbiter.setdefault("default_strategy", "learned")
+            arbiter.setdefault("choice_strategy", "learned")
             return {**data, "arbiter": arbiter}
         return data
 

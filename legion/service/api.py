@@ -312,7 +312,9 @@ def check_max_tokens(value: int | None, cfg: LegionConfig) -> int | None:
 
 
 def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
-    strategy = body.strategy or cfg.arbiter.default_strategy
+    strategy = body.strategy or (
+        cfg.arbiter.default_choice_strategy if body.choices is not None else cfg.arbiter.default_strategy
+    )
     get_strategy(strategy)
     if body.vote_field is not None and body.json_schema is None:
         raise InvalidRequest("vote_field needs a schema: send 'schema' with the field as a required property")
@@ -491,6 +493,8 @@ def chat_request(
         )
     strategy = strategy_for_model(body.model, cfg)
     if choices is not None:
+        if body.model == MODEL_PREFIX:  # no strategy named: the one for choices
+            strategy = cfg.arbiter.default_choice_strategy
         check_choice_strategy(strategy)
     return TaskRequest(
         id=new_id("chatcmpl"),

@@ -211,7 +211,11 @@ def test_the_default_line_up_serves_two_models_as_nine_views_with_its_profile(de
         data = client.post("/v1/tasks", json=body).json()
         assert data["choice"]["probability_source"] == "profile"
         assert set(data["choice"]["picks"]) == {m.name for m in cfg.panel}
-        assert data["answer"] in body["choices"] and data["strategy"] == cfg.arbiter.default_strategy
+        assert (
+            data["answer"] in body["choices"]
+            and data["strategy"] == cfg.arbiter.default_choice_strategy == "learned"
+        )
         free = client.post("/v1/tasks", json={"task": "What is the capital of France?", "cache": False})
         assert free.status_code == 200, free.text
+        assert free.json()["strategy"] == cfg.arbiter.default_strategy == "plurality"
         assert {c["agent"] for c in free.json()["candidates"]} == {m.name for m in cfg.panel}

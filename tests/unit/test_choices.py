@@ -458,3 +458,22 @@ def test_legion_ask_with_choices_prints_each_ones_probability_and_who_picked_it(
     assert "picked by b/z" in out[4] and "picked by c" in out[5] and len(lines) == 3
     assert main(["ask", QUESTION, "--choices", *CHOICES, "--min-confidence", "0.99"]) == 0
     assert capsys.readouterr().out.startswith("(no answer: the decided choice 'oxygen' has probability")
+
+
+def test_the_default_line_up_decides_choices_with_learned_and_free_text_with_plurality():
+    from legion.service.api import ChatBody, TaskBody, chat_request, task_request
+
+    cfg = config_from_dict({})  # the default agents and their shipped profile
+    assert cfg.arbiter.profile is not None
+    assert task_request(TaskBody(task="Capital of France?"), cfg).strategy == "plurality"
+    assert task_request(TaskBody(task="Capital?", choices=["Paris", "Rome"]), cfg).strategy == "learned"
+    asked = task_request(TaskBody(task="Capital?", choices=["Paris", "Rome"], strategy="borda"), cfg)
+    assert asked.strategy == "borda"
+    chat = ChatBody(messages=[{"role": "user", "content": "Capital?"}], choices=["Paris", "Rome"])
+    assert chat_request(chat, cfg).strategy == "learned"
+    plain = ChatBody(messages=[{"role": "user", "content": "Capital?"}])
+    assert chat_request(plain, cfg).strategy == "plurality"
+    # One's own agents: no profile, and choices follow default_strategy unless choice_strategy says.
+    own = config_from_dict({"agents": [{"name": "a"}], "arbiter": {"default_strategy": "borda"}})
+    assert own.arbiter.profile is None
+    assert task_request(TaskBody(task="Capital?", choices=["Paris", "Rome"]), own).strategy == "borda"
