@@ -182,15 +182,24 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    # --views has its own defaults (short answers, more tasks); every other measure 48 and 3.
+    # --views (and --fanout) have their own defaults (short answers, more tasks); every other 48 and 3.
     if args.max_tokens is None:
-        args.max_tokens = 24 if args.views else 48
+        args.max_tokens = 24 if args.views or args.fanout else 48
     if args.repeats is None:
         args.repeats = 8 if args.views else 3
     if args.choices and not args.views:
         from legion.errors import ConfigError
 
         raise ConfigError("--choices goes with --views: pass both")
+    if args.fanout:
+        from legion.config import load_config
+        from legion_cli.fanout_bench import run_fanout_bench
+
+        cfg = load_config(args.config)
+        _preflight(_model_paths(cfg))
+        return run_fanout_bench(
+            cfg, args.data, args.limit, args.concurrency, args.free_text, args.max_tokens, args.json
+        )
     if args.views:
         from legion.config import load_config
         from legion_cli.views_bench import run_views_bench
@@ -407,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure tokens/s (bare vs actor) and HTTP overhead")
     b.add_argument("--config", help="YAML config whose first agent (--views: every agent) is benchmarked")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--max-tokens", type=int, help="tokens per generation (default 48; --views 24)")
+    b.add_argument("--max-tokens", type=int, help="tokens per generation (default 48; --views, --fanout 24)")
     b.add_argument("--rounds", type=int, default=3, help="generations per agent per measure")
     b.add_argument(
         "--repeats",
@@ -473,6 +482,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --views: then the same questions as multiple-choice tasks (one score_choices call "
         "per actor, every member it answers for): task latency p50/p95, tasks/s, the same scores",
+    )
+    b.add_argument(
+        "--fanout",
+        action="store_true",
+        help="instead: one served Legion (the config's line-up) answers the same uncached tasks with "
+        "fanout all and adaptive, alternated in blocks: tasks/s, latency p50/p95, agents asked per task, "
+        "the ratios adaptive/all",
+    )
+    b.add_argument(
+        "--data",
+        help="with --fanout: multiple-choice JSONL items (legion eval's format; default the ARC-Easy dev "
+        "set in /work/shared/benchdata when present, else built-in questions)",
+    )
+    b.add_argument("--limit", type=int, default=40, help="with --fanout: the first N items (default 40)")
+    b.add_argument(
+        "--concurrency", type=int, default=4, help="with --fanout: requests in flight at once (default 4)"
+    )
+    b.add_argument(
+        "--free-text",
+        action="store_true",
+        help="with --fanout: the questions without their choices (the free-text default strategy)",
     )
     b.set_defaults(func=_bench)
 
