@@ -420,6 +420,28 @@ class ArbiterConfig(_Strict):
     agent_timeout_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="How long the Arbiter waits for agents' candidates."
     )
+    fanout: Literal["all", "adaptive"] = Field(
+        "all",
+        description="Which members a task asks: 'all' (every view of every agent), or 'adaptive': in "
+        "waves, best reliability per unit of compute first, stopping once the risk that the full panel "
+        "would decide otherwise is at most adaptive_risk (docs/arbitration.md). A request may set its own.",
+    )
+    adaptive_risk: float = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="fanout adaptive: stop asking once P(the full panel's vote differs from the leader) "
+        "is at most this.",
+    )
+    adaptive_first_wave: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="fanout adaptive: members asked at once before the first look at the vote.",
+    )
+    adaptive_wave: int = Field(
+        1, ge=1, le=64, description="fanout adaptive: members asked in each later wave."
+    )
     num_cpus: float = Field(0.05, ge=0.0, le=16.0, description="CPU share of the Arbiter actor.")
     max_concurrency: int = Field(256, ge=1, le=10000, description="Tasks one Arbiter runs at once.")
     restart_wait_s: float = Field(

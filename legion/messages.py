@@ -209,6 +209,10 @@ class TaskResult(BaseModel):
     sources: list[Source] = Field(default_factory=list)
     retrieval: RetrievalInfo | None = None  # None when the task did not ask for retrieval
     choice: ChoiceResult | None = None  # a task with choices: the decision over them
+    fanout: Literal["all", "adaptive"] = "all"  # how the first round asked the panel
+    agents_asked: int | None = None  # panel members asked in the first round (None: cached)
+    skipped_agents: list[str] = Field(default_factory=list)  # members adaptive fan-out never asked
+    adaptive_risk: float | None = None  # adaptive: P(the full panel would differ) at the stop
 
 
 class AgentStats(BaseModel):
@@ -265,6 +269,9 @@ class TaskRequest(BaseModel):
     choices: list[str] | None = None
     # With choices: below this probability of the decided choice the answer is None, with why.
     min_confidence: float | None = None
+    # Which members the task asks: "all", or "adaptive" (waves until the vote is settled); None:
+    # the Arbiter's arbiter.fanout. Not in the cache key: adaptive stops where the full vote would agree.
+    fanout: Literal["all", "adaptive"] | None = None
 
 
 # Retrieval (the ingress and the CLI talk to ``actors.retriever.RetrieverActor`` with these).

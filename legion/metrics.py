@@ -71,6 +71,19 @@ _DEFS = {
         "Panel members' first answers by whether they matched the decision (agreed, disagreed, failed).",
         ("agent", "view", "outcome"),
     ),
+    "agents_asked": (
+        "histogram",
+        "legion_agents_asked",
+        "Panel members (views of agents) a task's first round asked, by fanout (all, adaptive).",
+        ("fanout",),
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 32.0],
+    ),
+    "agents_skipped": (
+        "counter",
+        "legion_agents_skipped",
+        "Panel members adaptive fan-out did not ask because the vote was settled.",
+        (),
+    ),
     "replicas": ("gauge", "legion_agent_replicas", "Replicas in an agent's pool.", ("agent",)),
     "up": (
         "gauge",
@@ -149,6 +162,13 @@ def arbitration(strategy: str, rounds: int, agreement: float | None) -> None:
     _record("rounds", rounds, strategy=strategy)
     if agreement is not None:
         _record("agreement", agreement, strategy=strategy)
+
+
+def agents_asked(fanout: str, asked: int, panel: int) -> None:
+    """One task's first round: how many members it asked, and (adaptive) how many it skipped."""
+    _record("agents_asked", asked, fanout=fanout)
+    if panel > asked:
+        _record("agents_skipped", panel - asked)
 
 
 def member_votes(outcomes: dict[str, str]) -> None:

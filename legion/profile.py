@@ -51,6 +51,13 @@ class ProfileAgent(_StrictModel):
     train_accuracy: float | None = Field(
         None, ge=0.0, le=1.0, description="Its own accuracy on the fit's items."
     )
+    vote_points: float | None = Field(
+        None,
+        ge=0.0,
+        le=1000.0,
+        description="Mean points its own pick gains over the other choices in the fitted combination, on "
+        "the fit's items (weight times the log-softmax gap; adaptive fan-out's measure of its sway).",
+    )
 
     @field_validator("weight")
     @classmethod

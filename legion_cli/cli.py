@@ -553,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--profile", help="an Arbiter profile (legion calibrate) for the learned and equilibrium strategies"
     )
+    e.add_argument(
+        "--fanout",
+        choices=["all", "adaptive"],
+        default="all",
+        help="adaptive: also decide every item with adaptive fan-out (the config's adaptive_* settings) "
+        "and report, per strategy, its accuracy, agents asked and cost beside the full panel's",
+    )
+    e.add_argument("--adaptive-risk", type=float, help="override arbiter.adaptive_risk for --fanout adaptive")
     ft = e.add_argument_group(
         "free text",
         "--free-text: the items as short-answer tasks, answered by every strategy that writes answers",

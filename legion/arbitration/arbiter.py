@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from legion import metrics
+from legion.arbitration import adaptive
 from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
 from legion.arbitration.strategies.base import choice_candidates
@@ -185,6 +186,11 @@ class _Session:
         self.standing: Mapping[str, float] = {}  # each member's weight in a tie (Candidate.weight)
         self.rounds = 0  # rounds of agent calls, for the metrics
         self.call_keys: set[str] = set()  # tool_choice auto: the vote keys that are calls
+        # fanout adaptive: the stop rule, then the members asked and skipped and the risk at the stop.
+        self.rule: adaptive.StopRule | None = None
+        self.asked: list[str] = list(self.roles)
+        self.skipped: list[str] = []
+        self.risk: float | None = None
 
     def now_ms(self) -> float:
         return round((time.perf_counter() - self.t0) * 1000, 2)
@@ -230,11 +236,54 @@ class _Session:
         refused it for a full queue."""
         if self.first is None:
             gen = self.request(self.task)
-            self.first = await self._gather({a: gen for a in self.roles}, "fanout", trace_each=True)
+            if self.rule is None:
+                self.first = await self._gather({a: gen for a in self.roles}, "fanout", trace_each=True)
+            else:
+                self.first = await self._adaptive_fanout(gen)
             self.missing = {c.agent for c in self.first if not c.ok}
             if self.first and all(c.error_code == ErrorCode.OVERLOADED.value for c in self.first):
                 raise _overloaded("every agent's queue is full")
         return self.first
+
+    async def _adaptive_fanout(self, gen: GenerateRequest) -> list[Candidate]:
+        """The first answers in waves (``legion.arbitration.adaptive``): after each wave the Bayes
+        vote of the answers so far, by their rule-normalised keys, says how likely the full panel
+        is to decide otherwise; below ``adaptive_risk`` the members left are never asked. The
+        answers asked are then grouped (equivalence) together, as a full fan-out's are."""
+        assert self.rule is not None
+        plan = self.rule.plan(self.settings.adaptive_first_wave, self.settings.adaptive_wave)
+        order = [m for wave in plan for m in wave]
+        got: list[Candidate] = []
+        asked: list[str] = []
+        self.rounds += 1
+        self.trace("fanout", agents=order, fanout="adaptive", waves=plan)
+        for i, wave in enumerate(plan):
+            asked += wave
+            got += await self._collect({m: gen for m in wave}, trace_each=True)
+            votes = {c.agent: (c.normalized if c.ok and c.normalized else None) for c in got}
+            stop = self.rule.look_votes(votes, self._vote_leader(got), order[len(asked) :], None)
+            self.trace(
+                "adaptive_look", wave=i + 1, asked=list(asked), leader=stop.leader, risk=round(stop.risk, 4)
+            )
+            if stop.settled(self.settings.adaptive_risk):
+                break
+        self.asked, self.skipped, self.risk = asked, order[len(asked) :], stop.risk
+        self.trace("adaptive_stop", asked=asked, skipped=self.skipped, risk=round(stop.risk, 4))
+        return await self._settle_answers(
+            got, {m: gen for m in asked}, "fanout", trace_each=True, streamed=set(asked)
+        )
+
+    def _vote_leader(self, got: Sequence[Candidate]) -> str | None:
+        """The answer leading the Bayes vote of ``got`` (a tie: the members' standing, then the first)."""
+        assert self.rule is not None
+        votes = {c.agent: c.normalized for c in got if c.ok and c.normalized}
+        if not votes:
+            return None
+        k = adaptive.n_labels(dict.fromkeys(votes.values(), 0.0), None, None)
+        points = adaptive.vote_points(votes, self.rule.skill, k)
+        rank = {v: i for i, v in enumerate(votes.values())}
+        stand = {v: sum(self.standing.get(m, 0.0) for m, x in votes.items() if x == v) for v in points}
+        return max(points, key=lambda v: (round(points[v], 9), stand[v], -rank[v]))
 
     async def ask(self, requests: Mapping[str, GenerateRequest], step: str) -> list[Candidate]:
         return await self._gather(requests, step, trace_each=False)
@@ -292,17 +341,21 @@ class _Session:
             agents=list(requests),
             **({} if trace_each else {"tasks": {a: r.task for a, r in requests.items()}}),
         )
-        out: dict[str, Candidate] = {}
-        streamed: set[str] = set()
+        answers = await self._collect(requests, trace_each)
+        return await self._settle_answers(answers, requests, step, trace_each, streamed=set(requests))
+
+    async def _collect(self, requests: Mapping[str, GenerateRequest], trace_each: bool) -> list[Candidate]:
+        """Every named member's answer within ``agent_timeout_s`` (a failed one says why), in the
+        order of ``requests``; with ``trace_each`` each goes to the stream as it arrives."""
 
         async def collect(name: str, gen: GenerateRequest) -> Candidate:
             c = await self._answer(name, gen)
             if trace_each:  # a fan-out candidate goes to the stream the moment it arrives
-                streamed.add(name)
                 self._stream(c)
             return c
 
         timeout = self.settings.agent_timeout_s
+        out: dict[str, Candidate] = {}
         tasks = {asyncio.ensure_future(collect(n, g)): n for n, g in requests.items()}
         try:
             done, pending = (await asyncio.wait(tasks, timeout=timeout)) if tasks else (set(), set())
@@ -320,7 +373,19 @@ class _Session:
                 error=f"no answer within agent_timeout_s={timeout}",
                 latency_ms=self.now_ms(),
             )
-        answers = [out[n] for n in requests]
+            if trace_each:  # timed out: streamed now, as failed
+                self._stream(out[name])
+        return [out[n] for n in requests]
+
+    async def _settle_answers(
+        self,
+        answers: list[Candidate],
+        requests: Mapping[str, GenerateRequest],
+        step: str,
+        trace_each: bool,
+        streamed: set[str],
+    ) -> list[Candidate]:
+        """``answers`` with their vote keys (equivalent answers grouped), traced."""
         # Constrained (JSON) answers already carry their canonical JSON as the key.
         constrained = any(r.output is not None for r in requests.values())
         if constrained:
@@ -329,10 +394,8 @@ class _Session:
             texts = iter(await self._group([c for c in answers if not self._is_call(c)], requests, step))
             ordered = [c if self._is_call(c) else next(texts) for c in answers]
         for c in ordered:
-            if trace_each and c.agent not in streamed:  # timed out
-                self._stream(c)
             if trace_each or not c.ok:
-                self._record(candidate_event(c, step), streamed=trace_each)
+                self._record(candidate_event(c, step), streamed=trace_each and c.agent in streamed)
             else:
                 self.trace(f"{step}_answer", agent=c.agent, normalized=c.normalized, text=c.text)
         self.latest = ordered
@@ -524,6 +587,24 @@ class Arbiter:
 
         return list(await asyncio.gather(*(entry(a) for a in self.cfg.agents)))
 
+    async def _stop_rule(self, strategy: Strategy, names: list[str], choices: bool) -> adaptive.StopRule:
+        """The adaptive stop rule of ``strategy`` for this task: the members' skills from the
+        profile's train accuracies, else from their trust records."""
+        profile = None
+        if self.cfg.arbiter.profile is not None:
+            try:
+                profile = load_profile(self.cfg.arbiter.profile)
+            except LegionError:
+                log.exception("could not read the profile")
+        records = None
+        if profile is None or any(a.train_accuracy is None for a in profile.agents):
+            try:
+                got = await asyncio.to_thread(self.trust.records, names)
+                records = {n: (r.agreements, r.updates) for n, r in got.items()}
+            except Exception:
+                log.exception("could not read the trust records")
+        return adaptive.stop_rule(strategy.name, self.panel, profile, records, choices)
+
     def _profile_weights(self) -> dict[str, float]:
         if self.cfg.arbiter.profile is None:
             return {}
@@ -554,6 +635,9 @@ class Arbiter:
         # Votes that tie between answers go to the members' standing: the profile's weights,
         # else the trust weights, never one model's likelihood of its own answer.
         s.standing = profiled or trust or {}
+        fanout = s.req.fanout or self.cfg.arbiter.fanout
+        if fanout == "adaptive" and getattr(strategy, "adaptive_fanout", False):
+            s.rule = await self._stop_rule(strategy, names, choices=s.req.choices is not None)
         choice = None
         if s.req.choices is not None:
             decision, choice = await self._choose(s, strategy)
@@ -567,6 +651,7 @@ class Arbiter:
             sum(c.normalized == decision.answer_key for c in first_ok) / len(first_ok) if first_ok else None
         )
         metrics.arbitration(strategy.name, s.rounds, agreement)
+        metrics.agents_asked("adaptive" if s.rule is not None else "all", len(s.asked), len(self.panel))
         if decision.answer_key:
             metrics.member_votes(
                 {
@@ -604,6 +689,10 @@ class Arbiter:
             missing_agents=sorted({c.agent for c in (s.first or []) if not c.ok}),
             trace=s.events,
             choice=choice,
+            fanout="adaptive" if s.rule is not None else "all",
+            agents_asked=len(s.asked),
+            skipped_agents=s.skipped,
+            adaptive_risk=None if s.risk is None else round(s.risk, 6),
         )
 
     async def _choose(self, s: _Session, strategy: Strategy) -> tuple[Decision, ChoiceResult]:
@@ -619,21 +708,6 @@ class Arbiter:
                 "or conflict (or leave strategy out)",
                 details={"field": "strategy"},
             )
-        by_agent: dict[str, list[str]] = {}
-        for m in self.panel:
-            by_agent.setdefault(self.owner[m.name], []).append(m.name)
-        s.rounds += 1
-        s.trace("choices", choices=choices, agents={a: ms for a, ms in by_agent.items()})
-        timeout = self.cfg.arbiter.agent_timeout_s
-
-        async def scored(agent: str, members: list[str]) -> list[ChoiceScores]:
-            call = self.agents.score_choices(agent, req.task, choices, members, req.context)
-            try:
-                return await asyncio.wait_for(call, timeout)
-            except TimeoutError:
-                raise TimeoutError(f"no scores within agent_timeout_s={timeout}") from None
-
-        got = await asyncio.gather(*(scored(a, ms) for a, ms in by_agent.items()), return_exceptions=True)
         conts = [" " + c for c in choices]
         scores = OptionScores(
             options=[str(i) for i in range(len(choices))],
@@ -641,26 +715,18 @@ class Arbiter:
             n_bytes=[len(c.encode("utf-8")) for c in conts],
             rule_applied=True,
         )
-        failed: list[Candidate] = []
-        for members, result in zip(by_agent.values(), got, strict=True):
-            if isinstance(result, BaseException):
-                error = str(result) if isinstance(result, TimeoutError) else describe_failure(result)
-                code = result.code.value if isinstance(result, LegionError) else None
-                failed += [
-                    Candidate(agent=m, role=s.roles[m], error=error, error_code=code, latency_ms=s.now_ms())
-                    for m in members
-                ]
-                continue
-            for cs in result:
-                scores.loglik[cs.member] = cs.scores
-                scores.n_tokens[cs.member] = cs.n_tokens
+        failed: dict[str, Candidate] = {}
+        s.rounds += 1
+        if s.rule is None:
+            await self._score_members(s, [m.name for m in self.panel], scores, failed)
+        else:
+            await self._adaptive_choices(s, strategy, scores, failed)
         answered = {c.agent: c for c in choice_candidates(scores, s.roles, s.standing)}
         for c in answered.values():
             c.latency_ms = s.now_ms()
-        failed_by = {c.agent: c for c in failed}
-        cands = [answered.get(m.name) or failed_by[m.name] for m in self.panel]
+        cands = [answered.get(m) or failed[m] for m in s.roles if m in answered or m in failed]
         s.first = s.latest = cands
-        s.missing = set(failed_by)
+        s.missing = set(failed)
         if cands and all(c.error_code == ErrorCode.OVERLOADED.value for c in cands):
             raise _overloaded("every agent's queue is full")
         for c in cands:
@@ -691,6 +757,79 @@ class Arbiter:
         if index is not None:
             decision.answer = choices[index]
         return decision, choice
+
+    async def _score_members(
+        self, s: _Session, members: list[str], scores: OptionScores, failed: dict[str, Candidate]
+    ) -> None:
+        """``members`` score the task's choices (one call per agent, its members batched in its
+        engine); their scores go into ``scores``, a failed call's members into ``failed``."""
+        by_agent: dict[str, list[str]] = {}
+        for m in members:
+            by_agent.setdefault(self.owner[m], []).append(m)
+        s.trace("choices", choices=scores.texts, agents=by_agent)
+        timeout = self.cfg.arbiter.agent_timeout_s
+        req = s.req
+
+        async def scored(agent: str, ms: list[str]) -> list[ChoiceScores]:
+            call = self.agents.score_choices(agent, req.task, list(scores.texts), ms, req.context)
+            try:
+                return await asyncio.wait_for(call, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no scores within agent_timeout_s={timeout}") from None
+
+        got = await asyncio.gather(*(scored(a, ms) for a, ms in by_agent.items()), return_exceptions=True)
+        for ms, result in zip(by_agent.values(), got, strict=True):
+            if isinstance(result, BaseException):
+                error = str(result) if isinstance(result, TimeoutError) else describe_failure(result)
+                code = result.code.value if isinstance(result, LegionError) else None
+                for m in ms:
+                    failed[m] = Candidate(
+                        agent=m, role=s.roles[m], error=error, error_code=code, latency_ms=s.now_ms()
+                    )
+                continue
+            for cs in result:
+                scores.loglik[cs.member] = cs.scores
+                scores.n_tokens[cs.member] = cs.n_tokens
+
+    async def _adaptive_choices(
+        self, s: _Session, strategy: Strategy, scores: OptionScores, failed: dict[str, Candidate]
+    ) -> None:
+        """Choices scored in waves until the vote is settled: after each wave, the strategy's
+        leader over the members so far and the risk that the full panel decides otherwise (by the
+        profile's combined scores for ``learned``, else by the Bayes vote of the members' picks)."""
+        rule = s.rule
+        assert rule is not None
+        a = self.cfg.arbiter
+        plan = rule.plan(a.adaptive_first_wave, a.adaptive_wave)
+        order = [m for wave in plan for m in wave]
+        s.trace("fanout", agents=order, fanout="adaptive", waves=plan)
+        profile = load_profile(a.profile) if rule.by_points and a.profile is not None else None
+        n = len(scores.options)
+        asked: list[str] = []
+        stop = adaptive.Settlement(None, 1.0, len(order))
+        for i, wave in enumerate(plan):
+            asked += wave
+            await self._score_members(s, wave, scores, failed)
+            remaining = order[len(asked) :]
+            got = learned_distribution(scores, profile, scores.options) if profile and scores.loglik else None
+            if got is not None:
+                points = {
+                    o: math.log(max(float(p), 1e-300)) for o, p in zip(scores.options, got[0], strict=True)
+                }
+                leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
+                stop = rule.look_points(points, leader, remaining, n)
+            else:
+                cands = choice_candidates(scores, {m: s.roles[m] for m in asked}, s.standing)
+                votes = {m: None for m in asked} | {c.agent: c.normalized for c in cands}
+                leader = strategy.decide(cands, s.weights, scores).answer_key or None if cands else None
+                stop = rule.look_votes(votes, leader, remaining, n)
+            s.trace(
+                "adaptive_look", wave=i + 1, asked=list(asked), leader=stop.leader, risk=round(stop.risk, 4)
+            )
+            if stop.settled(a.adaptive_risk):
+                break
+        s.asked, s.skipped, s.risk = asked, order[len(asked) :], stop.risk
+        s.trace("adaptive_stop", asked=asked, skipped=s.skipped, risk=round(stop.risk, 4))
 
     def _choice_probabilities(self, scores: OptionScores) -> tuple[list[float], str]:
         """P(choice): the profile's fitted combination of the members' scores where there is a

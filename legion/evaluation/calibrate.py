@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,7 @@ class FitResult:
     cv: list[dict[str, float]]
     train_accuracy: float
     single_accuracy: dict[str, float]
+    vote_points: dict[str, float] = field(default_factory=dict)
 
 
 def feature_scale(data: Dataset) -> np.ndarray:
@@ -261,7 +262,21 @@ def fit(data: Dataset, grid: Sequence[float] = L2_GRID, folds: int = 5, seed: in
         a: round(float((np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1) == labels).mean()), 4)
         for k, a in enumerate(data.agents)
     }
-    return FitResult(w, l2, rows, round(accuracy(w, data), 4), single)
+    return FitResult(w, l2, rows, round(accuracy(w, data), 4), single, vote_points(w, data))
+
+
+def vote_points(w: np.ndarray, data: Dataset) -> dict[str, float]:
+    """Each agent's mean sway in the fit: ``|w| * (x[pick] - mean of x over the other choices)``,
+    its own pick's log-softmax gap over the item's other choices, times its weight."""
+    out = {}
+    n_choices = data.mask.sum(axis=1)
+    for k, a in enumerate(data.agents):
+        x = np.where(data.mask, data.x[:, k, :], _NEG)
+        pick = x.argmax(axis=1)
+        top = x[np.arange(data.n), pick]
+        rest = (np.where(data.mask, data.x[:, k, :], 0.0).sum(axis=1) - top) / np.maximum(1, n_choices - 1)
+        out[a] = round(float(abs(w[k]) * (top - rest).mean()), 6)
+    return out
 
 
 def make_profile(
@@ -288,6 +303,7 @@ def make_profile(
                 temperature=round(1.0 / abs(float(w)), 6) if abs(float(w)) > 1e-12 else None,
                 view=view_of(a),
                 train_accuracy=result.single_accuracy.get(a.name),
+                vote_points=result.vote_points.get(a.name),
             )
             for a, w in zip(agents, result.weights, strict=True)
         ],

@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from legion.agent import member_prefix
+from legion.arbitration import adaptive as adaptive_rule
 from legion.arbitration.strategies import OptionScores, build_strategy, strategy_names
 from legion.arbitration.strategies.base import choice_candidates
+from legion.arbitration.strategies.learned import learned_distribution
 from legion.arbitration.trust import agreement_losses, hedge_update
 from legion.config import AgentConfig, LegionConfig, load_config
 from legion.engine import views
@@ -465,6 +469,7 @@ def evaluate(
     curve: dict[int, dict[str, float]] | None = None,
     report: dict[str, Any] | None = None,
     baseline_items: int = 0,
+    fanout: str = "all",
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, item count and seconds of every strategy and of ``single:<agent>`` for each
     agent (restricted to ``agents`` when given), on the same items in order.
@@ -475,6 +480,11 @@ def evaluate(
     agent gets right (``oracle``), and the timing of each agent's pass (``timing``, with each
     few-shot agent's cost against a zero-shot one and, for ``baseline_items`` > 0, against the
     plain one-at-a-time scorer on that many items).
+
+    With ``fanout="adaptive"`` every strategy also gets a ``<strategy>@adaptive`` row: the same
+    items decided by adaptive fan-out (``legion.arbitration.adaptive``, with the config's
+    ``adaptive_*`` settings) replayed over the members' scores, with the mean members asked, their
+    share of the panel's calls and of its scoring seconds, and how often it decides as the full panel.
     """
     chosen = [a for a in cfg.panel if agents is None or a.name in agents]
     if not chosen:
@@ -496,6 +506,7 @@ def evaluate(
     trust = {(k, s): {a.name: 1.0 for a in chosen[:k]} for k in [*sizes, len(chosen)] for s in names}
     profiled = load_profile(cfg.arbiter.profile).weights if cfg.arbiter.profile else None
     decisions: dict[str, list[str]] = {s: [] for s in names}
+    adaptive = _AdaptiveReplay(cfg, chosen, names) if fanout == "adaptive" else None
     solver_s = 0.0
     wall_s = 0.0
     picks: dict[str, list[int]] = {a.name: [] for a in chosen}
@@ -532,6 +543,8 @@ def evaluate(
             if s == "equilibrium":
                 solver_s += d.details.get("solver_ms", 0.0) / 1000
                 wall_s += all_s + took
+            if adaptive is not None:
+                adaptive.item(s, strat, cands, scores, agent_s, truth, d.answer_key, trust, profiled)
         for k in sizes:
             sub = _restrict(scores, chosen[:k])
             for s, strat in runners.items():
@@ -545,6 +558,8 @@ def evaluate(
             100 * solver_s / wall_s,
         )
     out = {k: r.row() for k, r in results.items()}
+    if adaptive is not None:
+        out |= adaptive.rows()
     if wall_s > 0:
         out["equilibrium"]["solver_share"] = round(solver_s / wall_s, 5)
     if curve is not None:
@@ -589,6 +604,96 @@ def _decide(
         losses = agreement_losses({c.agent: c.normalized for c in cands}, d.answer_key)
         trust[at] = hedge_update(w, losses, cfg.arbiter.trust_eta, cfg.arbiter.trust_floor)
     return d
+
+
+class _AdaptiveReplay:
+    """Adaptive fan-out replayed over scores already at hand: for each item and strategy, the
+    members in the Arbiter's order, the strategy's decision over those asked so far, the stop."""
+
+    def __init__(self, cfg: LegionConfig, chosen: Sequence[AgentConfig], names: Sequence[str]):
+        a = cfg.arbiter
+        self.cfg = cfg
+        self.limit = a.adaptive_risk
+        self.profile = load_profile(a.profile) if a.profile is not None else None
+        self.rules = {s: adaptive_rule.stop_rule(s, chosen, self.profile, None, choices=True) for s in names}
+        self.plans = {s: r.plan(a.adaptive_first_wave, a.adaptive_wave) for s, r in self.rules.items()}
+        self.n_members = len(chosen)
+        members = [m.name for m in chosen]
+        self.trust = {("adaptive", s): dict.fromkeys(members, 1.0) for s in names}
+        self.stats = {
+            s: {"n": 0, "correct": 0, "asked": 0, "same": 0, "seconds": 0.0, "all_s": 0.0, "risk": 0.0}
+            for s in names
+        }
+
+    def item(self, s, strat, cands, scores, agent_s, truth, full_key, trust, profiled) -> None:
+        by_name = {c.agent: c for c in cands}
+        rule = self.rules[s]
+        w = self.trust[("adaptive", s)] if getattr(strat, "uses_trust", False) else None
+        k = len(scores.options)
+
+        def look(asked: list[str], remaining: list[str]) -> adaptive_rule.Settlement:
+            sub = _restrict_names(scores, asked)
+            if rule.by_points:
+                got = learned_distribution(sub, self.profile, scores.options)
+                if got is not None:
+                    logp = np.log(np.clip(got[0], 1e-300, None))
+                    points = {o: float(x) for o, x in zip(scores.options, logp, strict=True)}
+                    leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
+                    return rule.look_points(points, leader, remaining, k)
+            d = strat.decide([by_name[m] for m in asked], w, sub)
+            votes = {m: (by_name[m].normalized if by_name[m].ok else None) for m in asked}
+            return rule.look_votes(votes, d.answer_key or None, remaining, k)
+
+        asked, stop = adaptive_rule.run_waves(self.plans[s], look, self.limit)
+        # The decision as the Arbiter makes it at the stop, with this replay's own trust step.
+        d = _decide(
+            strat,
+            [by_name[m] for m in asked],
+            _restrict_names(scores, asked),
+            self.trust,
+            ("adaptive", s),
+            profiled,
+            self.cfg,
+        )
+        st = self.stats[s]
+        st["n"] += 1
+        st["correct"] += int(d.answer_key == truth)
+        st["same"] += int(d.answer_key == full_key)
+        st["asked"] += len(asked)
+        st["seconds"] += sum(agent_s[m] for m in asked)
+        st["all_s"] += sum(agent_s.values())
+        st["risk"] += stop.risk
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for s, st in self.stats.items():
+            n = max(1, st["n"])
+            out[f"{s}@adaptive"] = {
+                "accuracy": round(st["correct"] / n, 4),
+                "n": st["n"],
+                "seconds": round(st["seconds"], 2),
+                "agents_asked": round(st["asked"] / n, 3),
+                "calls_share": round(st["asked"] / (n * self.n_members), 4),
+                "seconds_share": round(st["seconds"] / st["all_s"], 4) if st["all_s"] else None,
+                "same_as_full": round(st["same"] / n, 4),
+                "mean_risk_at_stop": round(st["risk"] / n, 4),
+                "order": self.rules[s].order,
+                "skill_source": self.rules[s].skill_source,
+            }
+        return out
+
+
+def _restrict_names(scores: OptionScores, names: Sequence[str]) -> OptionScores:
+    keep = set(names)
+    return OptionScores(
+        options=scores.options,
+        texts=scores.texts,
+        loglik={a: v for a, v in scores.loglik.items() if a in keep},
+        prior={a: v for a, v in scores.prior.items() if a in keep},
+        n_tokens={a: v for a, v in scores.n_tokens.items() if a in keep},
+        n_bytes=scores.n_bytes,
+        rule_applied=scores.rule_applied,
+    )
 
 
 def agreement(picks: dict[str, list[int]]) -> dict[str, dict[str, float]]:
@@ -653,16 +758,7 @@ def timing(
 
 
 def _restrict(scores: OptionScores, agents: Sequence[AgentConfig]) -> OptionScores:
-    keep = {a.name for a in agents}
-    return OptionScores(
-        options=scores.options,
-        texts=scores.texts,
-        loglik={a: v for a, v in scores.loglik.items() if a in keep},
-        prior={a: v for a, v in scores.prior.items() if a in keep},
-        n_tokens={a: v for a, v in scores.n_tokens.items() if a in keep},
-        n_bytes=scores.n_bytes,
-        rule_applied=scores.rule_applied,
-    )
+    return _restrict_names(scores, [a.name for a in agents])
 
 
 def plot_svg(curve: dict[int, dict[str, float]], title: str) -> str:
@@ -740,6 +836,14 @@ def run_eval_cli(args: Any) -> int:
     import pandas as pd
 
     cfg = load_config(args.config)
+    if getattr(args, "adaptive_risk", None) is not None:
+        cfg = cfg.model_copy(
+            update={
+                "arbiter": cfg.arbiter.model_validate(
+                    {**cfg.arbiter.model_dump(), "adaptive_risk": args.adaptive_risk}
+                )
+            }
+        )
     items = load_items(args.data, args.limit)
     agents = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
     # Without --profile, the config's own (the shipped one with the default line-up): legion eval
@@ -778,12 +882,18 @@ def run_eval_cli(args: Any) -> int:
         curve=curve,
         report=report,
         baseline_items=getattr(args, "baseline_items", 0) or 0,
+        fanout=getattr(args, "fanout", None) or "all",
     )
     log.info("evaluated %d items in %.1fs", len(items), time.perf_counter() - t0)
     if curve is not None:
         Path(args.plot).write_text(plot_svg(curve, f"{Path(args.data).name}: accuracy vs number of agents"))
         log.info("accuracy by number of agents: %s", json.dumps(curve))
-    table = {k: {"accuracy": v["accuracy"], "n": v["n"], "seconds": v["seconds"]} for k, v in res.items()}
+    extra = ("agents_asked", "calls_share", "seconds_share", "same_as_full")
+    table = {
+        k: {"accuracy": v["accuracy"], "n": v["n"], "seconds": v["seconds"]}
+        | {x: v[x] for x in extra if x in v}
+        for k, v in res.items()
+    }
     if args.out:
         meta = {
             "data": str(args.data),

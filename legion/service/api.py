@@ -168,6 +168,12 @@ class TaskBody(BaseModel):
         description="With choices: when the decided choice's probability is below this (0 to 1), the answer "
         "is null and choice.abstained says why.",
     )
+    fanout: Literal["all", "adaptive"] | None = Field(
+        None,
+        description="Which agents' views answer: 'all', or 'adaptive': in waves, stopping once the "
+        "full panel's vote is settled (arbiter.adaptive_risk); default arbiter.fanout. Not for debate "
+        "or decompose.",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -243,6 +249,12 @@ class ChatBody(BaseModel):
     )
     min_confidence: float | None = Field(
         None, description="Legion's, with choices: below this probability the content is null (0 to 1)."
+    )
+    fanout: Literal["all", "adaptive"] | None = Field(
+        None,
+        description="Legion's: which agents' views answer: 'all', or 'adaptive': in waves, stopping "
+        "once the full panel's vote is settled (arbiter.adaptive_risk); default arbiter.fanout. Not "
+        "for debate or decompose.",
     )
 
 
@@ -334,7 +346,26 @@ def task_request(body: TaskBody, cfg: LegionConfig) -> TaskRequest:
         output=None if body.json_schema is None else schema_spec(body.json_schema, body.vote_field),
         choices=choices,
         min_confidence=body.min_confidence,
+        fanout=resolve_fanout(body.fanout, strategy, cfg),
     )
+
+
+def resolve_fanout(requested: str | None, strategy: str, cfg: LegionConfig) -> str:
+    """The fan-out a task runs with: the request's, else ``arbiter.fanout``. A strategy whose
+    rounds ask every agent again (debate, decompose) runs with ``all`` when the config asked for
+    adaptive, and is refused (400) when the request did."""
+    fanout = requested or cfg.arbiter.fanout
+    if fanout == "adaptive" and not getattr(get_strategy(strategy), "adaptive_fanout", False):
+        if requested is None:
+            return "all"
+        able = [x for x in strategy_names() if getattr(get_strategy(x), "adaptive_fanout", False)]
+        raise InvalidRequest(
+            f"fanout 'adaptive' stops asking once the first round's vote is settled; strategy {strategy!r} "
+            "asks every agent again in later rounds, so there is nothing to stop: send fanout 'all', or a "
+            f"strategy that decides from the first round ({', '.join(able)})",
+            details={"field": "fanout", "allowed_strategies": able},
+        )
+    return fanout
 
 
 def check_choice_strategy(strategy: str) -> None:
@@ -509,6 +540,7 @@ def chat_request(
         instruction=None if plan is None else plan.instruction,
         tools=None if plan is None else [t.model_dump(exclude_none=True) for t in body.tools or []],
         calls=None if plan is None else plan.calls,
+        fanout=resolve_fanout(body.fanout, strategy, cfg),
     )
 
 
@@ -547,7 +579,7 @@ class CandidateInfo(_Response):
 class TaskResponse(_Response):
     """``POST /v1/tasks``: the arbitrated answer, every candidate, the votes and the trace."""
 
-    _omit_if_none = frozenset({"sources", "retrieval", "choice"})
+    _omit_if_none = frozenset({"sources", "retrieval", "choice", "adaptive_risk"})
 
     id: str
     answer: str | None = Field(
@@ -566,6 +598,16 @@ class TaskResponse(_Response):
     retrieval: RetrievalInfo | None = Field(None, description="Whether retrieval worked (only when asked).")
     choice: ChoiceResult | None = Field(
         None, description="A task with choices: each choice's probability, each view's pick, the confidence."
+    )
+    fanout: Literal["all", "adaptive"] = Field("all", description="How the first round asked the panel.")
+    agents_asked: int | None = Field(
+        None, description="Panel members (views of agents) the first round asked; null when cached."
+    )
+    skipped_agents: list[str] = Field(
+        default_factory=list, description="fanout adaptive: the members never asked (the vote was settled)."
+    )
+    adaptive_risk: float | None = Field(
+        None, description="fanout adaptive: P(the full panel would have decided otherwise) at the stop."
     )
 
 
@@ -603,6 +645,10 @@ def task_response(result: TaskResult) -> TaskResponse:
         sources=result.sources if retrieved else None,
         retrieval=result.retrieval,
         choice=result.choice,
+        fanout=result.fanout,
+        agents_asked=None if result.cached else result.agents_asked,
+        skipped_agents=result.skipped_agents,
+        adaptive_risk=result.adaptive_risk,
     )
 
 

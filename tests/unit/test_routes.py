@@ -75,6 +75,9 @@ def test_a_task_answers_with_the_typed_response(tmp_path):
         "missing_agents",
         "trace",
         "cached",
+        "fanout",
+        "agents_asked",
+        "skipped_agents",
     }
     assert "error" not in body["candidates"][0]  # left out while the agent answered
 

@@ -173,12 +173,14 @@ class Strategy(Protocol):
 class SingleRound:
     """A strategy that decides over the agents' first answers: fan out once, score the distinct
     answers when it ``needs_scores`` and they differ, then ``decide``: the subclass's ``tally``.
-    ``decides_choices``: it can decide a task with choices from the members' scores alone."""
+    ``decides_choices``: it can decide a task with choices from the members' scores alone.
+    ``adaptive_fanout``: its first round may stop early (``arbiter.fanout: adaptive``)."""
 
     name = ""
     needs_scores = False
     uses_trust = False
     decides_choices = True
+    adaptive_fanout = True
 
     def configure(self, settings: ArbiterConfig) -> SingleRound:
         return self

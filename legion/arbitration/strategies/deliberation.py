@@ -50,6 +50,7 @@ class Debate:
     name = "debate"
     needs_scores = False
     decides_choices = False
+    adaptive_fanout = False
     uses_trust = False
 
     def __init__(self, rounds: int = 2):
@@ -132,6 +133,7 @@ class Decomposition:
     name = "decompose"
     needs_scores = False
     decides_choices = False
+    adaptive_fanout = False
     uses_trust = False
 
     def __init__(self, max_subtasks: int = 4):
@@ -237,6 +239,7 @@ class ConflictResolution:
     name = "conflict"
     needs_scores = False
     decides_choices = True
+    adaptive_fanout = True
     uses_trust = True
 
     def __init__(

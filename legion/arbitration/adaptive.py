@@ -1,0 +1,285 @@
+"""Adaptive fan-out: ask the panel in waves and stop once the full panel's vote is settled.
+
+The rule (docs/arbitration.md, "Adaptive fan-out"): every member ``m`` has a skill
+``kappa_m`` in [0, 1), its accuracy above chance (Cohen's kappa against a uniform guess), read
+from the profile's train accuracies or else from its trust record. On a task with ``K`` options
+its accuracy is ``a_m = 1/K + kappa_m (1 - 1/K)`` and, as in the one-coin Dawid-Skene model, it
+names the true answer with probability ``a_m`` and any other with ``(1 - a_m) / (K - 1)``. Its
+vote then weighs ``log(a_m (K - 1) / (1 - a_m))``, the Bayes-optimal weight of an independent
+voter (Nitzan and Paroush), and that weighted vote of every member is the full panel's decision
+this module predicts. After the votes so far, the posterior over the true answer gives each
+member not yet asked a predictive distribution over its vote; ``settle_risk`` draws the members
+not asked from it and returns how often the full panel's weighted vote would differ from the
+present leader. The Arbiter stops when that risk is at most ``arbiter.adaptive_risk``.
+
+On free text the options are open: ``K`` is the distinct answers so far plus one, the true
+answer may be one not seen yet, and a wrong answer not seen yet is a fresh one that no other
+member repeats. Plain Python and numpy; the Arbiter and ``legion eval`` call the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SKILL = 0.95  # a member is never taken as certain: one vote never settles a whole panel
+DEFAULT_SKILL = 0.2  # a member with no profile accuracy and no trust record
+SAMPLES = 4000  # Monte Carlo draws per risk estimate (its standard error is at most 0.008)
+
+
+def skill_from_accuracy(accuracy: float, n_options: int) -> float:
+    """Accuracy above chance on ``n_options``-way items, in [0, MAX_SKILL]: what carries over to a
+    task with another number of options (0.46 on 4-way ARC is 0.28 above chance)."""
+    chance = 1.0 / max(2, n_options)
+    return min(MAX_SKILL, max(0.0, (accuracy - chance) / (1.0 - chance)))
+
+
+def accuracy_on(skill: float, n_options: int) -> float:
+    """A member's accuracy on ``n_options``-way items from its skill."""
+    chance = 1.0 / max(2, n_options)
+    return chance + min(MAX_SKILL, max(0.0, skill)) * (1.0 - chance)
+
+
+def vote_weight(skill: float, n_options: int) -> float:
+    """The member's weight in the Bayes-optimal vote on ``n_options``-way items (0 at chance)."""
+    a = accuracy_on(skill, n_options)
+    k = max(2, n_options)
+    return math.log(a * (k - 1) / (1.0 - a))
+
+
+def skill_from_trust(agreements: int, updates: int, n_options: int = 4) -> float:
+    """A member's skill from how often it agreed with the panel's decisions (its trust record),
+    shrunk towards DEFAULT_SKILL by a prior worth 10 tasks: agreement overstates accuracy, so
+    this only orders members and seeds the rule until a profile is fitted."""
+    prior = accuracy_on(DEFAULT_SKILL, n_options)
+    rate = (agreements + 10 * prior) / (updates + 10)
+    return skill_from_accuracy(rate, n_options)
+
+
+def fanout_order(
+    members: Sequence[str], reliability: Mapping[str, float], cost: Mapping[str, float]
+) -> list[str]:
+    """Members by reliability per unit of compute, best first (ties keep the panel's order)."""
+    rank = {m: i for i, m in enumerate(members)}
+    return sorted(members, key=lambda m: (-reliability.get(m, 0.0) / max(1e-9, cost.get(m, 1.0)), rank[m]))
+
+
+def waves(order: Sequence[str], first: int, size: int) -> list[list[str]]:
+    """``order`` cut into a first wave of ``first`` members, then waves of ``size``."""
+    head = list(order[:first])
+    rest = list(order[first:])
+    return [head] + [rest[i : i + size] for i in range(0, len(rest), size)] if head else []
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """Where the vote stands after the members asked so far."""
+
+    leader: str | None
+    risk: float  # P(the full panel's decision differs from ``leader``)
+    remaining: int  # members not asked yet
+
+    def settled(self, limit: float) -> bool:
+        return self.leader is not None and (self.remaining == 0 or self.risk <= limit)
+
+
+def vote_points(
+    votes: Mapping[str, str | None], skill: Mapping[str, float], n_options: int
+) -> dict[str, float]:
+    """Each answer's points in the Bayes-optimal weighted vote (member -> answer key; None: it
+    failed and does not vote). With a uniform prior, softmax of the points is the posterior."""
+    points: dict[str, float] = {}
+    for m, v in votes.items():
+        if v is not None:
+            points[v] = points.get(v, 0.0) + vote_weight(skill.get(m, DEFAULT_SKILL), n_options)
+    return points
+
+
+def settle_risk(
+    points: Mapping[str, float],
+    leader: str | None,
+    remaining: Sequence[tuple[float, float]],
+    n_options: int | None,
+    samples: int = SAMPLES,
+) -> float:
+    """P(the full panel's decision differs from ``leader``).
+
+    ``points`` are the answers' log-odds so far (``vote_points``, or the ``learned`` strategy's
+    combined scores); answers without points have 0. ``remaining`` holds, for each member not
+    asked yet, its accuracy on these items and the points its vote would add. ``n_options`` is
+    the number of choices (``points`` then holds every choice's key or a subset), or None for
+    free text. The truth is drawn from softmax(points), each remaining member votes for it with
+    its accuracy and else for another answer, and the decision is the most points; a tie with
+    the leader counts as half a difference. Deterministic for the same arguments."""
+    if leader is None:
+        return 1.0
+    seen = sorted(set(points) | {leader})
+    if n_options is not None:
+        labels = seen + [f"\x00{i}" for i in range(max(0, n_options - len(seen)))]
+    else:
+        labels = [*seen, "\x00unseen"]  # the true answer may be one nobody gave yet
+    k = max(2, len(labels))
+    index = {x: i for i, x in enumerate(labels)}
+    tally = np.zeros(len(labels))
+    for x, p in points.items():
+        tally[index[x]] = p
+    lead = index[leader]
+    if not remaining:
+        others = np.delete(tally, lead)
+        best = others.max() if others.size else -np.inf
+        return 1.0 if best > tally[lead] + 1e-12 else (0.5 if abs(best - tally[lead]) <= 1e-12 else 0.0)
+    post = np.exp(tally - tally.max())
+    post /= post.sum()
+    key = repr(
+        (sorted(points.items()), leader, [tuple(round(x, 6) for x in r) for r in remaining], n_options)
+    )
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    truth = rng.choice(len(labels), size=samples, p=post)
+    totals = np.tile(tally, (samples, 1))
+    rows = np.arange(samples)
+    n_seen = len(seen)
+    for accuracy, weight in remaining:
+        right = rng.random(samples) < accuracy
+        if n_options is not None:  # a wrong vote: any other choice
+            wrong = rng.integers(0, k - 1, samples)
+            wrong = wrong + (wrong >= truth)
+        else:  # a wrong vote: another answer seen so far, or a fresh one nobody repeats (-1)
+            truth_seen = truth < n_seen
+            n_wrong = n_seen - truth_seen + 1
+            u = np.floor(rng.random(samples) * n_wrong).astype(int)
+            among_seen = u + (truth_seen & (u >= truth))
+            wrong = np.where(u < n_wrong - 1, among_seen, -1)
+        vote = np.where(right, truth, wrong)
+        hit = vote >= 0
+        totals[rows[hit], vote[hit]] += weight
+    mine = totals[:, lead]
+    others = np.delete(totals, lead, axis=1)
+    best = others.max(axis=1)
+    differs = (best > mine + 1e-12).astype(float) + 0.5 * (np.abs(best - mine) <= 1e-12)
+    return float(differs.mean())
+
+
+def n_labels(points: Mapping[str, float], leader: str | None, n_options: int | None) -> int:
+    """How many answers the rule weighs: the choices, or on free text those seen plus one."""
+    if n_options is not None:
+        return max(2, n_options)
+    return max(2, len(set(points) | ({leader} if leader else set())) + 1)
+
+
+def member_cost(member: object, choices: bool) -> float:
+    """A member's compute per task, relative to one pass over the task: a scoring rule that also
+    scores the choices after a content-free prompt (``pmi``, ``calibrated``) makes two passes."""
+    if choices and getattr(member, "scoring", None) in ("pmi", "calibrated"):
+        return 2.0
+    return 1.0
+
+
+def member_skills(
+    members: Sequence[str],
+    train_accuracy: Mapping[str, float | None],
+    trust: Mapping[str, tuple[int, int]] | None = None,
+) -> tuple[dict[str, float], str]:
+    """Each member's skill and where it came from: the profile's train accuracies (fitted on
+    4-way ARC items) when every member has one, else its trust record's (agreements, updates),
+    else DEFAULT_SKILL for all."""
+    if members and all(train_accuracy.get(m) is not None for m in members):
+        return {m: skill_from_accuracy(float(train_accuracy[m] or 0.0), 4) for m in members}, "profile"
+    if trust:
+        return {m: skill_from_trust(*trust.get(m, (0, 0))) for m in members}, "trust"
+    return dict.fromkeys(members, DEFAULT_SKILL), "default"
+
+
+class StopRule:
+    """One strategy's adaptive fan-out over one panel: the order members are asked in, and the
+    settlement after each answer. Every strategy is weighed by the Bayes vote of the members'
+    picks; ``learned`` with a profile that records each member's sway (``vote_points``) is weighed
+    by the profile's own combined scores, the members not asked adding their sway."""
+
+    def __init__(
+        self,
+        members: Sequence[str],
+        skill: Mapping[str, float],
+        cost: Mapping[str, float],
+        sway: Mapping[str, float] | None = None,
+        skill_source: str = "profile",
+    ):
+        self.members = list(members)
+        self.skill = dict(skill)
+        self.sway = dict(sway) if sway is not None and all(m in sway for m in members) else None
+        self.skill_source = skill_source
+        reliability = self.sway if self.sway is not None else {m: vote_weight(skill[m], 4) for m in members}
+        self.order = fanout_order(self.members, reliability, cost)
+
+    @property
+    def by_points(self) -> bool:
+        """Whether ``look_points`` (the learned combination) applies rather than ``look_votes``."""
+        return self.sway is not None
+
+    def plan(self, first: int, size: int) -> list[list[str]]:
+        return waves(self.order, first, size)
+
+    def look_votes(
+        self,
+        votes: Mapping[str, str | None],
+        leader: str | None,
+        remaining: Sequence[str],
+        n_options: int | None,
+    ) -> Settlement:
+        """The settlement by the Bayes vote of the members' answers so far (None: failed)."""
+        k = n_labels({v: 0.0 for v in votes.values() if v is not None}, leader, n_options)
+        points = vote_points(votes, self.skill, k)
+        rest = [(accuracy_on(self.skill[m], k), vote_weight(self.skill[m], k)) for m in remaining]
+        return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
+
+    def look_points(
+        self, points: Mapping[str, float], leader: str | None, remaining: Sequence[str], n_options: int
+    ) -> Settlement:
+        """The settlement by combined scores so far (the learned strategy's log-odds per choice)."""
+        assert self.sway is not None
+        k = max(2, n_options)
+        rest = [(accuracy_on(self.skill[m], k), self.sway[m]) for m in remaining]
+        return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
+
+
+def stop_rule(
+    strategy: str,
+    members: Sequence[object],
+    profile: object | None,
+    trust: Mapping[str, tuple[int, int]] | None,
+    choices: bool,
+) -> StopRule:
+    """The stop rule for ``strategy`` over ``members`` (panel member configs) with the profile
+    (``legion.profile.Profile``) or else the trust records (member -> (agreements, updates))."""
+    names = [m.name for m in members]
+    by_name = {a.name: a for a in getattr(profile, "agents", [])}
+    acc = {n: getattr(by_name.get(n), "train_accuracy", None) for n in names}
+    skill, source = member_skills(names, acc, trust)
+    cost = {m.name: member_cost(m, choices) for m in members}
+    sway = None
+    if strategy == "learned" and choices and by_name:
+        got = {n: getattr(by_name.get(n), "vote_points", None) for n in names}
+        sway = {n: float(v) for n, v in got.items() if v is not None}
+    return StopRule(names, skill, cost, sway, source)
+
+
+def run_waves(
+    plan: Sequence[Sequence[str]],
+    look: Callable[[list[str], list[str]], Settlement],
+    limit: float,
+) -> tuple[list[str], Settlement]:
+    """Replay adaptive fan-out over answers known in advance (``legion eval``): the waves of the
+    plan in order, ``look(asked, remaining)`` weighing the vote after each, as the Arbiter does;
+    returns the members asked and the settlement at the stop."""
+    order = [m for wave in plan for m in wave]
+    asked: list[str] = []
+    last = Settlement(None, 1.0, len(order))
+    for wave in plan:
+        asked += wave
+        last = look(list(asked), order[len(asked) :])
+        if last.settled(limit):
+            break
+    return asked, last
