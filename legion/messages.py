@@ -270,7 +270,7 @@ class TaskRequest(BaseModel):
     # With choices: below this probability of the decided choice the answer is None, with why.
     min_confidence: float | None = None
     # Which members the task asks: "all", or "adaptive" (waves until the vote is settled); None:
-    # the Arbiter's arbiter.fanout. Not in the cache key: adaptive stops where the full vote would agree.
+    # the Arbiter's arbiter.fanout. In the cache key: an adaptive answer may differ from the full panel's.
     fanout: Literal["all", "adaptive"] | None = None
 
 

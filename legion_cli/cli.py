@@ -123,6 +123,16 @@ def _http_options(args: argparse.Namespace, cfg, host: str, port: int) -> tuple[
     return options, "https"
 
 
+def _asked(data: dict) -> str:
+    """ ", 4 of 9 views asked (adaptive; skipped: ...)" for an adaptive answer, else ""."""
+    if data.get("fanout") != "adaptive" or data.get("agents_asked") is None:
+        return ""
+    skipped = data.get("skipped_agents") or []
+    total = data["agents_asked"] + len(skipped)
+    names = ", ".join(skipped) or "none"
+    return f", {data['agents_asked']} of {total} views asked (adaptive; skipped: {names})"
+
+
 def _ask(args: argparse.Namespace) -> int:
     import httpx
 
@@ -135,6 +145,8 @@ def _ask(args: argparse.Namespace) -> int:
         body["choices"] = args.choices
     if args.min_confidence is not None:
         body["min_confidence"] = args.min_confidence
+    if args.fanout is not None:
+        body["fanout"] = args.fanout
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = f"{args.url.rstrip('/')}/v1/tasks"
     try:
@@ -165,14 +177,15 @@ def _ask(args: argparse.Namespace) -> int:
         else:
             print(data["answer"])
         source = choice["probability_source"]
-        print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, probabilities from {source}]")
+        asked = _asked(data)
+        print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, probabilities from {source}{asked}]")
         for i, (text, p) in enumerate(zip(choice["choices"], choice["probabilities"], strict=True)):
             picked = [m for m, j in choice["picks"].items() if j == i]
             mark = "*" if i == choice["index"] else " "
             print(f" {mark} {p:6.3f}  {text}" + (f"   picked by {', '.join(picked)}" if picked else ""))
         return 0
     print(data["answer"])
-    print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, votes {data['votes']}]")
+    print(f"\n[{data['strategy']}, {data['latency_ms']:.0f} ms, votes {data['votes']}{_asked(data)}]")
     for c in data["candidates"]:
         if c.get("error"):
             print(f"  {c['agent']:>10}: (failed) {c['error']}")
@@ -402,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-confidence",
         type=float,
         help="with --choices: no answer when the decided choice's probability is below this (0 to 1)",
+    )
+    a.add_argument(
+        "--fanout",
+        choices=["all", "adaptive"],
+        help="ask every view (all), or in waves until the vote is settled (adaptive); default: the server's",
     )
     a.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: 300)"

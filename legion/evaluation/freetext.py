@@ -31,7 +31,7 @@ from typing import Any
 from legion.agent import Agent
 from legion.arbitration.arbiter import Arbiter, PanelAgents
 from legion.arbitration.equivalence import EmbeddingSimilarity, Equivalence, canonical, final_answer
-from legion.arbitration.strategies import build_strategy, normalize_answer, strategy_names
+from legion.arbitration.strategies import build_strategy, get_strategy, normalize_answer, strategy_names
 from legion.arbitration.trust import TrustStore
 from legion.config import LegionConfig, load_config
 from legion.engine import views
@@ -199,8 +199,15 @@ class FreeTextEval:
         sc_temperature: float = 0.7,
         equivalence: Equivalence | None = None,
         trust_dir: Path | None = None,
+        fanout: str = "all",
     ):
         self.cfg = cfg
+        # fanout adaptive: every strategy that can stop early also answers as <strategy>@adaptive.
+        self.adaptive = [
+            s
+            for s in strategies
+            if fanout == "adaptive" and getattr(get_strategy(s), "adaptive_fanout", False)
+        ]
         self.agents = agents
         self.strategies = list(strategies)
         self.max_tokens = max_tokens
@@ -222,12 +229,13 @@ class FreeTextEval:
                 s: TrustStore(
                     trust_dir / f"trust-{s}.json", eta=cfg.arbiter.trust_eta, floor=cfg.arbiter.trust_floor
                 )
-                for s in self.strategies
+                for s in [*self.strategies, *(f"{x}@adaptive" for x in self.adaptive)]
             }
             if trust_dir is not None
             else {}
         )
         self.rows: dict[str, _Row] = {}
+        self._asked: dict[str, list[int]] = {}  # strategy (or <strategy>@adaptive) -> members asked per item
         self.agreement = JudgeAgreement()
         self.answers: dict[str, dict[str, Any]] = {}  # item id -> its reference and each method's answer
 
@@ -239,11 +247,19 @@ class FreeTextEval:
             exact=exact_match(text, item.reference),
         )
 
-    async def _strategy(self, name: str, item: ShortItem) -> tuple[Answered, list[Candidate]]:
+    async def _strategy(
+        self, name: str, item: ShortItem, fanout: str = "all"
+    ) -> tuple[Answered, list[Candidate]]:
         counted = _Counted(self.agents)
-        arbiter = Arbiter(self.cfg, counted, trust=self.trust.get(name))  # type: ignore[arg-type]
-        req = TaskRequest(id=f"{item.id}:{name}", task=item.task, strategy=name, max_tokens=self.max_tokens)
+        trust = self.trust.get(name if fanout == "all" else f"{name}@adaptive")
+        arbiter = Arbiter(self.cfg, counted, trust=trust)  # type: ignore[arg-type]
+        req = TaskRequest(
+            id=f"{item.id}:{name}", task=item.task, strategy=name, max_tokens=self.max_tokens, fanout=fanout
+        )
         result = await arbiter.run(req)
+        self._asked.setdefault(name if fanout == "all" else f"{name}@adaptive", []).append(
+            result.agents_asked or 0
+        )
         return await self._answered(result.answer, counted.completion_tokens, item), result.candidates
 
     async def _self_consistency(self, item: ShortItem) -> tuple[Answered, Answered]:
@@ -289,6 +305,8 @@ class FreeTextEval:
         for name in self.strategies:
             answered, cands = await self._strategy(name, item)
             self._add(name, answered, item)
+            if name in self.adaptive:
+                self._add(f"{name}@adaptive", (await self._strategy(name, item, "adaptive"))[0], item)
             if not singles_done:  # every agent's own fan-out answer: the single-agent rows
                 singles_done = True
                 for c in cands:
@@ -336,8 +354,12 @@ class FreeTextEval:
                 self._add(method, await self._answered(got["answer"], got.get("tokens", 0), item), item)
 
     def results(self) -> dict[str, dict[str, float | int]]:
-        order = sorted(self.rows, key=lambda m: (m.split(":")[0] in self.strategies, m))
-        return {m: self.rows[m].summary() for m in order}
+        order = sorted(self.rows, key=lambda m: (m.split(":")[0].split("@")[0] in self.strategies, m))
+        out = {m: self.rows[m].summary() for m in order}
+        for m, asked in self._asked.items():
+            if m in out and asked:
+                out[m]["agents_asked"] = round(sum(asked) / len(asked), 3)
+        return out
 
 
 def check_freetext_strategies(names: Sequence[str]) -> list[str]:
@@ -402,6 +424,7 @@ def run_freetext_cli(args: Any) -> int:
             sc_temperature=args.sc_temperature,
             trust_dir=Path(tmp),
             equivalence=equivalence,
+            fanout=getattr(args, "fanout", None) or "all",
         )
         progress = _bar if sys.stderr.isatty() else None
         results = asyncio.run(ev.run(items, concurrency=args.concurrency, progress=progress))

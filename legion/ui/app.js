@@ -271,6 +271,7 @@ $("task-form").addEventListener("submit", async (ev) => {
   if (!task) return;
   const body = { task, stream: true, cache: $("use-cache").checked };
   if ($("strategy").value) body.strategy = $("strategy").value;
+  if ($("fanout").value) body.fanout = $("fanout").value;
   if ($("max-tokens").value) body.max_tokens = Number($("max-tokens").value);
   if ($("use-rag").checked) body.use_rag = true;
   // One choice per line; blank lines are layout, not choices. The server checks the rest.
@@ -320,7 +321,11 @@ function showResult(result) {
   $("answer-meta").textContent =
     `${result.strategy} · ${fmt(result.latency_ms, 0)} ms` +
     (result.cached ? " · cached" : "") +
-    (result.missing_agents.length ? ` · missing: ${result.missing_agents.join(", ")}` : "");
+    (result.missing_agents.length ? ` · missing: ${result.missing_agents.join(", ")}` : "") +
+    (result.fanout === "adaptive"
+      ? ` · adaptive: ${result.agents_asked} asked, risk ${fmt(result.adaptive_risk, 3)}` +
+        (result.skipped_agents.length ? ` · skipped: ${result.skipped_agents.join(", ")}` : "")
+      : "");
   $("answer-box").hidden = false;
   const joins = answerJoins(result);
   $("candidates").replaceChildren(...result.candidates.map((c) => candidateCard(c, joins, result.choice)));

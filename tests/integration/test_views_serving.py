@@ -219,3 +219,35 @@ def test_the_default_line_up_serves_two_models_as_nine_views_with_its_profile(de
         assert free.status_code == 200, free.text
         assert free.json()["strategy"] == cfg.arbiter.default_strategy == "plurality"
         assert {c["agent"] for c in free.json()["candidates"]} == {m.name for m in cfg.panel}
+
+
+def test_adaptive_fanout_asks_the_default_line_up_in_waves_and_says_whom_it_skipped(defaults_url):
+    import httpx
+
+    url, cfg = defaults_url
+    panel = [m.name for m in cfg.panel]
+    body = {
+        "task": "Which of these is a mammal?",
+        "choices": ["dog", "trout", "sparrow"],
+        "cache": False,
+        "fanout": "adaptive",
+    }
+    with httpx.Client(base_url=url, timeout=600) as client:
+        data = client.post("/v1/tasks", json=body).json()
+        assert data["fanout"] == "adaptive" and data["answer"] in body["choices"]
+        asked = [c["agent"] for c in data["candidates"]]
+        # Whom it asked and whom it skipped make up the panel, each once; the stop is traced.
+        assert sorted(asked + data["skipped_agents"]) == sorted(panel)
+        assert data["agents_asked"] == len(asked) >= cfg.arbiter.adaptive_first_wave
+        stop = next(e["data"] for e in data["trace"] if e["step"] == "adaptive_stop")
+        assert stop["skipped"] == data["skipped_agents"] and stop["risk"] == round(data["adaptive_risk"], 4)
+        assert set(data["choice"]["picks"]) == set(asked)
+        if data["skipped_agents"]:  # it stopped early: the vote was settled below the limit
+            assert data["adaptive_risk"] <= cfg.arbiter.adaptive_risk
+        # Free text in waves too, and a debate cannot be adaptive: a 422 that names the field.
+        free = client.post(
+            "/v1/tasks", json={"task": "What is the capital of France?", "cache": False, "fanout": "adaptive"}
+        ).json()
+        assert free["fanout"] == "adaptive" and 1 <= free["agents_asked"] <= len(panel)
+        refused = client.post("/v1/tasks", json={"task": "Plan.", "strategy": "debate", "fanout": "adaptive"})
+        assert refused.status_code == 422 and "fanout" in refused.json()["error"]["message"]

@@ -191,7 +191,7 @@ def test_learned_weighs_the_profile_sway_of_the_members_not_asked(tmp_path):
     agents = ChoiceAgents(scores)
     r = asyncio.run(Arbiter(cfg, agents).run(choose("learned")))
     assert r.agents_asked >= 1 and "b/v" not in r.skipped_agents
-    assert [m for _, _, _, ms, _ in agents.calls for m in ms][0] == "b/v"  # the most sway per cost first
+    assert next(m for _, _, _, ms, _ in agents.calls for m in ms) == "b/v"  # the most sway per cost first
 
 
 def test_full_fanout_is_unchanged_and_reports_every_member(tmp_path):

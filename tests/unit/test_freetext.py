@@ -175,3 +175,15 @@ def test_rejudge_with_another_equivalence_reads_saved_answers(tmp_path):
     ]
     with pytest.raises(InvalidRequest, match="not in --data"):
         asyncio.run(rules.rejudge({"other": saved["q1"]}, [item]))
+
+
+def test_fanout_adaptive_adds_a_row_per_strategy_with_the_members_it_asked(tmp_path):
+    agents = _Scripted(lambda agent, req: "wind")  # unanimous: adaptive stops before the panel is done
+    ev = FreeTextEval(
+        _cfg(tmp_path), agents, ["plurality", "debate"], samples=0, trust_dir=tmp_path, fanout="adaptive"
+    )
+    res = asyncio.run(ev.run([short_item(ITEM)], concurrency=1))
+    assert res["plurality@adaptive"]["accuracy"] == res["plurality"]["accuracy"] == 1.0
+    assert res["plurality"]["agents_asked"] == 3 and res["plurality@adaptive"]["agents_asked"] < 3
+    assert res["plurality@adaptive"]["tokens_per_item"] < res["plurality"]["tokens_per_item"]
+    assert "debate@adaptive" not in res  # its rounds ask every agent again: adaptive does not apply
