@@ -17,6 +17,7 @@ from contextlib import aclosing
 from actors.pool import AgentPool
 from actors.remote import RayAgents
 from legion import metrics
+from legion.arbitration.admission import TaskAdmission
 from legion.arbitration.arbiter import Arbiter, Event
 from legion.config import LegionConfig
 from legion.logging_setup import configure_logging
@@ -35,7 +36,13 @@ class ArbiterActor:
         }
         # The embedding model (torch) loads only in equivalence: embedding, in the background from
         # the start; if it cannot load, answers group by the rules and the trace says why.
-        self._arbiter = Arbiter(self.cfg, RayAgents(self._pools), embedder=self._load_embedder)
+        wait = self.cfg.serve.max_queue_wait_s
+        self._arbiter = Arbiter(
+            self.cfg,
+            RayAgents(self._pools),
+            embedder=self._load_embedder,
+            admission=TaskAdmission(wait) if wait > 0 else None,
+        )
         if self.cfg.arbiter.equivalence == "embedding":  # load it while the agents load theirs
             threading.Thread(
                 target=self._arbiter.load_equivalence_model, name="load-embedder", daemon=True

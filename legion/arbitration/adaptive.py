@@ -197,7 +197,11 @@ class StopRule:
     """One strategy's adaptive fan-out over one panel: the order members are asked in, and the
     settlement after each answer. Every strategy is weighed by the Bayes vote of the members'
     picks; ``learned`` with a profile that records each member's sway (``vote_points``) is weighed
-    by the profile's own combined scores, the members not asked adding their sway."""
+    by the profile's own combined scores, the members not asked adding their sway.
+
+    ``units`` groups members that answer as one: on free text, views of one agent that write
+    from the same prompt share one decode and give the same answer, so they are asked together
+    (at the cost of one) and, not yet asked, vote together."""
 
     def __init__(
         self,
@@ -206,13 +210,21 @@ class StopRule:
         cost: Mapping[str, float],
         sway: Mapping[str, float] | None = None,
         skill_source: str = "profile",
+        units: Mapping[str, Sequence[str]] | None = None,
     ):
         self.members = list(members)
         self.skill = dict(skill)
         self.sway = dict(sway) if sway is not None and all(m in sway for m in members) else None
         self.skill_source = skill_source
-        reliability = self.sway if self.sway is not None else {m: vote_weight(skill[m], 4) for m in members}
-        self.order = fanout_order(self.members, reliability, cost)
+        self.units = {u: list(ms) for u, ms in (units or {m: [m] for m in members}).items()}
+        self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
+        reliability = {
+            u: sum(self.sway[m] if self.sway is not None else vote_weight(skill[m], 4) for m in ms)
+            for u, ms in self.units.items()
+        }
+        unit_cost = {u: max(cost.get(m, 1.0) for m in ms) for u, ms in self.units.items()}
+        self.unit_order = fanout_order(list(self.units), reliability, unit_cost)
+        self.order = [m for u in self.unit_order for m in self.units[u]]
 
     @property
     def by_points(self) -> bool:
@@ -220,7 +232,20 @@ class StopRule:
         return self.sway is not None
 
     def plan(self, first: int, size: int) -> list[list[str]]:
-        return waves(self.order, first, size)
+        """Waves of members: ``first`` units, then ``size`` units at a time."""
+        return [[m for u in wave for m in self.units[u]] for wave in waves(self.unit_order, first, size)]
+
+    def _rest(
+        self, remaining: Sequence[str], k: int, weight: Callable[[str], float]
+    ) -> list[tuple[float, float]]:
+        """Each unit not asked yet: its accuracy on ``k`` options and the points its vote adds."""
+        left = [u for u in self.unit_order if any(m in remaining for m in self.units[u])]
+        out = []
+        for u in left:
+            ms = [m for m in self.units[u] if m in remaining]
+            acc = sum(accuracy_on(self.skill[m], k) for m in ms) / len(ms)
+            out.append((acc, sum(weight(m) for m in ms)))
+        return out
 
     def look_votes(
         self,
@@ -232,17 +257,37 @@ class StopRule:
         """The settlement by the Bayes vote of the members' answers so far (None: failed)."""
         k = n_labels({v: 0.0 for v in votes.values() if v is not None}, leader, n_options)
         points = vote_points(votes, self.skill, k)
-        rest = [(accuracy_on(self.skill[m], k), vote_weight(self.skill[m], k)) for m in remaining]
+        rest = self._rest(remaining, k, lambda m: vote_weight(self.skill[m], k))
         return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
 
     def look_points(
         self, points: Mapping[str, float], leader: str | None, remaining: Sequence[str], n_options: int
     ) -> Settlement:
         """The settlement by combined scores so far (the learned strategy's log-odds per choice)."""
-        assert self.sway is not None
-        k = max(2, n_options)
-        rest = [(accuracy_on(self.skill[m], k), self.sway[m]) for m in remaining]
+        sway = self.sway
+        assert sway is not None
+        rest = self._rest(remaining, max(2, n_options), lambda m: sway[m])
         return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
+
+
+# What makes a member's written answer: views of one agent alike in these write the same text.
+_WRITING_FIELDS = ("role_prompt", "prompt_template", "prompt_format", "few_shot", "few_shot_seed", "shots")
+
+
+def writing_units(members: Sequence[object], owner: Mapping[str, str]) -> dict[str, list[str]]:
+    """Members grouped by what they write from: the agent that owns them, their prompt and
+    exemplar fields and their sampling (the agent shares one decode between such views)."""
+    units: dict[tuple, list[str]] = {}
+    for m in members:
+        name = m.name  # type: ignore[attr-defined]
+        sampling = getattr(m, "sampling", None)
+        key = (
+            owner.get(name, name),
+            *(repr(getattr(m, f, None)) for f in _WRITING_FIELDS),
+            sampling.model_dump_json() if hasattr(sampling, "model_dump_json") else repr(sampling),
+        )
+        units.setdefault(key, []).append(name)
+    return {ms[0]: ms for ms in units.values()}
 
 
 def stop_rule(
@@ -251,19 +296,22 @@ def stop_rule(
     profile: object | None,
     trust: Mapping[str, tuple[int, int]] | None,
     choices: bool,
+    owner: Mapping[str, str] | None = None,
 ) -> StopRule:
     """The stop rule for ``strategy`` over ``members`` (panel member configs) with the profile
-    (``legion.profile.Profile``) or else the trust records (member -> (agreements, updates))."""
-    names = [m.name for m in members]
+    (``legion.profile.Profile``) or else the trust records (member -> (agreements, updates)).
+    On free text, with ``owner`` (member -> agent), members that write alike form one unit."""
+    names = [m.name for m in members]  # type: ignore[attr-defined]
     by_name = {a.name: a for a in getattr(profile, "agents", [])}
     acc = {n: getattr(by_name.get(n), "train_accuracy", None) for n in names}
     skill, source = member_skills(names, acc, trust)
-    cost = {m.name: member_cost(m, choices) for m in members}
+    cost = {m.name: member_cost(m, choices) for m in members}  # type: ignore[attr-defined]
     sway = None
     if strategy == "learned" and choices and by_name:
         got = {n: getattr(by_name.get(n), "vote_points", None) for n in names}
         sway = {n: float(v) for n, v in got.items() if v is not None}
-    return StopRule(names, skill, cost, sway, source)
+    units = writing_units(members, owner) if not choices and owner is not None else None
+    return StopRule(names, skill, cost, sway, source, units)
 
 
 def run_waves(

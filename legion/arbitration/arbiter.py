@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from legion import metrics
 from legion.arbitration import adaptive
+from legion.arbitration.admission import TaskAdmission
 from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
 from legion.arbitration.strategies.base import choice_candidates
@@ -475,6 +476,7 @@ class Arbiter:
         agents: Agents,
         trust: TrustStore | None = None,
         embedder: Callable[[], Any] | None = None,
+        admission: TaskAdmission | None = None,
     ):
         """``embedder`` builds the embedding model for ``arbiter.equivalence: embedding`` (default:
         the bundled all-MiniLM-L6-v2 on one thread); it is called once, by
@@ -482,6 +484,7 @@ class Arbiter:
         never in the other modes."""
         self.cfg = cfg
         self.agents = agents
+        self.admission = admission  # the served Arbiter's (ArbiterActor); None: every task is taken
         # The panel: every view of every agent votes as one member, named <agent>/<view>.
         self.panel = cfg.panel
         self.owner = {m.name: a.name for a in cfg.agents for m in a.members()}
@@ -520,17 +523,22 @@ class Arbiter:
         strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
         if self.agents.saturated():
             raise _overloaded("every pool has its sequences and queue full")
+        started = self.admission.admit(req.timeout_s) if self.admission is not None else None
         session = _Session(self, req, on_event)
-        if req.timeout_s is None:
-            return await self._arbitrate(session, strategy)
         try:
-            return await asyncio.wait_for(self._arbitrate(session, strategy), timeout=req.timeout_s)
-        except TimeoutError:
-            raise TaskTimeout(
-                f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
-                "Retry with a smaller max_tokens or a simpler strategy",
-                trace=[e.model_dump() for e in session.events],
-            ) from None
+            if req.timeout_s is None:
+                return await self._arbitrate(session, strategy)
+            try:
+                return await asyncio.wait_for(self._arbitrate(session, strategy), timeout=req.timeout_s)
+            except TimeoutError:
+                raise TaskTimeout(
+                    f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
+                    "Retry with a smaller max_tokens or a simpler strategy",
+                    trace=[e.model_dump() for e in session.events],
+                ) from None
+        finally:
+            if started is not None and self.admission is not None:
+                self.admission.done(started)
 
     async def describe_agents(self, timeout_s: float = 5.0) -> list[dict]:
         """Each agent's config, pool, trust record, health and stats (``GET /v1/agents``). An
@@ -603,7 +611,7 @@ class Arbiter:
                 records = {n: (r.agreements, r.updates) for n, r in got.items()}
             except Exception:
                 log.exception("could not read the trust records")
-        return adaptive.stop_rule(strategy.name, self.panel, profile, records, choices)
+        return adaptive.stop_rule(strategy.name, self.panel, profile, records, choices, self.owner)
 
     def _profile_weights(self) -> dict[str, float]:
         if self.cfg.arbiter.profile is None:

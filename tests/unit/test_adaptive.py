@@ -113,9 +113,20 @@ def test_order_is_reliability_per_unit_of_compute():
 
 # ---------------------------------------------------------------- the Arbiter in waves
 
+# Each view writes from its own role prompt (views alike in what they write are one unit).
 AGENTS = [
-    {"name": "a", "views": [{"name": "x"}, {"name": "y", "scoring": "per_token"}, {"name": "z"}]},
-    {"name": "b", "views": [{"name": "u"}, {"name": "v", "scoring": "calibrated"}]},
+    {
+        "name": "a",
+        "views": [
+            {"name": "x", "role_prompt": "You are x."},
+            {"name": "y", "scoring": "per_token", "role_prompt": "You are y."},
+            {"name": "z", "role_prompt": "You are z."},
+        ],
+    },
+    {
+        "name": "b",
+        "views": [{"name": "u", "role_prompt": "You are u."}, {"name": "v", "scoring": "calibrated"}],
+    },
 ]
 MEMBERS = ["a/x", "a/y", "a/z", "b/u", "b/v"]
 
@@ -217,6 +228,28 @@ def test_free_text_asks_in_waves_and_groups_the_answers_asked(tmp_path):
     assert r.answer == "Paris" and r.agents_asked < 5
     assert len(agents.asked) == r.agents_asked  # members skipped were never asked to write
     assert r.skipped_agents and set(r.skipped_agents).isdisjoint(c.agent for c in r.candidates)
+
+
+def test_views_that_write_alike_are_asked_together_and_vote_as_one_unit(tmp_path):
+    cfg = config_from_dict(
+        {
+            "agents": [
+                {"name": "a", "views": [{"name": "x"}, {"name": "y", "scoring": "per_token"}]},
+                {"name": "b"},
+            ]
+        }
+    )
+    owner = {m.name: cfg.owner(m.name).name for m in cfg.panel}
+    rule = adaptive.stop_rule("plurality", cfg.panel, None, None, choices=False, owner=owner)
+    assert rule.units == {"a/x": ["a/x", "a/y"], "b": ["b"]}
+    assert sorted(m for wave in rule.plan(1, 1) for m in wave) == ["a/x", "a/y", "b"]
+    assert ["a/x", "a/y"] in rule.plan(1, 1)  # one wave holds the whole unit
+    # On choices every member scores in its own view: no units.
+    assert adaptive.stop_rule("plurality", cfg.panel, None, None, choices=True, owner=owner).units == {
+        "a/x": ["a/x"],
+        "a/y": ["a/y"],
+        "b": ["b"],
+    }
 
 
 def test_free_text_that_disagrees_asks_everyone(tmp_path):
