@@ -41,7 +41,8 @@ class ArbiterActor:
             self.cfg,
             RayAgents(self._pools),
             embedder=self._load_embedder,
-            admission=TaskAdmission(wait) if wait > 0 else None,
+            # Until it has measured tasks, one in flight per agent: a panel task keeps every agent busy.
+            admission=TaskAdmission(wait, cold_limit=len(self.cfg.agents)) if wait > 0 else None,
         )
         if self.cfg.arbiter.equivalence == "embedding":  # load it while the agents load theirs
             threading.Thread(

@@ -568,13 +568,13 @@ class ServeConfig(_Strict):
         "the agents stop decoding it.",
     )
     max_queue_wait_s: float = Field(
-        30.0,
+        15.0,
         ge=0.0,
         le=86400.0,
         description="Deadline-aware admission: a task the agents must work on is shed at once (503 with "
-        "Retry-After) when, at the rate tasks have lately been finishing, the tasks in flight would hold it "
-        "more than this beyond what a task alone takes, or past its request_timeout_s (0: no such check; "
-        "the agents' queue bounds still shed).",
+        "Retry-After) when the work in flight (learned per kind of task) would hold it more than this beyond "
+        "what it takes alone, or past its request_timeout_s (0: no such check; the agents' queue bounds "
+        "still shed).",
     )
     ingress_num_cpus: float = Field(0.05, ge=0.0, le=64.0, description="CPU share of a replica.")
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(

@@ -86,10 +86,11 @@ def load_tasks(data: str | None, limit: int | None, free_text: bool = False) -> 
 
 def bench_config(base: LegionConfig, port: int, data_dir: str) -> LegionConfig:
     """``base``'s agents and Arbiter, served as the bench's own app (one ingress replica) on ``port``
-    with its state in ``data_dir``."""
+    with its state in ``data_dir``. Admission (``serve.max_queue_wait_s``) is off: the bench
+    measures what the agents get done with every task taken, not what a busy server sheds."""
     raw = base.model_dump(mode="json")
     raw.update(data_dir=data_dir)
-    raw["serve"].update(app_name=APP_NAME, port=port, min_replicas=1, max_replicas=1)
+    raw["serve"].update(app_name=APP_NAME, port=port, min_replicas=1, max_replicas=1, max_queue_wait_s=0)
     return config_from_dict(raw, source="bench configuration")
 
 

@@ -523,22 +523,36 @@ class Arbiter:
         strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
         if self.agents.saturated():
             raise _overloaded("every pool has its sequences and queue full")
-        started = self.admission.admit(req.timeout_s) if self.admission is not None else None
+        # What a task costs depends on its kind: learned and estimated per kind.
+        kind = (req.choices is not None, strategy.name, req.fanout, req.max_tokens)
+        estimate = self.admission.estimate(kind) if self.admission is not None else None
+        ticket = self.admission.admit(kind, req.timeout_s) if self.admission is not None else None
         session = _Session(self, req, on_event)
+        if estimate is not None:  # why it was taken: the work ahead of it as admission saw it
+            session.trace(
+                "admitted",
+                in_flight=estimate.in_flight,
+                expected_wait_s=round(estimate.wait_s, 3),
+                expected_finish_s=round(estimate.finish_s, 3),
+            )
+        answered = False
         try:
             if req.timeout_s is None:
-                return await self._arbitrate(session, strategy)
-            try:
-                return await asyncio.wait_for(self._arbitrate(session, strategy), timeout=req.timeout_s)
-            except TimeoutError:
-                raise TaskTimeout(
-                    f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
-                    "Retry with a smaller max_tokens or a simpler strategy",
-                    trace=[e.model_dump() for e in session.events],
-                ) from None
+                result = await self._arbitrate(session, strategy)
+            else:
+                try:
+                    result = await asyncio.wait_for(self._arbitrate(session, strategy), timeout=req.timeout_s)
+                except TimeoutError:
+                    raise TaskTimeout(
+                        f"the task ran past its timeout of {req.timeout_s:g} s; the agents were stopped. "
+                        "Retry with a smaller max_tokens or a simpler strategy",
+                        trace=[e.model_dump() for e in session.events],
+                    ) from None
+            answered = True
+            return result
         finally:
-            if started is not None and self.admission is not None:
-                self.admission.done(started)
+            if ticket is not None and self.admission is not None:
+                self.admission.done(ticket, answered)
 
     async def describe_agents(self, timeout_s: float = 5.0) -> list[dict]:
         """Each agent's config, pool, trust record, health and stats (``GET /v1/agents``). An

@@ -88,7 +88,15 @@ def legion_config(tmp_path_factory):
                     "sampling": {"max_tokens": 16, "temperature": 0.6, "seed": 2},
                 },
             ],
-            "serve": {"app_name": TEST_APP, "port": _free_port(), "max_replicas": 1, "max_tokens_limit": 64},
+            # Admission sheds by measured work; a slow CI host must not shed the tests' own bursts
+            # (tests/unit/test_admission.py and the Locust run measure it).
+            "serve": {
+                "app_name": TEST_APP,
+                "port": _free_port(),
+                "max_replicas": 1,
+                "max_tokens_limit": 64,
+                "max_queue_wait_s": 600,
+            },
             "arbiter": {"agent_timeout_s": 300},
             "data_dir": str(tmp_path_factory.mktemp("legion-data")),
         }
