@@ -525,16 +525,8 @@ class Arbiter:
             raise _overloaded("every pool has its sequences and queue full")
         # What a task costs depends on its kind: learned and estimated per kind.
         kind = (req.choices is not None, strategy.name, req.fanout, req.max_tokens)
-        estimate = self.admission.estimate(kind) if self.admission is not None else None
         ticket = self.admission.admit(kind, req.timeout_s) if self.admission is not None else None
         session = _Session(self, req, on_event)
-        if estimate is not None:  # why it was taken: the work ahead of it as admission saw it
-            session.trace(
-                "admitted",
-                in_flight=estimate.in_flight,
-                expected_wait_s=round(estimate.wait_s, 3),
-                expected_finish_s=round(estimate.finish_s, 3),
-            )
         answered = False
         try:
             if req.timeout_s is None:

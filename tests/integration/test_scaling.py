@@ -79,7 +79,9 @@ def scale_app(legion_url, legion_config):
                 }
             ],
             "arbiter": {"autoscale_interval_s": 0.5, "agent_timeout_s": 300},
-            "serve": {"app_name": SCALE_APP, "max_replicas": 1, "ingress_num_cpus": 0},
+            # The subject here is the agents' own bounds and the pools' autoscaling: admission
+            # (tests/unit/test_admission.py, the Locust run) would shed these bursts first.
+            "serve": {"app_name": SCALE_APP, "max_replicas": 1, "ingress_num_cpus": 0, "max_queue_wait_s": 0},
             "cache": {"enabled": False},
             "data_dir": legion_config.data_dir,
         }
