@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from legion.arbitration.strategies.base import OptionScores
+from legion.arbitration.strategies.learned import learned_distribution
+from legion.profile import Profile
+
 MAX_SKILL = 0.95  # a member is never taken as certain: one vote never settles a whole panel
 DEFAULT_SKILL = 0.2  # a member with no profile accuracy and no trust record
 SAMPLES = 4000  # Monte Carlo draws per risk estimate (its standard error is at most 0.008)
@@ -211,10 +215,14 @@ class StopRule:
         sway: Mapping[str, float] | None = None,
         skill_source: str = "profile",
         units: Mapping[str, Sequence[str]] | None = None,
+        profile: Profile | None = None,
     ):
         self.members = list(members)
         self.skill = dict(skill)
-        self.sway = dict(sway) if sway is not None and all(m in sway for m in members) else None
+        # learned: the profile that combines the members' scores, and each member's sway in it.
+        whole = sway is not None and profile is not None and all(m in sway for m in members)
+        self.sway = dict(sway) if whole and sway is not None else None
+        self.profile = profile if whole else None
         self.skill_source = skill_source
         self.units = {u: list(ms) for u, ms in (units or {m: [m] for m in members}).items()}
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -260,6 +268,27 @@ class StopRule:
         rest = self._rest(remaining, k, lambda m: vote_weight(self.skill[m], k))
         return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
 
+    def look_choices(
+        self,
+        scores: OptionScores,
+        votes: Mapping[str, str | None],
+        decide: Callable[[], str | None],
+        remaining: Sequence[str],
+    ) -> Settlement:
+        """The settlement of a task with choices after the members in ``scores`` scored them
+        (``votes``: each one's pick, None: failed): by the profile's combined scores when
+        ``by_points``, else by the Bayes vote, the leader then being the strategy's (``decide``)."""
+        n = len(scores.options)
+        if self.profile is not None and scores.loglik:
+            got = learned_distribution(scores, self.profile, scores.options)
+            if got is not None:
+                points = {
+                    o: math.log(max(float(p), 1e-300)) for o, p in zip(scores.options, got[0], strict=True)
+                }
+                leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
+                return self.look_points(points, leader, remaining, n)
+        return self.look_votes(votes, decide(), remaining, n)
+
     def look_points(
         self, points: Mapping[str, float], leader: str | None, remaining: Sequence[str], n_options: int
     ) -> Settlement:
@@ -293,25 +322,24 @@ def writing_units(members: Sequence[object], owner: Mapping[str, str]) -> dict[s
 def stop_rule(
     strategy: str,
     members: Sequence[object],
-    profile: object | None,
+    profile: Profile | None,
     trust: Mapping[str, tuple[int, int]] | None,
     choices: bool,
     owner: Mapping[str, str] | None = None,
 ) -> StopRule:
     """The stop rule for ``strategy`` over ``members`` (panel member configs) with the profile
-    (``legion.profile.Profile``) or else the trust records (member -> (agreements, updates)).
-    On free text, with ``owner`` (member -> agent), members that write alike form one unit."""
+    or else the trust records (member -> (agreements, updates)). On free text, with ``owner``
+    (member -> agent), members that write alike form one unit."""
     names = [m.name for m in members]  # type: ignore[attr-defined]
-    by_name = {a.name: a for a in getattr(profile, "agents", [])}
-    acc = {n: getattr(by_name.get(n), "train_accuracy", None) for n in names}
+    by_name = {a.name: a for a in profile.agents} if profile is not None else {}
+    acc = {n: by_name[n].train_accuracy if n in by_name else None for n in names}
     skill, source = member_skills(names, acc, trust)
     cost = {m.name: member_cost(m, choices) for m in members}  # type: ignore[attr-defined]
     sway = None
     if strategy == "learned" and choices and by_name:
-        got = {n: getattr(by_name.get(n), "vote_points", None) for n in names}
-        sway = {n: float(v) for n, v in got.items() if v is not None}
+        sway = {n: float(v) for n in names if n in by_name and (v := by_name[n].vote_points) is not None}
     units = writing_units(members, owner) if not choices and owner is not None else None
-    return StopRule(names, skill, cost, sway, source, units)
+    return StopRule(names, skill, cost, sway, source, units, profile)
 
 
 def run_waves(

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from legion import metrics
@@ -246,23 +246,26 @@ class _Session:
                 raise _overloaded("every agent's queue is full")
         return self.first
 
-    async def _adaptive_fanout(self, gen: GenerateRequest) -> list[Candidate]:
-        """The first answers in waves (``legion.arbitration.adaptive``): after each wave the Bayes
-        vote of the answers so far, by their rule-normalised keys, says how likely the full panel
-        is to decide otherwise; below ``adaptive_risk`` the members left are never asked. The
-        answers asked are then grouped (equivalence) together, as a full fan-out's are."""
+    async def in_waves(
+        self,
+        ask: Callable[[list[str]], Awaitable[None]],
+        look: Callable[[list[str], list[str]], adaptive.Settlement],
+    ) -> None:
+        """Adaptive fan-out (``legion.arbitration.adaptive``; ``run_waves`` replays it in
+        ``legion eval``): ``ask`` each wave of the rule's plan in turn, then ``look(asked,
+        remaining)`` weighs the vote; once the risk that the full panel decides otherwise is at
+        most ``adaptive_risk`` the members left are never asked. Sets ``asked``, ``skipped`` and
+        ``risk``, and traces the plan, each look and the stop."""
         assert self.rule is not None
         plan = self.rule.plan(self.settings.adaptive_first_wave, self.settings.adaptive_wave)
         order = [m for wave in plan for m in wave]
-        got: list[Candidate] = []
-        asked: list[str] = []
-        self.rounds += 1
         self.trace("fanout", agents=order, fanout="adaptive", waves=plan)
+        asked: list[str] = []
+        stop = adaptive.Settlement(None, 1.0, len(order))
         for i, wave in enumerate(plan):
             asked += wave
-            got += await self._collect({m: gen for m in wave}, trace_each=True)
-            votes = {c.agent: (c.normalized if c.ok and c.normalized else None) for c in got}
-            stop = self.rule.look_votes(votes, self._vote_leader(got), order[len(asked) :], None)
+            await ask(wave)
+            stop = look(list(asked), order[len(asked) :])
             self.trace(
                 "adaptive_look", wave=i + 1, asked=list(asked), leader=stop.leader, risk=round(stop.risk, 4)
             )
@@ -270,8 +273,25 @@ class _Session:
                 break
         self.asked, self.skipped, self.risk = asked, order[len(asked) :], stop.risk
         self.trace("adaptive_stop", asked=asked, skipped=self.skipped, risk=round(stop.risk, 4))
+
+    async def _adaptive_fanout(self, gen: GenerateRequest) -> list[Candidate]:
+        """The first answers in waves, weighed by the Bayes vote of their rule-normalised keys;
+        the answers asked are then grouped (equivalence) together, as a full fan-out's are."""
+        rule = self.rule
+        assert rule is not None
+        got: list[Candidate] = []
+
+        async def ask(wave: list[str]) -> None:
+            got.extend(await self._collect({m: gen for m in wave}, trace_each=True))
+
+        def look(asked: list[str], remaining: list[str]) -> adaptive.Settlement:
+            votes = {c.agent: (c.normalized if c.ok and c.normalized else None) for c in got}
+            return rule.look_votes(votes, self._vote_leader(got), remaining, None)
+
+        self.rounds += 1
+        await self.in_waves(ask, look)
         return await self._settle_answers(
-            got, {m: gen for m in asked}, "fanout", trace_each=True, streamed=set(asked)
+            got, {m: gen for m in self.asked}, "fanout", trace_each=True, streamed=set(self.asked)
         )
 
     def _vote_leader(self, got: Sequence[Candidate]) -> str | None:
@@ -813,37 +833,20 @@ class Arbiter:
         profile's combined scores for ``learned``, else by the Bayes vote of the members' picks)."""
         rule = s.rule
         assert rule is not None
-        a = self.cfg.arbiter
-        plan = rule.plan(a.adaptive_first_wave, a.adaptive_wave)
-        order = [m for wave in plan for m in wave]
-        s.trace("fanout", agents=order, fanout="adaptive", waves=plan)
-        profile = load_profile(a.profile) if rule.by_points and a.profile is not None else None
-        n = len(scores.options)
-        asked: list[str] = []
-        stop = adaptive.Settlement(None, 1.0, len(order))
-        for i, wave in enumerate(plan):
-            asked += wave
+
+        async def ask(wave: list[str]) -> None:
             await self._score_members(s, wave, scores, failed)
-            remaining = order[len(asked) :]
-            got = learned_distribution(scores, profile, scores.options) if profile and scores.loglik else None
-            if got is not None:
-                points = {
-                    o: math.log(max(float(p), 1e-300)) for o, p in zip(scores.options, got[0], strict=True)
-                }
-                leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
-                stop = rule.look_points(points, leader, remaining, n)
-            else:
-                cands = choice_candidates(scores, {m: s.roles[m] for m in asked}, s.standing)
-                votes = {m: None for m in asked} | {c.agent: c.normalized for c in cands}
-                leader = strategy.decide(cands, s.weights, scores).answer_key or None if cands else None
-                stop = rule.look_votes(votes, leader, remaining, n)
-            s.trace(
-                "adaptive_look", wave=i + 1, asked=list(asked), leader=stop.leader, risk=round(stop.risk, 4)
-            )
-            if stop.settled(a.adaptive_risk):
-                break
-        s.asked, s.skipped, s.risk = asked, order[len(asked) :], stop.risk
-        s.trace("adaptive_stop", asked=asked, skipped=s.skipped, risk=round(stop.risk, 4))
+
+        def look(asked: list[str], remaining: list[str]) -> adaptive.Settlement:
+            cands = choice_candidates(scores, {m: s.roles[m] for m in asked}, s.standing)
+            votes = {m: None for m in asked} | {c.agent: c.normalized for c in cands}
+
+            def decide() -> str | None:
+                return (strategy.decide(cands, s.weights, scores).answer_key or None) if cands else None
+
+            return rule.look_choices(scores, votes, decide, remaining)
+
+        await s.in_waves(ask, look)
 
     def _choice_probabilities(self, scores: OptionScores) -> tuple[list[float], str]:
         """P(choice): the profile's fitted combination of the members' scores where there is a

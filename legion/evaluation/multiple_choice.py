@@ -25,13 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from legion.agent import member_prefix
 from legion.arbitration import adaptive as adaptive_rule
 from legion.arbitration.strategies import OptionScores, build_strategy, strategy_names
 from legion.arbitration.strategies.base import choice_candidates
-from legion.arbitration.strategies.learned import learned_distribution
 from legion.arbitration.trust import agreement_losses, hedge_update
 from legion.config import AgentConfig, LegionConfig, load_config
 from legion.engine import views
@@ -544,7 +541,7 @@ def evaluate(
                 solver_s += d.details.get("solver_ms", 0.0) / 1000
                 wall_s += all_s + took
             if adaptive is not None:
-                adaptive.item(s, strat, cands, scores, agent_s, truth, d.answer_key, trust, profiled)
+                adaptive.item(s, strat, cands, scores, agent_s, truth, d.answer_key, profiled)
         for k in sizes:
             sub = _restrict(scores, chosen[:k])
             for s, strat in runners.items():
@@ -625,24 +622,19 @@ class _AdaptiveReplay:
             for s in names
         }
 
-    def item(self, s, strat, cands, scores, agent_s, truth, full_key, trust, profiled) -> None:
+    def item(self, s, strat, cands, scores, agent_s, truth, full_key, profiled) -> None:
         by_name = {c.agent: c for c in cands}
         rule = self.rules[s]
         w = self.trust[("adaptive", s)] if getattr(strat, "uses_trust", False) else None
-        k = len(scores.options)
 
         def look(asked: list[str], remaining: list[str]) -> adaptive_rule.Settlement:
             sub = _restrict_names(scores, asked)
-            if rule.by_points:
-                got = learned_distribution(sub, self.profile, scores.options)
-                if got is not None:
-                    logp = np.log(np.clip(got[0], 1e-300, None))
-                    points = {o: float(x) for o, x in zip(scores.options, logp, strict=True)}
-                    leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
-                    return rule.look_points(points, leader, remaining, k)
-            d = strat.decide([by_name[m] for m in asked], w, sub)
             votes = {m: (by_name[m].normalized if by_name[m].ok else None) for m in asked}
-            return rule.look_votes(votes, d.answer_key or None, remaining, k)
+
+            def decide() -> str | None:
+                return strat.decide([by_name[m] for m in asked], w, sub).answer_key or None
+
+            return rule.look_choices(sub, votes, decide, remaining)
 
         asked, stop = adaptive_rule.run_waves(self.plans[s], look, self.limit)
         # The decision as the Arbiter makes it at the stop, with this replay's own trust step.
