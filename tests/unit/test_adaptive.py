@@ -290,3 +290,16 @@ def test_the_config_default_falls_back_to_all_where_adaptive_does_not_apply(tmp_
     assert task_request(TaskBody(task="Plan a trip.", strategy="debate"), cfg).fanout == "all"
     assert task_request(TaskBody(task="Plan a trip.", strategy="conflict"), cfg).fanout == "adaptive"
     assert task_request(TaskBody(task="Plan a trip.", fanout="all"), cfg).fanout == "all"
+
+
+def test_the_http_routes_refuse_a_bad_fanout_naming_the_field(tmp_path):
+    from tests.unit.test_routes import client
+
+    http = client(tmp_path)
+    r = http.post("/v1/tasks", json={"task": "Name a colour.", "fanout": "sometimes"})
+    assert 400 <= r.status_code < 500 and "fanout" in r.text and "adaptive" in r.text, r.text
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "fanout": 1}
+    r = http.post("/v1/chat/completions", json=chat)
+    assert 400 <= r.status_code < 500 and "fanout" in r.text, r.text
+    r = http.post("/v1/tasks", json={"task": "Plan a trip.", "strategy": "decompose", "fanout": "adaptive"})
+    assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "fanout"
