@@ -217,7 +217,8 @@ class LegionIngress:
     async def _agent_list(self) -> AgentList:
         path = self.cfg.arbiter.profile
         profile = load_profile(path).summary(path) if path else None
-        return AgentList(agents=await self.arbiter.agents(), profile=profile)
+        adaptation = await self.arbiter.adaptation() if self.cfg.arbiter.adapt != "off" else None
+        return AgentList(agents=await self.arbiter.agents(), profile=profile, adaptation=adaptation)
 
     async def _watch_agents(self, every_s: float):
         end = time.monotonic() + AGENTS_WATCH_S

@@ -104,6 +104,10 @@ class ArbiterActor:
         self._ensure_autoscaler()
         return await self._arbiter.describe_agents()
 
+    async def adaptation(self) -> dict | None:
+        """``Arbiter.adaptation_summary``: where ``arbiter.adapt`` stands (None: off)."""
+        return await asyncio.to_thread(self._arbiter.adaptation_summary)
+
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         """``agent``'s completion of a raw prompt (``POST /v1/completions``), on the replica of
         its pool with the least work."""

@@ -189,6 +189,10 @@ class ArbiterClient:
         """Each agent's config, pool, health, stats and trust weight."""
         return await self._handle.agents.remote()
 
+    async def adaptation(self) -> dict | None:
+        """Where ``arbiter.adapt`` stands (None: off)."""
+        return await self._handle.adaptation.remote()
+
     async def complete(self, agent: str, req: CompletionRequest) -> Generation:
         """One agent's completion of a raw prompt, through the Arbiter's pool of it."""
         return await resolve(self._handle.complete.remote(agent, req))

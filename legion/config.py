@@ -442,6 +442,31 @@ class ArbiterConfig(_Strict):
     adaptive_wave: int = Field(
         1, ge=1, le=64, description="fanout adaptive: members asked in each later wave."
     )
+    adapt: Literal["off", "agreement"] = Field(
+        "off",
+        description="Online adaptation of the profile's weights from the unlabelled tasks with choices the "
+        "panel answers: 'agreement' re-weighs each agent's views by their agreement with the other agents' "
+        "views (bounded by adapt_bound, stored in adapt_file, shown in /v1/agents; docs/arbitration.md). "
+        "Off by default: on the dev sets it lost accuracy on ARC-Challenge. Needs a profile and two agents.",
+    )
+    adapt_window: int = Field(
+        500, ge=10, le=100_000, description="adapt: the newest items whose picks are kept and refitted on."
+    )
+    adapt_min_items: int = Field(
+        50, ge=10, le=100_000, description="adapt: items recorded before the first refit (factors stay 1)."
+    )
+    adapt_every: int = Field(10, ge=1, le=100_000, description="adapt: refit after this many more items.")
+    adapt_bound: float = Field(
+        2.0,
+        ge=1.0,
+        le=10.0,
+        description="adapt: the most a view's weight is multiplied (or divided) by; 1 changes nothing.",
+    )
+    adapt_file: str = Field(
+        "adaptation.db",
+        min_length=1,
+        description="SQLite file of the adaptation's window and factors, in data_dir.",
+    )
     num_cpus: float = Field(0.05, ge=0.0, le=16.0, description="CPU share of the Arbiter actor.")
     max_concurrency: int = Field(256, ge=1, le=10000, description="Tasks one Arbiter runs at once.")
     restart_wait_s: float = Field(
@@ -890,6 +915,24 @@ class LegionConfig(BaseSettings):
                 )
             except ConfigError as exc:
                 raise ValueError(f"arbiter.profile: {exc.message}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _adapt_needs(self) -> LegionConfig:
+        a = self.arbiter
+        if a.adapt == "off":
+            return self
+        if a.profile is None:
+            raise ValueError("arbiter.adapt: agreement re-weighs the profile's members; set arbiter.profile")
+        if len(self.agents) < 2:
+            raise ValueError(
+                "arbiter.adapt: agreement learns from agreement across agents (model families); "
+                "configure at least two agents, or set adapt: off"
+            )
+        if a.adapt_min_items > a.adapt_window:
+            raise ValueError(
+                f"arbiter.adapt_min_items ({a.adapt_min_items}) must be <= adapt_window ({a.adapt_window})"
+            )
         return self
 
     @classmethod

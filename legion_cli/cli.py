@@ -579,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and report, per strategy, its accuracy, agents asked and cost beside the full panel's",
     )
     e.add_argument("--adaptive-risk", type=float, help="override arbiter.adaptive_risk for --fanout adaptive")
+    e.add_argument(
+        "--adapt",
+        choices=["off", "agreement"],
+        help="agreement: also decide every item with learned over the profile adapted online, as "
+        "arbiter.adapt: agreement does when served (items in file order, no labels), in a "
+        "'learned@adapted' row (default: the config's arbiter.adapt)",
+    )
     ft = e.add_argument_group(
         "free text",
         "--free-text: the items as short-answer tasks, answered by every strategy that writes answers",

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 from legion import metrics
 from legion.arbitration import adaptive
+from legion.arbitration.adaptation import Adaptation, Settings, panel_key
 from legion.arbitration.admission import TaskAdmission
 from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
 from legion.arbitration.strategies.base import choice_candidates
-from legion.arbitration.strategies.learned import learned_distribution
+from legion.arbitration.strategies.learned import Learned, learned_distribution
 from legion.arbitration.trust import TrustStore, agreement_losses
 from legion.config import LegionConfig
 from legion.engine.constrained import AnswerMismatch, parse_answer, unwrap_json, vote_key
@@ -41,7 +42,7 @@ from legion.messages import (
     TaskResult,
     TraceEvent,
 )
-from legion.profile import load_profile
+from legion.profile import Profile, load_profile
 from legion.streaming import relay
 
 log = logging.getLogger(__name__)
@@ -516,6 +517,30 @@ class Arbiter:
             if a.equivalence == "embedding"
             else None
         )
+        self.adaptation = self._adaptation()
+
+    def _adaptation(self) -> Adaptation | None:
+        """``arbiter.adapt``'s adaptation of the profile (None when off), stored in ``adapt_file``."""
+        a = self.cfg.arbiter
+        if a.adapt == "off" or a.profile is None:
+            return None
+        profile = load_profile(a.profile)
+        settings = Settings(a.adapt_window, a.adapt_min_items, a.adapt_every, a.adapt_bound)
+        key = panel_key(a.profile, profile, [m.name for m in self.panel])
+        return Adaptation(profile, self.owner, settings, self.cfg.data_path / a.adapt_file, key)
+
+    def _profile(self) -> Profile | None:
+        """The profile in force: ``arbiter.profile``, its weights adapted when ``arbiter.adapt`` is on."""
+        if self.cfg.arbiter.profile is None:
+            return None
+        profile = load_profile(self.cfg.arbiter.profile)
+        if self.adaptation is None:
+            return profile
+        try:
+            return self.adaptation.adapt(profile)
+        except Exception:  # the adaptation is a refinement: the fitted profile still stands
+            log.exception("could not read the adaptation; the profile as fitted decides")
+            return profile
 
     def load_equivalence_model(self) -> None:
         """Load the embedding model now (blocking) when ``arbiter.equivalence`` is ``embedding``,
@@ -541,6 +566,8 @@ class Arbiter:
         Raises ``UnknownStrategy``, ``Overloaded`` (every agent full), ``NoCandidates`` (every
         agent failed) and ``TaskTimeout`` (with the trace so far) past ``req.timeout_s``."""
         strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
+        if self.adaptation is not None and isinstance(strategy, Learned):
+            strategy = Learned(self._profile(), self.cfg.arbiter.profile)
         if self.agents.saturated():
             raise _overloaded("every pool has its sequences and queue full")
         # What a task costs depends on its kind: learned and estimated per kind.
@@ -576,7 +603,13 @@ class Arbiter:
         except Exception:
             log.exception("could not read the trust weights")
             trust = {}
-        weights = self._profile_weights()
+        weights = self._fitted_weights()
+        factors: dict[str, float] = {}
+        if self.adaptation is not None:
+            try:
+                factors = await asyncio.to_thread(self.adaptation.factors)
+            except Exception:
+                log.exception("could not read the adaptation")
 
         def trusted(name: str) -> dict | None:
             t = trust.get(name)
@@ -601,6 +634,7 @@ class Arbiter:
                         "few_shot": m.few_shot,
                         "trust": trusted(m.name),
                         "profile_weight": weights.get(m.name),
+                        "adaptation_factor": factors.get(m.name),
                     }
                     for m in a.members()
                 ],
@@ -625,11 +659,10 @@ class Arbiter:
         """The adaptive stop rule of ``strategy`` for this task: the members' skills from the
         profile's train accuracies, else from their trust records."""
         profile = None
-        if self.cfg.arbiter.profile is not None:
-            try:
-                profile = load_profile(self.cfg.arbiter.profile)
-            except LegionError:
-                log.exception("could not read the profile")
+        try:
+            profile = self._profile()
+        except LegionError:
+            log.exception("could not read the profile")
         records = None
         if profile is None or any(a.train_accuracy is None for a in profile.agents):
             try:
@@ -639,11 +672,24 @@ class Arbiter:
                 log.exception("could not read the trust records")
         return adaptive.stop_rule(strategy.name, self.panel, profile, records, choices, self.owner)
 
-    def _profile_weights(self) -> dict[str, float]:
+    def adaptation_summary(self) -> dict[str, Any] | None:
+        """Where ``arbiter.adapt`` stands (``GET /v1/agents``); None when it is off."""
+        return None if self.adaptation is None else self.adaptation.summary()
+
+    def _fitted_weights(self) -> dict[str, float]:
+        """The profile's weights as fitted (before any adaptation)."""
         if self.cfg.arbiter.profile is None:
             return {}
         try:
             return {k: round(v, 6) for k, v in load_profile(self.cfg.arbiter.profile).weights.items()}
+        except LegionError:
+            log.exception("could not read the profile")
+            return {}
+
+    def _profile_weights(self) -> dict[str, float]:
+        try:
+            profile = self._profile()
+            return {} if profile is None else {k: round(v, 6) for k, v in profile.weights.items()}
         except LegionError:
             log.exception("could not read the profile")
             return {}
@@ -790,6 +836,11 @@ class Arbiter:
         )
         if index is not None:
             decision.answer = choices[index]
+        if self.adaptation is not None and choice.picks:
+            try:  # the picks, unlabelled, are what the adaptation learns from
+                await asyncio.to_thread(self.adaptation.record, choice.picks, len(choices))
+            except Exception:  # never a reason to lose the answer
+                log.exception("could not record the picks for arbiter.adapt")
         return decision, choice
 
     async def _score_members(
@@ -854,8 +905,9 @@ class Arbiter:
         n = len(scores.options)
         if not scores.loglik:
             return [1.0 / n] * n, "uniform"
-        if self.cfg.arbiter.profile is not None:
-            got = learned_distribution(scores, load_profile(self.cfg.arbiter.profile), scores.options)
+        profile = self._profile()
+        if profile is not None:
+            got = learned_distribution(scores, profile, scores.options)
             if got is not None:
                 return [float(p) for p in got[0]], "profile"
         each = [_softmax_list(v) for v in scores.loglik.values()]

@@ -27,8 +27,10 @@ from typing import Any
 
 from legion.agent import member_prefix
 from legion.arbitration import adaptive as adaptive_rule
+from legion.arbitration.adaptation import Adaptation, Settings
 from legion.arbitration.strategies import OptionScores, build_strategy, strategy_names
 from legion.arbitration.strategies.base import choice_candidates
+from legion.arbitration.strategies.learned import Learned
 from legion.arbitration.trust import agreement_losses, hedge_update
 from legion.config import AgentConfig, LegionConfig, load_config
 from legion.engine import views
@@ -467,6 +469,7 @@ def evaluate(
     report: dict[str, Any] | None = None,
     baseline_items: int = 0,
     fanout: str = "all",
+    adapt: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, item count and seconds of every strategy and of ``single:<agent>`` for each
     agent (restricted to ``agents`` when given), on the same items in order.
@@ -482,6 +485,10 @@ def evaluate(
     items decided by adaptive fan-out (``legion.arbitration.adaptive``, with the config's
     ``adaptive_*`` settings) replayed over the members' scores, with the mean members asked, their
     share of the panel's calls and of its scoring seconds, and how often it decides as the full panel.
+
+    With ``adapt="agreement"`` (default: the config's ``arbiter.adapt``) and a profile, a
+    ``learned@adapted`` row: each item decided by ``learned`` over the profile as adapted online
+    from the picks of the items before it (``legion.arbitration.adaptation``, no labels), as served.
     """
     chosen = [a for a in cfg.panel if agents is None or a.name in agents]
     if not chosen:
@@ -504,6 +511,7 @@ def evaluate(
     profiled = load_profile(cfg.arbiter.profile).weights if cfg.arbiter.profile else None
     decisions: dict[str, list[str]] = {s: [] for s in names}
     adaptive = _AdaptiveReplay(cfg, chosen, names) if fanout == "adaptive" else None
+    adapted = _AdaptedReplay(cfg, chosen) if (adapt or cfg.arbiter.adapt) != "off" else None
     solver_s = 0.0
     wall_s = 0.0
     picks: dict[str, list[int]] = {a.name: [] for a in chosen}
@@ -542,6 +550,8 @@ def evaluate(
                 wall_s += all_s + took
             if adaptive is not None:
                 adaptive.item(s, strat, cands, scores, agent_s, truth, d.answer_key, profiled)
+        if adapted is not None:
+            adapted.item(cands, scores, truth, all_s, decisions.get("learned", [None])[-1])
         for k in sizes:
             sub = _restrict(scores, chosen[:k])
             for s, strat in runners.items():
@@ -557,6 +567,8 @@ def evaluate(
     out = {k: r.row() for k, r in results.items()}
     if adaptive is not None:
         out |= adaptive.rows()
+    if adapted is not None:
+        out |= adapted.rows()
     if wall_s > 0:
         out["equilibrium"]["solver_share"] = round(solver_s / wall_s, 5)
     if curve is not None:
@@ -673,6 +685,52 @@ class _AdaptiveReplay:
                 "skill_source": self.rules[s].skill_source,
             }
         return out
+
+
+class _AdaptedReplay:
+    """``learned`` over the profile adapted online (``arbiter.adapt: agreement``), replayed in item
+    order: each item is decided with the factors learned from the items before it, then its picks
+    are recorded, as the Arbiter records a task's picks after deciding it."""
+
+    def __init__(self, cfg: LegionConfig, chosen: Sequence[AgentConfig]):
+        a = cfg.arbiter
+        if a.profile is None:
+            raise InvalidRequest("adapt: agreement adapts a profile; give --profile or a config with one")
+        self.profile = load_profile(a.profile)
+        owner = {m.name: ag.name for ag in cfg.agents for m in ag.members()}
+        if len({owner[m.name] for m in chosen}) < 2:
+            raise InvalidRequest(
+                "adapt: agreement learns from agreement across agents: evaluate at least two"
+            )
+        settings = Settings(a.adapt_window, a.adapt_min_items, a.adapt_every, a.adapt_bound)
+        self.adaptation = Adaptation(self.profile, owner, settings)
+        self.stats = {"n": 0, "correct": 0, "same": 0, "seconds": 0.0}
+
+    def item(self, cands, scores, truth, seconds, full_key) -> None:
+        strat = Learned(self.adaptation.adapt(self.profile), "adapted")
+        d = strat.decide(list(cands), None, scores)
+        st = self.stats
+        st["n"] += 1
+        st["correct"] += int(d.answer_key == truth)
+        st["same"] += int(full_key is not None and d.answer_key == full_key)
+        st["seconds"] += seconds
+        picks = {c.agent: int(c.normalized) for c in cands if c.ok and c.normalized}
+        self.adaptation.record(picks, len(scores.options))
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        st = self.stats
+        n = max(1, st["n"])
+        state = self.adaptation.state()
+        return {
+            "learned@adapted": {
+                "accuracy": round(st["correct"] / n, 4),
+                "n": st["n"],
+                "seconds": round(st["seconds"], 2),
+                "same_as_full": round(st["same"] / n, 4),
+                "refits": state.refits,
+                "factors": {m: round(f, 4) for m, f in self.adaptation.factors().items()},
+            }
+        }
 
 
 def _restrict_names(scores: OptionScores, names: Sequence[str]) -> OptionScores:
@@ -875,6 +933,7 @@ def run_eval_cli(args: Any) -> int:
         report=report,
         baseline_items=getattr(args, "baseline_items", 0) or 0,
         fanout=getattr(args, "fanout", None) or "all",
+        adapt=getattr(args, "adapt", None),
     )
     log.info("evaluated %d items in %.1fs", len(items), time.perf_counter() - t0)
     if curve is not None:

@@ -866,6 +866,11 @@ class ViewInfo(BaseModel):
     few_shot: int
     trust: TrustInfo | None = Field(None, description="None before its first vote.")
     profile_weight: float | None = Field(None, description="Its weight in the profile (None: not in one).")
+    adaptation_factor: float | None = Field(
+        None,
+        description="arbiter.adapt: what its profile weight is multiplied by, learned from the panel's "
+        "agreement on unlabelled tasks (None: adaptation off).",
+    )
 
 
 class AgentInfo(BaseModel):
@@ -889,6 +894,11 @@ class AgentList(BaseModel):
     agents: list[AgentInfo]
     profile: dict[str, Any] | None = Field(
         None, description="The Arbiter profile in use (arbiter.profile): weights and fit figures."
+    )
+    adaptation: dict[str, Any] | None = Field(
+        None,
+        description="arbiter.adapt: items recorded, refits, the window, the bound and each member's factor "
+        "(None: adaptation off).",
     )
 
 

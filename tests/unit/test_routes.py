@@ -35,8 +35,11 @@ class AgentsArbiter(FakeArbiter):
         ]
 
 
-def client(tmp_path, arbiter=None, **overrides) -> TestClient:
-    cfg = config_from_dict({"agents": [{"name": "solver"}], "data_dir": str(tmp_path), **overrides})
+def client(tmp_path, arbiter=None, cfg=None, **overrides) -> TestClient:
+    """The ingress's routes over ``arbiter`` (default: a scripted one) with ``cfg`` (default: one
+    agent, ``solver``, and ``overrides``)."""
+    if cfg is None:
+        cfg = config_from_dict({"agents": [{"name": "solver"}], "data_dir": str(tmp_path), **overrides})
     ingress = object.__new__(serve_app.LegionIngress)  # its __init__ starts actors; these stand in
     ingress.cfg, ingress.security = cfg, SecurityPolicy(cfg)
     ingress.arbiter, ingress.retriever = arbiter or AgentsArbiter(), FakeRetriever()
