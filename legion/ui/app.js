@@ -533,8 +533,13 @@ function viewsRow(a) {
     }, weight(v.trust && v.trust.weight)),
     el("td", {
       class: "profile-weight", "data-weight": typeof v.profile_weight === "number" ? v.profile_weight : "",
-      title: typeof v.profile_weight === "number" ? "its weight in the Arbiter profile" : "not in a profile",
-    }, weight(v.profile_weight))));
+      "data-factor": typeof v.adaptation_factor === "number" ? v.adaptation_factor : "",
+      title: typeof v.profile_weight !== "number" ? "not in a profile"
+        : typeof v.adaptation_factor === "number"
+          ? `its weight in the Arbiter profile, times ${fmt(v.adaptation_factor, 3)} learned from the panel's agreement (arbiter.adapt)`
+          : "its weight in the Arbiter profile",
+    }, weight(v.profile_weight) +
+      (typeof v.adaptation_factor === "number" ? ` ×${fmt(v.adaptation_factor, 2)}` : ""))));
   return el("tr", { class: "views", "data-agent": a.name },
     el("td", { colspan: 9 }, el("table", { class: "views" }, el("thead", {}, head), el("tbody", {}, ...rows))));
 }
