@@ -293,6 +293,9 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     from legion.config import load_config
 
+    if args.dump_candidates and not args.free_text:
+        print("legion: --dump-candidates goes with --free-text", file=sys.stderr)
+        return 2
     if not (args.free_text and args.rejudge):  # judging saved answers loads no model
         _preflight(_model_paths(load_config(args.config)))
     if args.free_text:
@@ -316,6 +319,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.folds < 2:
         print("legion: --folds must be at least 2", file=sys.stderr)
         return 2
+    if bool(args.data) == bool(args.candidates):
+        print(
+            "legion: give --data (items to score) or --candidates (a free-text dump), one of them",
+            file=sys.stderr,
+        )
+        return 2
+    if args.candidates:
+        given = [f"--{n}" for n in ("limit", "agents", "shots", "scores") if getattr(args, n) is not None]
+        given += ["--unlabelled"] if args.unlabelled else []
+        if given:
+            print(f"legion: {', '.join(given)} go with --data, not --candidates", file=sys.stderr)
+            return 2
+        return run_calibrate_cli(args)  # fits on saved scores: no model is loaded
     _preflight(_model_paths(load_config(args.config)))
     return run_calibrate_cli(args)
 
@@ -613,13 +629,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--min-similarity", type=float, default=0.8, help="--judge embedding: the threshold")
     ft.add_argument("--rejudge", help="judge the answers saved in this --out file again (no model runs)")
+    ft.add_argument(
+        "--dump-candidates",
+        metavar="FILE",
+        help="write, per item, the answers learned chose between, every member's scores of them and which "
+        "the judge holds right (JSON; needs learned among the strategies): legion calibrate --candidates",
+    )
     e.set_defaults(func=_eval)
 
     cb = sub.add_parser(
         "calibrate",
         help="fit how the Arbiter weighs its agents on labelled items; write a profile (arbiter.profile)",
     )
-    cb.add_argument("--data", required=True, help="training JSONL file(s), comma-separated")
+    cb.add_argument("--data", help="training JSONL file(s), comma-separated")
+    cb.add_argument(
+        "--candidates",
+        metavar="FILE",
+        help="instead of --data: fit on free-text candidates, the file(s) of legion eval --free-text "
+        "--dump-candidates (comma-separated; no model runs)",
+    )
     cb.add_argument("--config", help="YAML config whose agents are fitted")
     cb.add_argument("--out", required=True, help="the profile (JSON) to write")
     cb.add_argument("--limit", type=int, help="only the first N items of each file (file order)")

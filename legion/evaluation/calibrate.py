@@ -9,6 +9,12 @@ backwards. The weights are fit by Newton's method on the mean log-loss plus ``l2
 items. Nothing depends on the number of choices or on positions, so a profile fitted on ARC
 applies to any multiple-choice set.
 
+Free text (``--candidates``): the same model over each item's generated candidates instead of its
+given choices, ``f_a`` a member's log-softmax over the candidates of its scores under its view's
+rule (what ``learned`` weighs there), from the file ``legion eval --free-text --dump-candidates``
+writes; the target spreads evenly over the candidates the judge holds right, and items with no
+right candidate, or only right ones, teach nothing and are left out.
+
 Without labels (``--unlabelled``), a one-coin Dawid-Skene model (each agent picks the right
 choice with its own probability, else one of the others uniformly) is fit by EM over the
 agents' picks; its posteriors over each item's choices are the soft labels the same
@@ -54,23 +60,32 @@ _NEG = -1e30  # the logit of a padded (absent) choice
 class Dataset:
     """Items as padded arrays: ``x[j, a, i]`` agent ``a``'s log-softmax feature of choice ``i``
     of item ``j`` (0 where the item has fewer choices), ``mask[j, i]`` whether choice ``i``
-    exists, ``q[j, i]`` the target distribution (one-hot labels, or soft labels)."""
+    exists, ``q[j, i]`` the target distribution (one-hot labels, or soft labels); ``right[j, i]``
+    whether choice ``i`` counts as right where several may (None: the target's most likely one)."""
 
     agents: list[str]
     x: np.ndarray  # [n, A, M]
     mask: np.ndarray  # [n, M] bool
     q: np.ndarray  # [n, M]
+    right: np.ndarray | None = None  # [n, M] bool
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
 
     def subset(self, idx: np.ndarray) -> Dataset:
-        return Dataset(self.agents, self.x[idx], self.mask[idx], self.q[idx])
+        right = None if self.right is None else self.right[idx]
+        return Dataset(self.agents, self.x[idx], self.mask[idx], self.q[idx], right)
 
     @property
     def labels(self) -> np.ndarray:
         return self.q.argmax(axis=1)
+
+    def hits(self, pick: np.ndarray) -> np.ndarray:
+        """Whether each item's picked choice (``pick``, [n] indices) is right."""
+        if self.right is not None:
+            return self.right[np.arange(self.n), pick]
+        return pick == self.labels
 
 
 def build_dataset(
@@ -78,9 +93,11 @@ def build_dataset(
     scores: Sequence[Mapping[str, Sequence[float]]],
     labels: Sequence[int] | None = None,
     soft: np.ndarray | None = None,
+    right: np.ndarray | None = None,
 ) -> Dataset:
     """The dataset of ``scores`` (per item, each agent's scores of the item's choices) with
-    ``labels`` (the correct choice's index) or ``soft`` ([n, M] target distributions)."""
+    ``labels`` (the correct choice's index) or ``soft`` ([n, M] target distributions), and
+    ``right`` ([n, M] bool) where more than one choice of an item may count as right."""
     n, width = len(scores), max(len(next(iter(s.values()))) for s in scores)
     x = np.zeros((n, len(agents), width))
     mask = np.zeros((n, width), dtype=bool)
@@ -98,7 +115,7 @@ def build_dataset(
             raise ValueError("give labels or soft targets")
         q = np.zeros((n, width))
         q[np.arange(n), np.asarray(labels)] = 1.0
-    return Dataset(list(agents), x, mask, q)
+    return Dataset(list(agents), x, mask, q, None if right is None else np.where(mask, right, False))
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -120,9 +137,9 @@ def log_loss(w: np.ndarray, data: Dataset) -> float:
 
 
 def accuracy(w: np.ndarray, data: Dataset) -> float:
-    """Share of items whose best-scored choice is the target's most likely one (first on ties)."""
+    """Share of items whose best-scored choice (first on ties) is right (``Dataset.hits``)."""
     p = choice_probabilities(w, data.x, data.mask)
-    return float((p.argmax(axis=1) == data.labels).mean())
+    return float(data.hits(p.argmax(axis=1)).mean())
 
 
 def fit_weights(data: Dataset, l2: float, iterations: int = 50, tol: float = 1e-10) -> np.ndarray:
@@ -254,12 +271,11 @@ def fit(data: Dataset, grid: Sequence[float] = L2_GRID, folds: int = 5, seed: in
     """Choose ``l2`` by cross-validation on standardised features (``feature_scale``), then fit
     the weights on all of ``data``; the weights are returned in the agents' own units."""
     scale = feature_scale(data)
-    std = Dataset(data.agents, data.x / scale[None, :, None], data.mask, data.q)
+    std = Dataset(data.agents, data.x / scale[None, :, None], data.mask, data.q, data.right)
     l2, rows = cross_validate(std, grid, folds, seed)
     w = fit_weights(std, l2) / scale
-    labels = data.labels
     single = {
-        a: round(float((np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1) == labels).mean()), 4)
+        a: round(float(data.hits(np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1)).mean()), 4)
         for k, a in enumerate(data.agents)
     }
     return FitResult(w, l2, rows, round(accuracy(w, data), 4), single, vote_points(w, data))
@@ -353,6 +369,136 @@ def _load_unlabelled(path: str | Path, limit: int | None) -> list[Any]:
     return out
 
 
+def exemplar_ids(agents: Sequence[Any], pool: Sequence[Any] | None = None) -> set[str]:
+    """The ids of the items some agent (agent configs) takes as a few-shot exemplar, drawn from
+    ``pool`` or else each agent's own pool, as ``legion serve`` and ``legion eval`` draw them."""
+    return {
+        x.id for a in agents for x in views.exemplar_items(a, pool if pool is not None else exemplar_pool(a))
+    }
+
+
+# ---------------------------------------------------------------------------------- free-text candidates
+
+
+def load_candidates(path: str | Path) -> dict[str, Any]:
+    """The file ``legion eval --free-text --dump-candidates`` wrote (``ConfigError`` when it is
+    not one)."""
+    from legion.evaluation.freetext import CANDIDATES_FORMAT, CANDIDATES_VERSION
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--candidates {p}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != CANDIDATES_FORMAT:
+        raise ConfigError(
+            f"--candidates {p}: not a free-text candidates file (write one with legion eval --free-text "
+            "--dump-candidates)"
+        )
+    if data.get("version") != CANDIDATES_VERSION:
+        raise ConfigError(
+            f"--candidates {p}: version {data.get('version')!r}, this Legion reads "
+            f"{CANDIDATES_VERSION}: dump again"
+        )
+    return data
+
+
+def check_candidate_members(data: Mapping[str, Any], panel: Sequence[Any], source: str) -> None:
+    """``ConfigError`` naming the member when the dump's members are not ``panel`` (member
+    configs), each in the same view: a profile is fitted for exactly the members it will weigh."""
+    dumped = {m["name"]: m["view"] for m in data["members"]}
+    running = {m.name: view_of(m) for m in panel}
+    for name in sorted(set(dumped) ^ set(running)):
+        where = "the config" if name in running else source
+        raise ConfigError(f"member {name!r} is only in {where}: dump again with this config's panel")
+    for name, view in running.items():
+        diff = [f for f in view if view[f] != dumped[name].get(f)]
+        if diff:
+            raise ConfigError(
+                f"member {name!r} differs from its view in {source} ({', '.join(diff)}): dump again "
+                "with this config"
+            )
+
+
+def candidates_dataset(
+    members: Sequence[str], records: Sequence[Mapping[str, Any]], exclude: set[str] = frozenset()
+) -> tuple[Dataset, dict[str, int]]:
+    """The dataset of dumped free-text items: each member's scores of an item's candidates under
+    its view's rule (``features``), the target even over the candidates the judge holds right.
+    Items left out, counted by why: an id in ``exclude`` (an exemplar), no scores (one candidate,
+    or every member gave the same answer), a member that did not score, no candidate right, every
+    candidate right."""
+    left = dict.fromkeys(("exemplar", "unscored", "member_missing", "none_right", "all_right"), 0)
+    feats, rights = [], []
+    for r in records:
+        features, right = r.get("features") or {}, list(r["right"])
+        why = (
+            "exemplar"
+            if r["id"] in exclude
+            else "unscored"
+            if not features or len(right) < 2
+            else "member_missing"
+            if any(m not in features for m in members)
+            else "none_right"
+            if not any(right)
+            else "all_right"
+            if all(right)
+            else None
+        )
+        if why is not None:
+            left[why] += 1
+            continue
+        feats.append({m: features[m] for m in members})
+        rights.append(right)
+    if not feats:
+        raise ConfigError(f"no dumped item has candidates both right and wrong to fit on (left out: {left})")
+    width = max(len(r) for r in rights)
+    right = np.zeros((len(rights), width), dtype=bool)
+    for j, r in enumerate(rights):
+        right[j, : len(r)] = r
+    soft = right / right.sum(axis=1, keepdims=True)
+    return build_dataset(list(members), feats, soft=soft, right=right), left
+
+
+def _calibrate_candidates(args: Any, t0: float) -> int:
+    # legion calibrate --candidates: fit on free-text dumps, no model loaded.
+    cfg = load_config(args.config)
+    panel = cfg.panel
+    names = [m.name for m in panel]
+    files = [f.strip() for f in args.candidates.split(",") if f.strip()]
+    exemplars = exemplar_ids(panel)
+    dumps = {path: load_candidates(path) for path in files}
+    per_file, excluded = {}, 0
+    for path, dump in dumps.items():
+        check_candidate_members(dump, panel, f"--candidates {path}")
+        try:
+            part, left = candidates_dataset(names, dump["items"], exemplars)
+        except ConfigError as exc:
+            raise ConfigError(f"--candidates {path}: {exc.message}") from None
+        print(f"{path}: {part.n} of {len(dump['items'])} items fitted on, left out {left}")
+        per_file[str(path)] = part.n
+        excluded += left["exemplar"]
+    data, _ = candidates_dataset(names, [r for d in dumps.values() for r in d["items"]], exemplars)
+    result = fit(data, folds=args.folds)
+    profile = make_profile(
+        result,
+        panel,
+        method="conditional_logit",
+        data=files,
+        items_per_file=per_file,
+        excluded=excluded,
+        folds=args.folds,
+        seconds=time.perf_counter() - t0,
+    )
+    Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    _print_fit(profile, args.out, args.folds)
+    print(
+        "(free-text candidates: an item's pick is right when the judge holds that candidate right; items "
+        "whose candidates are all right or all wrong are not counted)"
+    )
+    return 0
+
+
 def score_files(
     cfg: Any,
     agents: Sequence[Any],
@@ -379,11 +525,7 @@ def score_files(
         # The exemplars: from --shots, else each member's own pool, as legion serve draws them.
         pool_path = shots or "each member's own (shots, or the shipped ARC-Easy train split)"
         pool = load_items(shots) if shots and any(a.few_shot for a in agents) else None
-        taken = {
-            x.id
-            for a in agents
-            for x in views.exemplar_items(a, pool if pool is not None else exemplar_pool(a))
-        }
+        taken = exemplar_ids(agents, pool)
         kept = [it for it in items if it.id not in taken]
         excluded += len(items) - len(kept)
         log.info(
@@ -412,6 +554,8 @@ def run_calibrate_cli(args: Any) -> int:
     import sys
 
     t0 = time.perf_counter()
+    if getattr(args, "candidates", None):
+        return _calibrate_candidates(args, t0)
     cfg = load_config(args.config)
     names = [a.strip() for a in args.agents.split(",")] if getattr(args, "agents", None) else None
     panel = cfg.panel  # every view of every agent: the members legion serve votes with
@@ -454,6 +598,15 @@ def run_calibrate_cli(args: Any) -> int:
         seconds=time.perf_counter() - t0,
     )
     Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    _print_fit(profile, args.out, folds)
+    if args.unlabelled:
+        print(
+            "(no labels: every accuracy above is agreement with the Dawid-Skene labels, not with the answers)"
+        )
+    return 0
+
+
+def _print_fit(profile: Profile, out: str, folds: int) -> None:
     fi = profile.fit
     print(
         f"fitted on {fi.items} items ({', '.join(f'{k}: {v}' for k, v in fi.items_per_file.items())}), "
@@ -470,10 +623,5 @@ def run_calibrate_cli(args: Any) -> int:
         print(f"  {r['l2']:>8g}  {r['log_loss']:.4f}  {r['accuracy']:.4f}{mark}")
     print(
         f"held-out accuracy {fi.cv_accuracy:.4f} against the best single agent {fi.best_single} "
-        f"{fi.best_single_accuracy:.4f} (on all fit items); profile written to {args.out}"
+        f"{fi.best_single_accuracy:.4f} (on all fit items); profile written to {out}"
     )
-    if args.unlabelled:
-        print(
-            "(no labels: every accuracy above is agreement with the Dawid-Skene labels, not with the answers)"
-        )
-    return 0

@@ -13,6 +13,11 @@ the two judges agree.
 Self-consistency is measured against the same token budget: one agent sampled ``n`` times and
 voted (``self-consistency:<agent>x<n>``) beside the same agent's single greedy answer
 (``greedy:<agent>``) and the agents' fan-out, each row with the tokens it generated per item.
+
+``--dump-candidates FILE`` keeps, per item, what ``learned`` decided over: the distinct answers,
+every member's option scores of them (the ``OptionScores`` the strategy got, and each member's
+scores under its view's rule), and which of them the judge holds right: the data
+``legion calibrate --candidates`` fits a free-text profile on.
 """
 
 from __future__ import annotations
@@ -31,18 +36,32 @@ from typing import Any
 from legion.agent import Agent
 from legion.arbitration.arbiter import Arbiter, PanelAgents
 from legion.arbitration.equivalence import EmbeddingSimilarity, Equivalence, canonical, final_answer
-from legion.arbitration.strategies import build_strategy, get_strategy, normalize_answer, strategy_names
+from legion.arbitration.strategies import (
+    OptionScores,
+    build_strategy,
+    get_strategy,
+    group_candidates,
+    normalize_answer,
+    representative_text,
+    strategy_names,
+    usable,
+)
+from legion.arbitration.strategies.learned import agent_scores
 from legion.arbitration.trust import TrustStore
 from legion.config import LegionConfig, load_config
 from legion.engine import views
+from legion.engine.llama import ScoredContinuation
 from legion.engine.views import Item, load_items
 from legion.errors import InvalidRequest
 from legion.evaluation.local_agents import LocalAgents
-from legion.messages import Candidate, GenerateRequest, TaskRequest
+from legion.messages import Candidate, GenerateRequest, TaskRequest, TaskResult
+from legion.profile import check_agents, load_profile, view_of
 
 log = logging.getLogger(__name__)
 
 FORMS = ("listed", "open")
+CANDIDATES_FORMAT = "legion-free-text-candidates"
+CANDIDATES_VERSION = 1
 
 
 # Strategies that need scored options or a profile decide free text too, but these are the ones
@@ -175,6 +194,8 @@ class _Counted:
     def __init__(self, agents: LocalAgents):
         self._agents = agents
         self.completion_tokens = 0
+        # Every score call (member, task, context, continuations, scores): what the strategy decided by.
+        self.scored: list[tuple[str, str, str, list[str], list[ScoredContinuation]]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._agents, name)
@@ -183,6 +204,43 @@ class _Counted:
         gen = await self._agents.generate(agent, req)
         self.completion_tokens += gen.completion_tokens
         return gen
+
+    async def score(
+        self, agent: str, task: str, context: str, continuations: list[str], view: str | None = None
+    ) -> list[ScoredContinuation]:
+        got = await self._agents.score(agent, task, context, continuations, view)
+        self.scored.append((view or agent, task, context, list(continuations), got))
+        return got
+
+
+def decided_scores(result: TaskResult, scored: Sequence[tuple], task: str) -> OptionScores | None:
+    """The option scores ``result`` was decided by, rebuilt as the Arbiter built them: the options
+    and the members that scored from the trace's ``scores`` step, each member's raw
+    log-likelihoods (after its prompt for ``task``, and after the content-free ``N/A``) and token
+    counts from the score calls the run made (``_Counted.scored``). None when nothing was scored
+    (every member gave the same answer). Raises ``RuntimeError`` when the calls do not give the
+    trace's scores (the rebuilt scores would not be the ones decided by)."""
+    step = next((e for e in result.trace if e.step == "scores"), None)
+    if step is None:
+        return None
+    keys = list(step.data["options"])
+    calls = {(member, t, ctx): (conts, got) for member, t, ctx, conts, got in scored}
+    scores: OptionScores | None = None
+    for member, traced in step.data["loglik"].items():
+        conts, on_task = calls[(member, task, "")]
+        _, prior = calls.get((member, "N/A", ""), ([], []))
+        if len(conts) != len(keys) or [round(s.logprob, 4) for s in on_task] != traced:
+            raise RuntimeError(f"the score calls of {member} are not the scores the trace decided by")
+        if scores is None:
+            scores = OptionScores(
+                options=keys,
+                texts=[c.removeprefix(" ") for c in conts],  # the Arbiter scores " " + each option's text
+                n_bytes=[len(c.encode()) for c in conts],
+            )
+        scores.loglik[member] = [s.logprob for s in on_task]
+        scores.prior[member] = [s.logprob for s in prior]
+        scores.n_tokens[member] = [s.n_tokens for s in on_task]
+    return scores
 
 
 class FreeTextEval:
@@ -200,8 +258,19 @@ class FreeTextEval:
         equivalence: Equivalence | None = None,
         trust_dir: Path | None = None,
         fanout: str = "all",
+        dump_candidates: bool = False,
     ):
+        """``dump_candidates``: keep what ``learned`` decided each item over (``candidates``);
+        ``learned`` must be among ``strategies``, with a profile (``arbiter.profile``)."""
         self.cfg = cfg
+        if dump_candidates and ("learned" not in strategies or cfg.arbiter.profile is None):
+            raise InvalidRequest(
+                "--dump-candidates keeps the option scores the learned strategy decides by: add learned "
+                "to --strategies, with a profile (arbiter.profile or --profile)"
+            )
+        self.dump_candidates = dump_candidates
+        # Per item, the candidates learned chose between, their scores and the judge's verdicts.
+        self.candidates: list[dict[str, Any]] = []
         # fanout adaptive: every strategy that can stop early also answers as <strategy>@adaptive.
         self.adaptive = [
             s
@@ -260,7 +329,52 @@ class FreeTextEval:
         self._asked.setdefault(name if fanout == "all" else f"{name}@adaptive", []).append(
             result.agents_asked or 0
         )
+        if self.dump_candidates and name == "learned" and fanout == "all":
+            self.candidates.append(await self._candidate_record(item, result, counted.scored))
         return await self._answered(result.answer, counted.completion_tokens, item), result.candidates
+
+    async def _candidate_record(self, item: ShortItem, result: TaskResult, scored: Sequence[tuple]) -> dict:
+        """What ``learned`` decided ``item`` over: each option, the text it answers with when
+        chosen, whether the judge holds that right, the raw option scores and each member's
+        scores under its view's rule (``features``, the strategy's own ``agent_scores``)."""
+        scores = decided_scores(result, scored, item.task)
+        groups = group_candidates(usable(result.candidates))
+        keys = scores.options if scores is not None else list(groups)
+        answers = [representative_text(k, groups, scores) for k in keys]
+        decision = next(e for e in result.trace if e.step == "decision")
+        rec: dict[str, Any] = {
+            "id": item.id,
+            "task": item.task,
+            "reference": item.reference,
+            "options": keys,
+            "answers": answers,
+            "right": [await judge(a, item, self.equivalence) for a in answers],
+            "decided": decision.data["winner"],
+        }
+        if scores is not None:
+            profile = load_profile(self.cfg.arbiter.profile)  # type: ignore[arg-type]
+            rec.update(
+                loglik=scores.loglik,
+                prior=scores.prior,
+                n_tokens=scores.n_tokens,
+                n_bytes=scores.n_bytes,
+                features=agent_scores(scores, profile),
+            )
+        return rec
+
+    def candidates_file(self, data: str, form: str) -> dict[str, Any]:
+        """The ``--dump-candidates`` file: the members and their views, then one record per item
+        (``_candidate_record``) in the items' order of completion."""
+        return {
+            "format": CANDIDATES_FORMAT,
+            "version": CANDIDATES_VERSION,
+            "data": data,
+            "form": form,
+            "max_tokens": self.max_tokens,
+            "profile": self.cfg.arbiter.profile,
+            "members": [{"name": m.name, "view": view_of(m)} for m in self.cfg.panel],
+            "items": self.candidates,
+        }
 
     async def _self_consistency(self, item: ShortItem) -> tuple[Answered, Answered]:
         """``samples`` sampled answers of one agent voted (plurality over equivalence groups),
@@ -386,6 +500,15 @@ def run_freetext_cli(args: Any) -> int:
     import json
 
     cfg = load_config(args.config)
+    profile_path = getattr(args, "profile", None)
+    if profile_path:  # the profile learned (and equilibrium) decide by: fitted for exactly the panel
+        check_agents(load_profile(profile_path), cfg.panel, f"profile {profile_path}")
+        cfg = cfg.model_copy(
+            update={"arbiter": cfg.arbiter.model_copy(update={"profile": str(profile_path)})}
+        )
+    dump = getattr(args, "dump_candidates", None)
+    if dump and args.rejudge:
+        raise InvalidRequest("--dump-candidates needs the agents' scores: it does not go with --rejudge")
     if args.samples < 0:
         raise InvalidRequest("--samples must be 0 (no self-consistency) or more")
     if not 1 <= args.max_tokens <= 512:
@@ -425,9 +548,12 @@ def run_freetext_cli(args: Any) -> int:
             trust_dir=Path(tmp),
             equivalence=equivalence,
             fanout=getattr(args, "fanout", None) or "all",
+            dump_candidates=bool(dump),
         )
         progress = _bar if sys.stderr.isatty() else None
         results = asyncio.run(ev.run(items, concurrency=args.concurrency, progress=progress))
+    if dump:
+        Path(dump).write_text(json.dumps(ev.candidates_file(str(args.data), args.form)) + "\n")
     return _print_results(args, ev, results, time.perf_counter() - t0)
 
 
@@ -451,6 +577,7 @@ def _print_results(args: Any, ev: FreeTextEval, results: dict[str, Any], seconds
             "sc_agent": ev.sc_agent,
             "sc_temperature": args.sc_temperature,
             "seconds": round(seconds, 1),
+            "profile": ev.cfg.arbiter.profile,
             "agents": [a.model_dump(mode="json") for a in ev.cfg.agents],
         }
         Path(args.out).write_text(
