@@ -23,6 +23,16 @@ from legion.messages import AgentHealth, ChoiceScores, CompletionRequest, Genera
 log = logging.getLogger(__name__)
 
 
+def _cancelled() -> bool:
+    """Whether the caller cancelled the actor call running on this thread: ``ray.cancel`` on a
+    threaded actor's running call sets a flag the call reads here. The Arbiter cancels a call
+    past its agent timeout or its task's deadline, or when the task's client goes away."""
+    try:
+        return ray.get_runtime_context().is_canceled()
+    except Exception:  # not inside an actor call: nothing can cancel it
+        return False
+
+
 class AgentActor:
     def __init__(self, config: dict):
         configure_logging()  # this worker process's log format (LEGION_LOG_FORMAT)
@@ -51,7 +61,9 @@ class AgentActor:
         return self.generate_n(req.model_copy(update={"n": 1}), load_timeout_s)[0]
 
     def generate_n(self, req: GenerateRequest, load_timeout_s: float = 120.0) -> list[Generation]:
-        gens = self._logged(req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s))
+        gens = self._logged(
+            req, lambda: self._agent.generate_n(req, timeout_s=load_timeout_s, cancelled=_cancelled)
+        )
         metrics.tokens_generated(self._tag, sum(g.completion_tokens for g in gens))
         return gens
 
@@ -77,7 +89,9 @@ class AgentActor:
         view: str | None = None,
         load_timeout_s: float = 120.0,
     ):
-        return self._agent.score(task, context, continuations, timeout_s=load_timeout_s, view=view)
+        return self._agent.score(
+            task, context, continuations, timeout_s=load_timeout_s, view=view, cancelled=_cancelled
+        )
 
     def score_choices(
         self,
@@ -87,7 +101,9 @@ class AgentActor:
         context: str = "",
         load_timeout_s: float = 120.0,
     ) -> list[ChoiceScores]:
-        return self._agent.score_choices(task, choices, members, context, timeout_s=load_timeout_s)
+        return self._agent.score_choices(
+            task, choices, members, context, timeout_s=load_timeout_s, cancelled=_cancelled
+        )
 
     def health(self) -> AgentHealth:
         h = self._agent.health()

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ from legion.engine.constrained import instruction
 from legion.engine.llama import LlamaEngine, SamplingParams, ScoredContinuation, model_file
 from legion.engine.preflight import check_model
 from legion.engine.prompts import DATA_NOTICE, frame_as_data, neutralize, prompt_markers, quote_as_data
-from legion.errors import InvalidRequest, LegionError, LlamaUnusable, ModelLoadError, NotReady
+from legion.errors import Cancelled, InvalidRequest, LegionError, LlamaUnusable, ModelLoadError, NotReady
 from legion.messages import (
     AgentHealth,
     AgentStats,
@@ -38,6 +39,9 @@ from legion.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+# How often a call waiting on its engine work asks whether its caller cancelled it.
+CANCEL_POLL_S = 0.05
 
 SHIPPED_SHOTS = Path(__file__).resolve().parent / "data" / "arc_easy_train.jsonl"
 
@@ -132,6 +136,9 @@ class Agent:
         # Generations in flight by prompt and sampling: two members whose prompts come out the
         # same (views that differ only in how they score choices) share one decode.
         self._inflight: dict[tuple, Any] = {}
+        # How many calls wait on each engine future: a shared decode stops only when every one
+        # of its callers has cancelled.
+        self._waiters: dict[Any, int] = {}
         if load_in_background:
             threading.Thread(target=self._load, name=f"load-{cfg.name}", daemon=True).start()
         else:
@@ -263,10 +270,17 @@ class Agent:
         """One completion of ``req`` (``req.n`` is ignored; see ``generate_n``)."""
         return self.generate_n(req.model_copy(update={"n": 1}), timeout_s)[0]
 
-    def generate_n(self, req: GenerateRequest, timeout_s: float | None = None) -> list[Generation]:
+    def generate_n(
+        self,
+        req: GenerateRequest,
+        timeout_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
         """``req.n`` completions of one prompt, decoded together with the engine's other work.
 
         ``timeout_s`` bounds the wait for the model to load; ``req.timeout_s`` bounds decoding.
+        ``cancelled`` (the Ray shell's: was this call cancelled?) is asked while it waits; once
+        it says yes, the decode stops (unless another call shares it) and ``Cancelled`` is raised.
         """
         engine = self.engine(timeout_s)
         # A template that renders tools itself gets them; any other prompt gets Legion's words.
@@ -278,7 +292,7 @@ class Agent:
         prompt = self.prompt_for_engine(task, req.context, req.history, tools=tools, view=req.view)
         params = self.sampling(req)
         same = (prompt if isinstance(prompt, str) else tuple(prompt), repr(params), req.n, req.timeout_s)
-        return self._counted(engine, prompt, params, req.n, req.timeout_s, share=same)
+        return self._counted(engine, prompt, params, req.n, req.timeout_s, share=same, cancelled=cancelled)
 
     def complete(
         self,
@@ -336,6 +350,7 @@ class Agent:
         timeout_s: float | None,
         on_text: Callable[[str], None] | None = None,
         share: tuple | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[Generation]:
         """``n`` generations of ``prompt``, counted in this agent's stats (in flight, errors,
         requests, tokens). With ``share``, a key of the prompt and its sampling: a request whose
@@ -343,15 +358,19 @@ class Agent:
         tokens are counted once)."""
         with self._stats_lock:
             future = self._inflight.get(share) if share is not None else None
+            if future is not None:  # joined where it is found: a cancel sees this waiter
+                self._waiters[future] = self._waiters.get(future, 0) + 1
         shared = future is not None
         with self._working():
             if future is None:
                 future = engine.submit_generate(prompt, params, n, timeout_s, on_text)
-                if share is not None:
-                    with self._stats_lock:
+                with self._stats_lock:
+                    self._waiters[future] = self._waiters.get(future, 0) + 1
+                    if share is not None:
                         self._inflight.setdefault(share, future)
-                    future.add_done_callback(lambda _: self._forget(share))
-            gens = future.result()
+                if share is not None:
+                    future.add_done_callback(lambda f: self._forget(share, f))
+            (gens,) = self._results(engine, [future], cancelled)
         with self._stats_lock:
             self._stats.requests += 1
             if not shared:
@@ -366,6 +385,8 @@ class Agent:
             self._stats.in_flight += 1
         try:
             yield
+        except Cancelled:  # the caller's choice, not the agent's failure
+            raise
         except LegionError:
             with self._stats_lock:
                 self._stats.errors += 1
@@ -374,9 +395,46 @@ class Agent:
             with self._stats_lock:
                 self._stats.in_flight -= 1
 
-    def _forget(self, share: tuple) -> None:
+    def _results(
+        self, engine: LlamaEngine, futures: Sequence[Any], cancelled: Callable[[], bool] | None
+    ) -> list:
+        """The results of the engine's ``futures`` (each counted in ``_waiters`` by its caller),
+        in order. With ``cancelled``, asked every CANCEL_POLL_S while they run: once it says yes,
+        each future no other call waits on is cancelled in the engine (its sequences freed; no
+        later call joins it) and ``Cancelled`` is raised."""
+        try:
+            if cancelled is None:
+                return [f.result() for f in futures]
+            for f in futures:
+                while not f.done():
+                    if cancelled():
+                        raise Cancelled("the caller cancelled this call; the engine stopped its work")
+                    try:
+                        f.result(timeout=CANCEL_POLL_S)
+                    except FutureTimeout:
+                        pass
+            return [f.result() for f in futures]
+        except Cancelled:
+            with self._stats_lock:
+                alone = [f for f in futures if self._waiters.get(f, 0) <= 1]
+                for key in [k for k, f in self._inflight.items() if f in alone]:
+                    del self._inflight[key]
+            for f in alone:
+                engine.cancel(f)
+            raise
+        finally:
+            with self._stats_lock:
+                for f in futures:
+                    left = self._waiters.get(f, 0) - 1
+                    if left > 0:
+                        self._waiters[f] = left
+                    else:
+                        self._waiters.pop(f, None)
+
+    def _forget(self, share: tuple, future: Any) -> None:
         with self._stats_lock:
-            self._inflight.pop(share, None)
+            if self._inflight.get(share) is future:
+                del self._inflight[share]
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until loading has finished (or failed); False on timeout."""
@@ -389,12 +447,20 @@ class Agent:
         continuations: list[str],
         timeout_s: float | None = None,
         view: str | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[ScoredContinuation]:
         """Log-likelihood of each continuation after member ``view``'s own prompt for ``task``
         and ``context`` (its prompt format and template: a chat prompt ends where its reply
-        begins)."""
+        begins). ``cancelled`` as for ``generate_n``."""
         prompt = self.prompt_for_engine(task, context, timeout_s=timeout_s, view=view)
-        return self.engine(timeout_s).score(prompt, continuations)
+        if not continuations:
+            return []
+        engine = self.engine(timeout_s)
+        future = engine.submit_score(prompt, continuations)
+        with self._stats_lock:
+            self._waiters[future] = 1
+        (scored,) = self._results(engine, [future], cancelled)
+        return scored
 
     def score_choices(
         self,
@@ -403,12 +469,14 @@ class Agent:
         members: Sequence[str] | None = None,
         context: str = "",
         timeout_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[ChoiceScores]:
         """Each of ``members`` (default: all) scores ``choices`` as the answer to ``task`` in its
         own view, as ``legion eval`` scores an item (``legion.engine.views.view_calls``: its prompt
         form, its exemplars, its rule). The calls of every member go to the engine at once, so
         they share its batch, and a call two members make alike (one text, two rules) runs once.
-        ``context`` (documents, history) is quoted as data before each member's rendering."""
+        ``context`` (documents, history) is quoted as data before each member's rendering.
+        ``cancelled`` as for ``generate_n``: the calls not yet scored are dropped."""
         engine = self.engine(timeout_s)
         names = list(members) if members is not None else list(self.members)
         for n in names:
@@ -420,12 +488,22 @@ class Agent:
         }
         futures: dict[tuple[str, tuple[str, ...]], Any] = {}
         with self._working():
-            for calls in plans.values():
-                for ctx, conts in calls:
-                    key = (ctx, tuple(conts))
-                    if key not in futures:
-                        futures[key] = engine.submit_score(ctx, conts)
-            done = {k: f.result() for k, f in futures.items()}
+            try:
+                for calls in plans.values():
+                    for ctx, conts in calls:
+                        key = (ctx, tuple(conts))
+                        if key not in futures:
+                            futures[key] = engine.submit_score(ctx, conts)
+                            with self._stats_lock:
+                                self._waiters[futures[key]] = 1
+            except BaseException:  # one call refused (a full queue): the others are not wanted
+                with self._stats_lock:
+                    for f in futures.values():
+                        self._waiters.pop(f, None)
+                for f in futures.values():
+                    engine.cancel(f)
+                raise
+            done = dict(zip(futures, self._results(engine, list(futures.values()), cancelled), strict=True))
         out = []
         for n, calls in plans.items():
             got = [done[(ctx, tuple(conts))] for ctx, conts in calls]

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     NO_CANDIDATES = "no_candidates"
     TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
     CONFIG = "invalid_config"
     MODEL_LOAD = "model_load_failed"
     INTERNAL = "internal_error"
@@ -49,6 +50,7 @@ _HTTP_STATUS = {
     ErrorCode.OVERLOADED: 503,
     ErrorCode.NO_CANDIDATES: 503,
     ErrorCode.TIMEOUT: 504,
+    ErrorCode.CANCELLED: 499,  # the caller went away or gave up (nginx's "client closed request")
     ErrorCode.CONFIG: 500,
     ErrorCode.MODEL_LOAD: 500,
     ErrorCode.INTERNAL: 500,
@@ -209,6 +211,13 @@ class TaskTimeout(LegionError):
     @property
     def trace(self) -> list[dict]:
         return self.details.get("trace", [])
+
+
+class Cancelled(LegionError):
+    """The caller cancelled the request (its task's deadline passed, or its client went away);
+    the engine stopped its work."""
+
+    code = ErrorCode.CANCELLED
 
 
 class InternalError(LegionError):

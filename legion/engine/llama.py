@@ -31,7 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from legion.errors import InvalidRequest, InvalidSchema, LegionError, ModelLoadError, NotReady, Overloaded
+from legion.errors import (
+    Cancelled,
+    InvalidRequest,
+    InvalidSchema,
+    LegionError,
+    ModelLoadError,
+    NotReady,
+    Overloaded,
+)
 from legion.messages import Generation, ModelDescription
 
 log = logging.getLogger(__name__)
@@ -419,7 +427,16 @@ class LlamaEngine:
         # (see _step: llama.cpp puts only consecutive ids in one micro-batch).
         self._free_seqs = list(range(n_parallel))
         self._free_cells = self.n_cells
-        self._counters = {"steps": 0, "step_seqs": 0, "jobs": 0, "tokens": 0, "rejected": 0, "busy_s": 0.0}
+        self._counters = {
+            "steps": 0,
+            "step_seqs": 0,
+            "jobs": 0,
+            "tokens": 0,
+            "rejected": 0,
+            "cancelled": 0,
+            "busy_s": 0.0,
+        }
+        self._jobs: dict[Future, _Job] = {}  # queued or running, by their future (for cancel)
         self._active_seqs = 0
         self._pool = None if n_threads < 2 else ThreadPoolExecutor(n_threads, thread_name_prefix="sample")
         self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
@@ -647,8 +664,35 @@ class LlamaEngine:
                     details={"retry_after_s": 1},
                 )
             self._queue.append(job)
+            self._jobs[job.future] = job
             self._cv.notify()
+        job.future.add_done_callback(self._forget_job)
         return job.future
+
+    def _forget_job(self, future: Future) -> None:
+        with self._cv:
+            self._jobs.pop(future, None)
+
+    def cancel(self, future: Future) -> bool:
+        """Stop the job behind ``future`` (one ``submit_*`` returned): a queued job leaves the
+        queue and its future raises ``Cancelled``; a running generation stops before its next
+        token with ``finish_reason == "cancelled"``, and its sequences and KV cells go back to
+        the engine. Scoring, one step, cannot stop once started. False when the job has finished
+        (or is unknown)."""
+        with self._cv:
+            job = self._jobs.get(future)
+            if job is None or future.done() or job.cancelled:
+                return False
+            job.cancelled = True
+            self._counters["cancelled"] += 1
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return True  # running: the scheduler stops it at its next step
+            self._jobs.pop(future, None)
+        self._free_grammars(job)
+        future.set_exception(Cancelled("the request was cancelled before the engine started it"))
+        return True
 
     def _take_admissible(self, running: bool) -> list[_Job]:
         """Pop queued jobs that fit now, in order (a job that does not fit blocks later ones)."""

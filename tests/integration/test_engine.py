@@ -391,3 +391,101 @@ def test_a_failed_step_empties_the_prefix_cache():
         assert st["free_seqs"] == e.n_parallel and st["free_cells"] == e.n_cells
     finally:
         e.close()
+
+
+# ------------------------------------------------------------------ cancellation
+def test_a_cancelled_generation_stops_and_gives_its_sequences_back(engine):
+    """A running generation, cancelled, stops before its next token: it ends "cancelled" with
+    fewer tokens than asked, and every sequence and KV cell is free again."""
+    p = SamplingParams(max_tokens=400, stop=())
+    steps_before = engine.stats()["steps"]
+    cancelled_before = engine.stats()["cancelled"]
+    job = engine.submit_generate("Once upon a time", p)
+    while engine.stats()["steps"] < steps_before + 3:  # it is decoding
+        time.sleep(0.005)
+    assert engine.cancel(job) is True
+    (g,) = job.result()
+    assert g.finish_reason == "cancelled" and 0 < g.completion_tokens < 400
+    assert engine.cancel(job) is False  # finished: nothing left to stop
+    st = _wait_idle(engine)
+    assert st["free_cells"] == engine.n_cells and st["free_seqs"] == engine.n_parallel
+    assert st["cancelled"] == cancelled_before + 1
+
+
+def test_a_queued_job_cancelled_never_runs():
+    from legion.errors import Cancelled
+
+    e = LlamaEngine(n_threads=1, n_ctx=256, n_parallel=2, max_queue=4)
+    try:
+        p = SamplingParams(max_tokens=48, stop=())
+        busy = e.submit_generate("Count: 1, 2, 3,", p, n=2)  # both sequences
+        while e.stats()["queue_depth"]:
+            time.sleep(0.005)
+        waiting = e.submit_generate("The history of Rome", p)
+        scoring = e.submit_score("The capital of France is", [" Paris", " Rome"])
+        assert e.stats()["queue_depth"] == 2
+        assert e.cancel(waiting) and e.cancel(scoring)
+        with pytest.raises(Cancelled, match="cancelled before the engine started it"):
+            waiting.result()
+        with pytest.raises(Cancelled):
+            scoring.result()
+        assert e.stats()["queue_depth"] == 0
+        assert [g.completion_tokens for g in busy.result()] == [48, 48]  # the running job is untouched
+        tokens = e.stats()["tokens"]
+        assert tokens == 96  # the cancelled generation decoded nothing
+    finally:
+        e.close()
+
+
+def test_an_agent_call_its_caller_cancels_stops_unless_another_call_shares_the_decode():
+    """``Agent.generate_n`` asks ``cancelled`` while it waits: a decode only the cancelled call
+    waits on stops; one that another member's identical call shares runs on for that one."""
+    import threading
+
+    from legion.agent import Agent
+    from legion.config import AgentConfig
+    from legion.errors import Cancelled
+    from legion.messages import GenerateRequest
+
+    agent = Agent(AgentConfig(name="solo", n_ctx=1024, n_threads=1), load_in_background=False)
+    try:
+        engine = agent.engine()
+        req = GenerateRequest(task="Tell a long story about a dragon.", max_tokens=300)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def call(flag):
+            try:
+                agent.generate_n(req, cancelled=flag.is_set)
+            except BaseException as exc:  # collected for the asserts below
+                errors.append(exc)
+
+        t = threading.Thread(target=call, args=(stop,))
+        t.start()
+        while engine.stats()["steps"] < 3:
+            time.sleep(0.005)
+        stop.set()
+        t.join(60)
+        assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
+        st = _wait_idle(engine)
+        assert st["cancelled"] == 1 and st["free_seqs"] == engine.n_parallel
+        assert agent.stats()["errors"] == 0  # the caller's choice, not the agent's failure
+        # Two calls share one decode; the first cancels, the second still gets the whole text.
+        first, second = threading.Event(), threading.Event()
+        results: list = []
+        t1 = threading.Thread(target=call, args=(first,))
+        t1.start()
+        while engine.stats()["active_seqs"] < 1:
+            time.sleep(0.005)
+        t2 = threading.Thread(target=lambda: results.append(agent.generate_n(req, cancelled=second.is_set)))
+        t2.start()
+        while agent.stats()["in_flight"] < 2:
+            time.sleep(0.005)
+        first.set()
+        t1.join(60)
+        t2.join(120)
+        assert isinstance(errors[-1], Cancelled) and len(errors) == 2
+        (g,) = results[0]
+        assert g.finish_reason != "cancelled" and engine.stats()["cancelled"] == 1
+    finally:
+        engine.close()
