@@ -28,6 +28,8 @@ _BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 DEFAULT_CONFIG_FILE = "legion.yaml"
 # The profile fitted for the default line-up (legion calibrate on ARC train), shipped in the package.
 SHIPPED_PROFILE = Path(__file__).resolve().parent / "data" / "default_profile.json"
+# The default line-up's weights fitted on free-text candidates (legion calibrate --candidates).
+SHIPPED_FREE_TEXT_PROFILE = Path(__file__).resolve().parent / "data" / "free_text_profile.json"
 
 
 class _Strict(BaseModel):
@@ -544,7 +546,22 @@ class ArbiterConfig(_Strict):
         "default agents: the profile shipped for them (legion/data/default_profile.json); null: none.",
     )
 
-    @field_validator("profile")
+    free_text_profile: str | None = Field(
+        None,
+        min_length=1,
+        description="A profile for free text (legion calibrate --candidates): the weights learned and "
+        "equilibrium weigh generated answers by, and free-text ties are broken by. A profile fitted on given "
+        "choices misreads candidates (a calibrated view scores an answer that repeats the listed choices "
+        "hugely). Left out: arbiter.profile serves free text too; with the default agents, the shipped one "
+        "(legion/data/free_text_profile.json).",
+    )
+
+    @property
+    def text_profile(self) -> str | None:
+        """The profile a free-text task is decided by."""
+        return self.free_text_profile or self.profile
+
+    @field_validator("profile", "free_text_profile")
     @classmethod
     def _absolute_profile(cls, v: str | None) -> str | None:
         # Made absolute where the config is first read: Ray workers start in other directories.
@@ -894,6 +911,8 @@ class LegionConfig(BaseSettings):
         if isinstance(arbiter, dict) and "profile" not in arbiter:
             arbiter = {**arbiter, "profile": str(SHIPPED_PROFILE)}
             arbiter.setdefault("choice_strategy", "learned")
+            if SHIPPED_FREE_TEXT_PROFILE.is_file():
+                arbiter.setdefault("free_text_profile", str(SHIPPED_FREE_TEXT_PROFILE))
             return {**data, "arbiter": arbiter}
         return data
 
@@ -915,6 +934,12 @@ class LegionConfig(BaseSettings):
                 )
             except ConfigError as exc:
                 raise ValueError(f"arbiter.profile: {exc.message}") from None
+        if self.arbiter.free_text_profile is not None:
+            path = self.arbiter.free_text_profile
+            try:
+                check_agents(load_profile(path), self.panel, f"profile {path}")
+            except ConfigError as exc:
+                raise ValueError(f"arbiter.free_text_profile: {exc.message}") from None
         return self
 
     @model_validator(mode="after")

@@ -529,12 +529,14 @@ class Arbiter:
         key = panel_key(a.profile, profile, [m.name for m in self.panel])
         return Adaptation(profile, self.owner, settings, self.cfg.data_path / a.adapt_file, key)
 
-    def _profile(self) -> Profile | None:
-        """The profile in force: ``arbiter.profile``, its weights adapted when ``arbiter.adapt`` is on."""
-        if self.cfg.arbiter.profile is None:
+    def _profile(self, choices: bool = True) -> Profile | None:
+        """The profile in force: ``arbiter.profile`` for a task with choices, its weights adapted
+        when ``arbiter.adapt`` is on; ``arbiter.free_text_profile`` (else that one) for free text."""
+        path = self.cfg.arbiter.profile if choices else self.cfg.arbiter.text_profile
+        if path is None:
             return None
-        profile = load_profile(self.cfg.arbiter.profile)
-        if self.adaptation is None:
+        profile = load_profile(path)
+        if self.adaptation is None or not choices:
             return profile
         try:
             return self.adaptation.adapt(profile)
@@ -565,9 +567,15 @@ class Arbiter:
 
         Raises ``UnknownStrategy``, ``Overloaded`` (every agent full), ``NoCandidates`` (every
         agent failed) and ``TaskTimeout`` (with the trace so far) past ``req.timeout_s``."""
-        strategy = build_strategy(req.strategy, self.cfg.arbiter)  # fails fast on an unknown name
-        if self.adaptation is not None and isinstance(strategy, Learned):
-            strategy = Learned(self._profile(), self.cfg.arbiter.profile)
+        a = self.cfg.arbiter
+        choices = req.choices is not None
+        # Free text is weighed by the profile fitted on candidates, where there is one.
+        settings = (
+            a if choices or a.free_text_profile is None else a.model_copy(update={"profile": a.text_profile})
+        )
+        strategy = build_strategy(req.strategy, settings)  # fails fast on an unknown name
+        if choices and self.adaptation is not None and isinstance(strategy, Learned):
+            strategy = Learned(self._profile(), a.profile)
         if self.agents.saturated():
             raise _overloaded("every pool has its sequences and queue full")
         # What a task costs depends on its kind: learned and estimated per kind.
@@ -660,7 +668,7 @@ class Arbiter:
         profile's train accuracies, else from their trust records."""
         profile = None
         try:
-            profile = self._profile()
+            profile = self._profile(choices)
         except LegionError:
             log.exception("could not read the profile")
         records = None
@@ -686,9 +694,9 @@ class Arbiter:
             log.exception("could not read the profile")
             return {}
 
-    def _profile_weights(self) -> dict[str, float]:
+    def _profile_weights(self, choices: bool = True) -> dict[str, float]:
         try:
-            profile = self._profile()
+            profile = self._profile(choices)
             return {} if profile is None else {k: round(v, 6) for k, v in profile.weights.items()}
         except LegionError:
             log.exception("could not read the profile")
@@ -700,7 +708,7 @@ class Arbiter:
 
     async def _arbitrate(self, s: _Session, strategy: Strategy) -> TaskResult:
         names = [m.name for m in self.panel]
-        profiled = self._profile_weights()
+        profiled = self._profile_weights(s.req.choices is not None)
         trust = None
         if strategy.uses_trust or not profiled:
             try:

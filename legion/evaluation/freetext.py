@@ -261,12 +261,13 @@ class FreeTextEval:
         dump_candidates: bool = False,
     ):
         """``dump_candidates``: keep what ``learned`` decided each item over (``candidates``);
-        ``learned`` must be among ``strategies``, with a profile (``arbiter.profile``)."""
+        ``learned`` must be among ``strategies``, with a profile (``arbiter.free_text_profile``
+        or ``arbiter.profile``)."""
         self.cfg = cfg
-        if dump_candidates and ("learned" not in strategies or cfg.arbiter.profile is None):
+        if dump_candidates and ("learned" not in strategies or cfg.arbiter.text_profile is None):
             raise InvalidRequest(
                 "--dump-candidates keeps the option scores the learned strategy decides by: add learned "
-                "to --strategies, with a profile (arbiter.profile or --profile)"
+                "to --strategies, with a profile (arbiter.free_text_profile, arbiter.profile or --profile)"
             )
         self.dump_candidates = dump_candidates
         # Per item, the candidates learned chose between, their scores and the judge's verdicts.
@@ -352,7 +353,7 @@ class FreeTextEval:
             "decided": decision.data["winner"],
         }
         if scores is not None:
-            profile = load_profile(self.cfg.arbiter.profile)  # type: ignore[arg-type]
+            profile = load_profile(self.cfg.arbiter.text_profile)  # type: ignore[arg-type]
             rec.update(
                 loglik=scores.loglik,
                 prior=scores.prior,
@@ -371,7 +372,7 @@ class FreeTextEval:
             "data": data,
             "form": form,
             "max_tokens": self.max_tokens,
-            "profile": self.cfg.arbiter.profile,
+            "profile": self.cfg.arbiter.text_profile,
             "members": [{"name": m.name, "view": view_of(m)} for m in self.cfg.panel],
             "items": self.candidates,
         }
@@ -504,7 +505,7 @@ def run_freetext_cli(args: Any) -> int:
     if profile_path:  # the profile learned (and equilibrium) decide by: fitted for exactly the panel
         check_agents(load_profile(profile_path), cfg.panel, f"profile {profile_path}")
         cfg = cfg.model_copy(
-            update={"arbiter": cfg.arbiter.model_copy(update={"profile": str(profile_path)})}
+            update={"arbiter": cfg.arbiter.model_copy(update={"free_text_profile": str(profile_path)})}
         )
     dump = getattr(args, "dump_candidates", None)
     if dump and args.rejudge:
@@ -516,7 +517,7 @@ def run_freetext_cli(args: Any) -> int:
     strategies = check_freetext_strategies(
         [s.strip() for s in args.strategies.split(",") if s.strip()]
         if args.strategies
-        else default_strategies(cfg.arbiter.profile is not None)
+        else default_strategies(cfg.arbiter.text_profile is not None)
     )
     items = [short_item(it, args.form) for it in load_items(args.data, args.limit)]
     if not 0.0 <= args.min_similarity <= 1.0:
@@ -577,7 +578,7 @@ def _print_results(args: Any, ev: FreeTextEval, results: dict[str, Any], seconds
             "sc_agent": ev.sc_agent,
             "sc_temperature": args.sc_temperature,
             "seconds": round(seconds, 1),
-            "profile": ev.cfg.arbiter.profile,
+            "profile": ev.cfg.arbiter.text_profile,
             "agents": [a.model_dump(mode="json") for a in ev.cfg.agents],
         }
         Path(args.out).write_text(
