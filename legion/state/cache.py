@@ -121,8 +121,11 @@ class ResultCache:
             "request": request,
             "agents": [a.model_dump(mode="json") for a in cfg.agents],
             # The profile decides too (learned, equilibrium's start, a tie, a choice's
-            # probability): another profile, or the same file refitted, is another answer.
-            "profile": _profile_stamp(cfg.arbiter.profile),
+            # probability): another profile, or the same file refitted, is another answer. Free
+            # text is weighed by the free-text profile where there is one.
+            "profile": _profile_stamp(
+                cfg.arbiter.profile if req.choices is not None else cfg.arbiter.text_profile
+            ),
         }
         blob = json.dumps(material, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -67,8 +67,16 @@ def test_key_ignores_spacing_case_and_id_but_not_what_changes_the_answer(cfg):
     different.append(ResultCache.key(_req("What is  2+2?"), other_agents))
     profiled = cfg.model_copy(deep=True)
     profiled.arbiter.profile = str(cfg.data_path / "p.json")  # the same agents, a profile
+    profiled.arbiter.free_text_profile = None  # which then weighs free text too
     different.append(ResultCache.key(_req("What is  2+2?"), profiled))
+    # Free text is weighed by the free-text profile: another one is another answer there, and
+    # nothing to a task with choices, which arbiter.profile decides.
+    text = profiled.model_copy(deep=True)
+    text.arbiter.free_text_profile = str(cfg.data_path / "text.json")
+    different.append(ResultCache.key(_req("What is  2+2?"), text))
     assert len({base, *different}) == 1 + len(different)
+    pick = _req("What is  2+2?").model_copy(update={"choices": ["3", "4"]})
+    assert ResultCache.key(pick, text) == ResultCache.key(pick, profiled)
 
 
 def test_stored_result_comes_back_and_counters_count(cfg, clock):
