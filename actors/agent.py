@@ -68,7 +68,9 @@ class AgentActor:
         return gens
 
     def complete(self, req: CompletionRequest, load_timeout_s: float = 120.0) -> Generation:
-        gen = self._logged(req, lambda: self._agent.complete(req, timeout_s=load_timeout_s))
+        gen = self._logged(
+            req, lambda: self._agent.complete(req, timeout_s=load_timeout_s, cancelled=_cancelled)
+        )
         metrics.tokens_generated(self._tag, gen.completion_tokens)
         return gen
 
@@ -76,7 +78,7 @@ class AgentActor:
         """``complete`` as a Ray streaming generator (``.options(num_returns="streaming")``):
         the text piece by piece as it is decoded, then the ``Generation``."""
         with log_context(request_id=req.request_id, agent=self._agent.cfg.name):
-            for item in self._agent.complete_stream(req, timeout_s=load_timeout_s):
+            for item in self._agent.complete_stream(req, timeout_s=load_timeout_s, cancelled=_cancelled):
                 if isinstance(item, Generation):
                     metrics.tokens_generated(self._tag, item.completion_tokens)
                 yield item

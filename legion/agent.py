@@ -299,6 +299,7 @@ class Agent:
         req: CompletionRequest,
         timeout_s: float | None = None,
         on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """The model's continuation of ``req.prompt``, the client's own text as it is (no role
         prompt, no template; tokenized as text, so it holds no control tokens). Sampling
@@ -315,31 +316,47 @@ class Agent:
             stop=tuple(req.stop),
             top_logprobs=req.top_logprobs,
         )
-        (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s, on_text)
+        (gen,) = self._counted(engine, req.prompt, params, 1, req.timeout_s, on_text, cancelled=cancelled)
         if req.echo_logprobs:
             gen.prompt_token_texts, gen.prompt_token_logprobs = engine.prompt_logprobs(req.prompt)
         return gen
 
     def complete_stream(
-        self, req: CompletionRequest, timeout_s: float | None = None
+        self,
+        req: CompletionRequest,
+        timeout_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[str | Generation]:
         """``complete``'s text piece by piece as it is decoded, then its ``Generation``; its
-        errors are raised where they happen."""
+        errors are raised where they happen. The decode stops (``Cancelled``) once ``cancelled``
+        says so, asked on the caller's thread, or when the caller stops reading."""
         pieces: queue.Queue = queue.Queue()
         done = object()
+        stop = threading.Event()  # the decoding thread's view of the caller's cancel
 
         def run() -> None:
             try:
-                pieces.put(self.complete(req, timeout_s, on_text=pieces.put))
+                pieces.put(self.complete(req, timeout_s, on_text=pieces.put, cancelled=stop.is_set))
             except BaseException as exc:  # handed to the reader, raised there
                 pieces.put(exc)
             pieces.put(done)
 
         threading.Thread(target=run, name=f"{self.cfg.name}-stream", daemon=True).start()
-        while (item := pieces.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        try:
+            while True:
+                if cancelled is not None and not stop.is_set() and cancelled():
+                    stop.set()
+                try:
+                    item = pieces.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # finished, failed, or the caller stopped reading: nothing more is wanted
+            stop.set()
 
     def _counted(
         self,

@@ -489,3 +489,36 @@ def test_an_agent_call_its_caller_cancels_stops_unless_another_call_shares_the_d
         assert g.finish_reason != "cancelled" and engine.stats()["cancelled"] == 1
     finally:
         engine.close()
+
+
+def test_a_streamed_completion_stops_when_its_reader_goes_away_or_its_caller_cancels():
+    """``Agent.complete_stream`` decodes in a thread of its own: a reader that stops reading,
+    or a ``cancelled`` that says yes (asked on the reader's thread), stops that decode too."""
+    import threading
+
+    from legion.agent import Agent
+    from legion.config import AgentConfig
+    from legion.errors import Cancelled
+    from legion.messages import CompletionRequest
+
+    agent = Agent(AgentConfig(name="streamer", n_ctx=1024, n_threads=1), load_in_background=False)
+    engine = agent.engine()
+    try:
+        req = CompletionRequest(prompt="Once upon a time, in a land far away,", max_tokens=300)
+        stream = agent.complete_stream(req)
+        pieces = [next(stream) for _ in range(3)]
+        assert all(isinstance(p, str) for p in pieces)
+        stream.close()  # the reader went away
+        st = _wait_idle(engine)
+        assert st["cancelled"] == 1 and st["tokens"] < 300
+        flag = threading.Event()
+        got = []
+        with pytest.raises(Cancelled):
+            for item in agent.complete_stream(req, cancelled=flag.is_set):
+                got.append(item)
+                if len(got) == 3:
+                    flag.set()  # the caller cancels between pieces
+        st = _wait_idle(engine)
+        assert st["cancelled"] == 2 and st["free_seqs"] == engine.n_parallel
+    finally:
+        engine.close()
