@@ -381,11 +381,10 @@ class Agent:
         with self._working():
             if future is None:
                 future = engine.submit_generate(prompt, params, n, timeout_s, on_text)
-                with self._stats_lock:
-                    self._waiters[future] = self._waiters.get(future, 0) + 1
-                    if share is not None:
-                        self._inflight.setdefault(share, future)
+                self._wait_on(future)
                 if share is not None:
+                    with self._stats_lock:
+                        self._inflight.setdefault(share, future)
                     future.add_done_callback(lambda f: self._forget(share, f))
             (gens,) = self._results(engine, [future], cancelled)
         with self._stats_lock:
@@ -419,34 +418,44 @@ class Agent:
         in order. With ``cancelled``, asked every CANCEL_POLL_S while they run: once it says yes,
         each future no other call waits on is cancelled in the engine (its sequences freed; no
         later call joins it) and ``Cancelled`` is raised."""
+        gave_up = False
         try:
-            if cancelled is None:
-                return [f.result() for f in futures]
-            for f in futures:
-                while not f.done():
-                    if cancelled():
-                        raise Cancelled("the caller cancelled this call; the engine stopped its work")
-                    try:
-                        f.result(timeout=CANCEL_POLL_S)
-                    except FutureTimeout:
-                        pass
+            if cancelled is not None:
+                for f in futures:
+                    while not f.done():
+                        if cancelled():
+                            raise Cancelled("the caller cancelled this call; the engine stopped its work")
+                        try:
+                            f.result(timeout=CANCEL_POLL_S)
+                        except FutureTimeout:
+                            pass
             return [f.result() for f in futures]
         except Cancelled:
-            with self._stats_lock:
-                alone = [f for f in futures if self._waiters.get(f, 0) <= 1]
-                for key in [k for k, f in self._inflight.items() if f in alone]:
-                    del self._inflight[key]
-            for f in alone:
-                engine.cancel(f)
+            gave_up = True
             raise
         finally:
-            with self._stats_lock:
-                for f in futures:
-                    left = self._waiters.get(f, 0) - 1
-                    if left > 0:
-                        self._waiters[f] = left
-                    else:
-                        self._waiters.pop(f, None)
+            self._leave(engine, futures, cancel=gave_up)
+
+    def _wait_on(self, future: Any) -> None:
+        """Count one more call waiting on the engine's ``future`` (``_results`` counts it out)."""
+        with self._stats_lock:
+            self._waiters[future] = self._waiters.get(future, 0) + 1
+
+    def _leave(self, engine: LlamaEngine, futures: Sequence[Any], cancel: bool) -> None:
+        """One call stops waiting on ``futures``; with ``cancel``, those no other call waits on
+        are cancelled in the engine (their sequences freed), and no later call joins them."""
+        with self._stats_lock:
+            alone = [f for f in futures if self._waiters.get(f, 0) <= 1] if cancel else []
+            for key in [k for k, f in self._inflight.items() if f in alone]:
+                del self._inflight[key]
+            for f in futures:
+                left = self._waiters.get(f, 0) - 1
+                if left > 0:
+                    self._waiters[f] = left
+                else:
+                    self._waiters.pop(f, None)
+        for f in alone:
+            engine.cancel(f)
 
     def _forget(self, share: tuple, future: Any) -> None:
         with self._stats_lock:
@@ -474,8 +483,7 @@ class Agent:
             return []
         engine = self.engine(timeout_s)
         future = engine.submit_score(prompt, continuations)
-        with self._stats_lock:
-            self._waiters[future] = 1
+        self._wait_on(future)
         (scored,) = self._results(engine, [future], cancelled)
         return scored
 
@@ -511,14 +519,9 @@ class Agent:
                         key = (ctx, tuple(conts))
                         if key not in futures:
                             futures[key] = engine.submit_score(ctx, conts)
-                            with self._stats_lock:
-                                self._waiters[futures[key]] = 1
+                            self._wait_on(futures[key])
             except BaseException:  # one call refused (a full queue): the others are not wanted
-                with self._stats_lock:
-                    for f in futures.values():
-                        self._waiters.pop(f, None)
-                for f in futures.values():
-                    engine.cancel(f)
+                self._leave(engine, list(futures.values()), cancel=True)
                 raise
             done = dict(zip(futures, self._results(engine, list(futures.values()), cancelled), strict=True))
         out = []

@@ -529,14 +529,15 @@ class Arbiter:
         key = panel_key(a.profile, profile, [m.name for m in self.panel])
         return Adaptation(profile, self.owner, settings, self.cfg.data_path / a.adapt_file, key)
 
-    def _profile(self, choices: bool = True) -> Profile | None:
+    def _profile(self, choices: bool = True, adapted: bool = True) -> Profile | None:
         """The profile in force: ``arbiter.profile`` for a task with choices, its weights adapted
-        when ``arbiter.adapt`` is on; ``arbiter.free_text_profile`` (else that one) for free text."""
+        when ``arbiter.adapt`` is on (and ``adapted``); ``arbiter.free_text_profile`` (else that
+        one) for free text."""
         path = self.cfg.arbiter.profile if choices else self.cfg.arbiter.text_profile
         if path is None:
             return None
         profile = load_profile(path)
-        if self.adaptation is None or not choices:
+        if self.adaptation is None or not choices or not adapted:
             return profile
         try:
             return self.adaptation.adapt(profile)
@@ -611,7 +612,7 @@ class Arbiter:
         except Exception:
             log.exception("could not read the trust weights")
             trust = {}
-        weights = self._fitted_weights()
+        weights = self._profile_weights(adapted=False)
         factors: dict[str, float] = {}
         if self.adaptation is not None:
             try:
@@ -684,19 +685,10 @@ class Arbiter:
         """Where ``arbiter.adapt`` stands (``GET /v1/agents``); None when it is off."""
         return None if self.adaptation is None else self.adaptation.summary()
 
-    def _fitted_weights(self) -> dict[str, float]:
-        """The profile's weights as fitted (before any adaptation)."""
-        if self.cfg.arbiter.profile is None:
-            return {}
+    def _profile_weights(self, choices: bool = True, adapted: bool = True) -> dict[str, float]:
+        """The weights of ``_profile(choices, adapted)`` ({} without one, or unreadable)."""
         try:
-            return {k: round(v, 6) for k, v in load_profile(self.cfg.arbiter.profile).weights.items()}
-        except LegionError:
-            log.exception("could not read the profile")
-            return {}
-
-    def _profile_weights(self, choices: bool = True) -> dict[str, float]:
-        try:
-            profile = self._profile(choices)
+            profile = self._profile(choices, adapted)
             return {} if profile is None else {k: round(v, 6) for k, v in profile.weights.items()}
         except LegionError:
             log.exception("could not read the profile")
