@@ -110,6 +110,34 @@ class FitInfo(_StrictModel):
     seconds: float = Field(0.0, ge=0.0)
 
 
+class SwayCovariance(_StrictModel):
+    """How the members' contributions to the fitted combination vary together on the fit's items:
+    ``matrix[a][b]`` is the covariance of member ``a``'s and ``b``'s weighted log-softmax scores of
+    a choice, each less its mean over the item's choices. Adaptive fan-out predicts from it what
+    the members not asked yet would add, given what the asked ones said."""
+
+    members: list[str] = Field(..., min_length=1, description="The members, in the matrix's order.")
+    matrix: list[list[float]] = Field(..., description="Symmetric, one row per member.")
+    items: int = Field(..., ge=1, description="Items it was estimated on.")
+
+    @model_validator(mode="after")
+    def _square(self) -> SwayCovariance:
+        n = len(self.members)
+        if len(set(self.members)) != n:
+            raise ValueError("members must be unique")
+        if len(self.matrix) != n or any(len(row) != n for row in self.matrix):
+            raise ValueError(f"matrix must be {n} x {n}, one row and column per member")
+        for i, row in enumerate(self.matrix):
+            for j, v in enumerate(row):
+                if not math.isfinite(v):
+                    raise ValueError(f"matrix[{i}][{j}] must be a finite number")
+                if abs(v - self.matrix[j][i]) > 1e-9 * max(1.0, abs(v)):
+                    raise ValueError(f"matrix must be symmetric; [{i}][{j}] != [{j}][{i}]")
+            if row[i] < 0:
+                raise ValueError(f"matrix[{i}][{i}] is a variance and must be >= 0")
+        return self
+
+
 class Profile(_StrictModel):
     """What ``legion calibrate`` writes and the Arbiter loads (``arbiter.profile``)."""
 
@@ -117,6 +145,9 @@ class Profile(_StrictModel):
     version: int = Field(..., description=f"The profile format's version ({PROFILE_VERSION}).")
     agents: list[ProfileAgent] = Field(..., min_length=1)
     fit: FitInfo
+    covariance: SwayCovariance | None = Field(
+        None, description="The members' contributions' covariance (adaptive fan-out's prediction)."
+    )
 
     @field_validator("version")
     @classmethod
@@ -133,6 +164,10 @@ class Profile(_StrictModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"agent names must be unique; {dup} appear twice")
+        if self.covariance is not None:
+            unknown = sorted(set(self.covariance.members) - set(names))
+            if unknown:
+                raise ValueError(f"covariance.members {unknown} are not agents of the profile")
         return self
 
     @property

@@ -45,7 +45,15 @@ from legion.engine import views
 from legion.engine.views import load_items, parse_item
 from legion.errors import ConfigError
 from legion.evaluation.multiple_choice import ScoreCache, Scorer, print_progress
-from legion.profile import PROFILE_FORMAT, PROFILE_VERSION, FitInfo, Profile, ProfileAgent, view_of
+from legion.profile import (
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    FitInfo,
+    Profile,
+    ProfileAgent,
+    SwayCovariance,
+    view_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +261,7 @@ class FitResult:
     train_accuracy: float
     single_accuracy: dict[str, float]
     vote_points: dict[str, float] = field(default_factory=dict)
+    covariance: np.ndarray | None = None  # [A, A]: sway_covariance of the fitted weights
 
 
 def feature_scale(data: Dataset) -> np.ndarray:
@@ -278,7 +287,21 @@ def fit(data: Dataset, grid: Sequence[float] = L2_GRID, folds: int = 5, seed: in
         a: round(float(data.hits(np.where(data.mask, data.x[:, k, :], _NEG).argmax(axis=1)).mean()), 4)
         for k, a in enumerate(data.agents)
     }
-    return FitResult(w, l2, rows, round(accuracy(w, data), 4), single, vote_points(w, data))
+    return FitResult(
+        w, l2, rows, round(accuracy(w, data), 4), single, vote_points(w, data), sway_covariance(w, data)
+    )
+
+
+def sway_covariance(w: np.ndarray, data: Dataset) -> np.ndarray:
+    """The covariance ([A, A]) of the agents' contributions to the fitted combination, ``w * x``
+    less its mean over the item's choices, pooled over every item's choices: what adaptive
+    fan-out predicts the members not asked from (``legion.arbitration.adaptive``)."""
+    n_choices = data.mask.sum(axis=1, keepdims=True)  # [n, 1]
+    c = data.x * w[None, :, None]
+    mean = (c * data.mask[:, None, :]).sum(axis=2, keepdims=True) / n_choices[:, None, :]
+    dev = np.where(data.mask[:, None, :], c - mean, 0.0)  # [n, A, M]
+    cov = np.einsum("naj,nbj->ab", dev, dev) / max(1, int(data.mask.sum()))
+    return (cov + cov.T) / 2
 
 
 def vote_points(w: np.ndarray, data: Dataset) -> dict[str, float]:
@@ -323,6 +346,13 @@ def make_profile(
             )
             for a, w in zip(agents, result.weights, strict=True)
         ],
+        covariance=None
+        if result.covariance is None
+        else SwayCovariance(
+            members=[a.name for a in agents],
+            matrix=[[float(f"{v:.10g}") for v in row] for row in result.covariance],
+            items=int(sum(items_per_file.values())),
+        ),
         fit=FitInfo(
             method=method,  # type: ignore[arg-type]
             data=list(data),
