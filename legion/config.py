@@ -429,7 +429,7 @@ class ArbiterConfig(_Strict):
         "would decide otherwise is at most adaptive_risk (docs/arbitration.md). A request may set its own.",
     )
     adaptive_risk: float = Field(
-        0.05,
+        0.03,
         gt=0.0,
         lt=0.5,
         description="fanout adaptive: stop asking once P(the full panel's vote differs from the leader) "

@@ -292,7 +292,8 @@ class Adaptation:
         return {m: float(got.get(m, 1.0)) for m in self.members}
 
     def adapt(self, profile: Profile, factors: Mapping[str, float] | None = None) -> Profile:
-        """``profile`` with each member's weight (and sway) multiplied by its factor."""
+        """``profile`` with each member's weight (and sway, and its covariance's rows and columns)
+        multiplied by its factor."""
         f = self.factors() if factors is None else factors
         if all(math.isclose(f.get(a.name, 1.0), 1.0) for a in profile.agents):
             return profile
@@ -309,7 +310,17 @@ class Adaptation:
                     }
                 )
             )
-        return profile.model_copy(update={"agents": agents})
+        cov = profile.covariance
+        if cov is not None:  # each member's contributions scale with its weight
+            xs = [f.get(m, 1.0) for m in cov.members]
+            cov = cov.model_copy(
+                update={
+                    "matrix": [
+                        [v * xs[i] * xs[j] for j, v in enumerate(row)] for i, row in enumerate(cov.matrix)
+                    ]
+                }
+            )
+        return profile.model_copy(update={"agents": agents, "covariance": cov})
 
     def summary(self) -> dict[str, Any]:
         """What ``/v1/agents`` shows."""

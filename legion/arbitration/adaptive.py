@@ -12,6 +12,16 @@ member not yet asked a predictive distribution over its vote; ``settle_risk`` dr
 not asked from it and returns how often the full panel's weighted vote would differ from the
 present leader. The Arbiter stops when that risk is at most ``arbiter.adaptive_risk``.
 
+``learned`` with a profile that holds the members' sway covariance (``legion calibrate`` writes
+it) is weighed by prediction instead: the members not asked add to each choice's combined score
+an amount that, on the fit's items, moved with what the asked members gave it. Given the asked
+members' contributions, the remaining sum is Gaussian with the conditional mean and variance of
+that covariance (``conditional_sway``), its spread widened on an item whose asked contributions
+run larger than the fit's (``item_spread``); ``conditional_risk`` is then the chance that the full
+combination's argmax is not the present leader. Members are asked in the order that removes
+the most of that variance per unit of compute (``covariance_order``): views of one model repeat
+one another, and asking one of them tells much of what the others would say.
+
 On free text the options are open: ``K`` is the distinct answers so far plus one, the true
 answer may be one not seen yet, and a wrong answer not seen yet is a fresh one that no other
 member repeats. Plain Python and numpy; the Arbiter and ``legion eval`` call the same functions.
@@ -26,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from legion.arbitration.scoring import log_softmax
 from legion.arbitration.strategies.base import OptionScores
-from legion.arbitration.strategies.learned import learned_distribution
+from legion.arbitration.strategies.learned import agent_scores, learned_distribution
 from legion.profile import Profile
 
 MAX_SKILL = 0.95  # a member is never taken as certain: one vote never settles a whole panel
@@ -167,6 +178,82 @@ def settle_risk(
     return float(differs.mean())
 
 
+_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(48)  # nodes and weights for E over N(0, 1)
+
+
+def _norm_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)))
+
+
+def conditional_sway(cov: np.ndarray, asked: Sequence[int], rest: Sequence[int]) -> tuple[np.ndarray, float]:
+    """What the members ``rest`` add to a choice's combined score, given the ``asked`` members'
+    contributions to it (each less its item mean), under the Gaussian with covariance ``cov``:
+    the coefficients of its conditional mean (one per asked member) and its standard deviation."""
+    a, r = list(asked), list(rest)
+    if not r:
+        return np.zeros(len(a)), 0.0
+    one = np.ones(len(r))
+    total = float(one @ cov[np.ix_(r, r)] @ one)
+    if not a:
+        return np.zeros(0), math.sqrt(max(0.0, total))
+    cross = cov[np.ix_(a, r)] @ one
+    beta = np.linalg.lstsq(cov[np.ix_(a, a)], cross, rcond=None)[0]
+    return beta, math.sqrt(max(0.0, total - float(cross @ beta)))
+
+
+def item_spread(cov: np.ndarray, asked: Sequence[int], centred: np.ndarray) -> float:
+    """How much wider this item's asked contributions (``centred``: [asked, choices], each less
+    its item mean) spread than ``cov`` expects: the root of their Mahalanobis square per degree of
+    freedom, at least 1. A task whose scores run larger than the fit's items (longer choices,
+    another kind of question) widens the prediction's spread by it rather than trusting the fit's
+    scale; a smaller spread is not taken as certainty."""
+    a = list(asked)
+    k = centred.shape[1]
+    if not a or k < 2:
+        return 1.0
+    inv = np.linalg.pinv(cov[np.ix_(a, a)])
+    q = float(np.einsum("ij,ik,kj->", centred, inv, centred))
+    return math.sqrt(max(1.0, q / (len(a) * (k - 1))))
+
+
+def conditional_risk(mean: Sequence[float], leader: int, sd: float) -> float:
+    """P(argmax of ``mean + e`` is not ``leader``), ``e`` independent N(0, sd^2) per choice:
+    one minus E_z[prod over the others of Phi((mean_leader - mean_j) / sd + z)], by 48-point
+    Gauss-Hermite quadrature (deterministic). A tie counts as half."""
+    mu = np.asarray(mean, dtype=np.float64)
+    others = np.delete(mu, leader)
+    if others.size == 0:
+        return 0.0
+    if sd <= 1e-12:
+        best = float(others.max())
+        return 1.0 if best > mu[leader] + 1e-12 else (0.5 if abs(best - mu[leader]) <= 1e-12 else 0.0)
+    gap = (mu[leader] - others) / sd
+    win = float(
+        np.sum(_GH_W * np.prod(_norm_cdf(gap[:, None] + _GH_X[None, :]), axis=0)) / math.sqrt(2 * math.pi)
+    )
+    return min(1.0, max(0.0, 1.0 - win))
+
+
+def covariance_order(members: Sequence[str], cov: np.ndarray, cost: Mapping[str, float]) -> list[str]:
+    """Members in the order that, one at a time, removes the most of the variance of what the
+    members not yet asked would add, per unit of compute (ties keep the panel's order)."""
+    n = len(members)
+    asked: list[int] = []
+    left = list(range(n))
+
+    def unexplained(a: list[int]) -> float:
+        return conditional_sway(cov, a, [i for i in range(n) if i not in a])[1] ** 2
+
+    now = unexplained(asked)
+    while left:
+        gains = {i: (now - unexplained([*asked, i])) / max(1e-9, cost.get(members[i], 1.0)) for i in left}
+        best = max(left, key=lambda i: (gains[i], -i))
+        asked.append(best)
+        left.remove(best)
+        now = unexplained(asked)
+    return [members[i] for i in asked]
+
+
 def n_labels(points: Mapping[str, float], leader: str | None, n_options: int | None) -> int:
     """How many answers the rule weighs: the choices, or on free text those seen plus one."""
     if n_options is not None:
@@ -216,6 +303,7 @@ class StopRule:
         skill_source: str = "profile",
         units: Mapping[str, Sequence[str]] | None = None,
         profile: Profile | None = None,
+        covariance: np.ndarray | None = None,
     ):
         self.members = list(members)
         self.skill = dict(skill)
@@ -231,8 +319,25 @@ class StopRule:
             for u, ms in self.units.items()
         }
         unit_cost = {u: max(cost.get(m, 1.0) for m in ms) for u, ms in self.units.items()}
-        self.unit_order = fanout_order(list(self.units), reliability, unit_cost)
+        # learned with the members' sway covariance (one unit per member: choices)
+        self.cov = (
+            covariance
+            if covariance is not None
+            and self.profile is not None
+            and all(len(ms) == 1 for ms in self.units.values())
+            else None
+        )
+        if self.cov is not None:
+            self.unit_order = covariance_order(self.members, self.cov, unit_cost)
+        else:
+            self.unit_order = fanout_order(list(self.units), reliability, unit_cost)
         self.order = [m for u in self.unit_order for m in self.units[u]]
+        self.index = {m: i for i, m in enumerate(self.members)}
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the stop is weighed by the covariance prediction (``look_predicted``)."""
+        return self.cov is not None
 
     @property
     def by_points(self) -> bool:
@@ -279,6 +384,10 @@ class StopRule:
         (``votes``: each one's pick, None: failed): by the profile's combined scores when
         ``by_points``, else by the Bayes vote, the leader then being the strategy's (``decide``)."""
         n = len(scores.options)
+        if self.cov is not None and self.profile is not None and scores.loglik:
+            got_c = self.look_predicted(scores, remaining)
+            if got_c is not None:
+                return got_c
         if self.profile is not None and scores.loglik:
             got = learned_distribution(scores, self.profile, scores.options)
             if got is not None:
@@ -288,6 +397,27 @@ class StopRule:
                 leader = max(scores.options, key=lambda o: (points[o], -scores.options.index(o)))
                 return self.look_points(points, leader, remaining, n)
         return self.look_votes(votes, decide(), remaining, n)
+
+    def look_predicted(self, scores: OptionScores, remaining: Sequence[str]) -> Settlement | None:
+        """The settlement by the profile's combined scores of the members so far plus the
+        prediction of what the members not asked would add (``conditional_sway``); None when no
+        profiled member has scored yet."""
+        assert self.cov is not None and self.profile is not None
+        feats = agent_scores(scores, self.profile)
+        weight = {a.name: a.weight for a in self.profile.agents}
+        asked = [m for m in self.members if m in feats and m in weight]
+        if not asked:
+            return None
+        contrib = np.array([weight[m] * log_softmax(feats[m]) for m in asked])  # [asked, choices]
+        total = contrib.sum(axis=0)
+        order = scores.options
+        lead = max(range(len(order)), key=lambda i: (total[i], -i))
+        rest = [m for m in remaining if m in self.index]
+        beta, sd = conditional_sway(self.cov, [self.index[m] for m in asked], [self.index[m] for m in rest])
+        centred = contrib - contrib.mean(axis=1, keepdims=True)
+        mean = total + centred.T @ beta
+        sd *= item_spread(self.cov, [self.index[m] for m in asked], centred)
+        return Settlement(order[lead], conditional_risk(mean, lead, sd), len(remaining))
 
     def look_points(
         self, points: Mapping[str, float], leader: str | None, remaining: Sequence[str], n_options: int
@@ -339,7 +469,13 @@ def stop_rule(
     if strategy == "learned" and choices and by_name:
         sway = {n: float(v) for n in names if n in by_name and (v := by_name[n].vote_points) is not None}
     units = writing_units(members, owner) if not choices and owner is not None else None
-    return StopRule(names, skill, cost, sway, source, units, profile)
+    cov = None
+    if sway is not None and profile is not None and profile.covariance is not None:
+        got = profile.covariance
+        if all(n in got.members for n in names):
+            pos = [got.members.index(n) for n in names]
+            cov = np.asarray(got.matrix, dtype=np.float64)[np.ix_(pos, pos)]
+    return StopRule(names, skill, cost, sway, source, units, profile, cov)
 
 
 def run_waves(
