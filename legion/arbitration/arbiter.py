@@ -666,10 +666,13 @@ class Arbiter:
 
     async def _stop_rule(self, strategy: Strategy, names: list[str], choices: bool) -> adaptive.StopRule:
         """The adaptive stop rule of ``strategy`` for this task: the members' skills from the
-        profile's train accuracies, else from their trust records."""
+        profile's train accuracies, else from their trust records. Free text too takes them from
+        ``arbiter.profile``: a free-text profile's accuracies are of picking among generated
+        candidates (most near chance), not of answering, and would make the rule skip members
+        that count in the vote."""
         profile = None
         try:
-            profile = self._profile(choices)
+            profile = self._profile(True)
         except LegionError:
             log.exception("could not read the profile")
         records = None
