@@ -131,7 +131,7 @@ AGENTS = [
 MEMBERS = ["a/x", "a/y", "a/z", "b/u", "b/v"]
 
 
-def profiled(tmp_path, accuracy, points=None, **arbiter):
+def profiled(tmp_path, accuracy, points=None, covariance=None, **arbiter):
     cfg = config_from_dict({"agents": AGENTS, "data_dir": str(tmp_path)})
     result = FitResult(
         weights=np.ones(len(MEMBERS)),
@@ -140,6 +140,7 @@ def profiled(tmp_path, accuracy, points=None, **arbiter):
         train_accuracy=0.5,
         single_accuracy=accuracy,
         vote_points=points or {},
+        covariance=None if covariance is None else np.asarray(covariance, dtype=float),
     )
     prof = make_profile(
         result,

@@ -21,7 +21,7 @@ from legion.config import config_from_dict
 from legion.errors import ConfigError
 from legion.evaluation.calibrate import Dataset, FitResult, fit, make_profile, sway_covariance
 from legion.profile import load_profile, parse_profile
-from tests.unit.test_adaptive import AGENTS, MEMBERS, choose
+from tests.unit.test_adaptive import AGENTS, MEMBERS, choose, profiled
 from tests.unit.test_choices import ChoiceAgents
 
 # -------------------------------------------------------------------- a synthetic panel
@@ -228,30 +228,9 @@ def test_adapted_weights_scale_the_covariance_with_them(fitted):
 
 
 def covariance_profiled(tmp_path, cov, **arbiter):
-    cfg = config_from_dict({"agents": AGENTS, "data_dir": str(tmp_path)})
-    result = FitResult(
-        weights=np.ones(len(MEMBERS)),
-        l2=0.01,
-        cv=[{"l2": 0.01, "log_loss": 1.0, "accuracy": 0.5}],
-        train_accuracy=0.5,
-        single_accuracy=dict.fromkeys(MEMBERS, 0.6),
-        vote_points=dict.fromkeys(MEMBERS, 1.0),
-        covariance=np.asarray(cov, dtype=float),
-    )
-    prof = make_profile(
-        result,
-        cfg.panel,
-        method="conditional_logit",
-        data=["t.jsonl"],
-        items_per_file={"t.jsonl": 9},
-        excluded=0,
-        folds=3,
-    )
-    path = tmp_path / "profile.json"
-    path.write_text(prof.model_dump_json(), encoding="utf-8")
-    return config_from_dict(
-        {"agents": AGENTS, "data_dir": str(tmp_path), "arbiter": {"profile": str(path), **arbiter}}
-    )
+    """The five-member panel of test_adaptive with weights 1 and the sway covariance ``cov``."""
+    accuracy, sway = dict.fromkeys(MEMBERS, 0.6), dict.fromkeys(MEMBERS, 1.0)
+    return profiled(tmp_path, accuracy, sway, covariance=cov, **arbiter)
 
 
 # a/x, a/y and a/z say nearly the same (one model); b/u and b/v are the other model's views.
