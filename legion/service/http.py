@@ -148,9 +148,10 @@ class RequestLog:
 
 
 class TaskEvents:
-    """``/v1/tasks`` as server-sent events: ``candidate`` (each fan-out answer as it arrives),
-    ``trace`` (every other step), ``result`` (the JSON of ``/v1/tasks``), then ``done``; a
-    failure is an ``error`` event (``{"error": {"code", "message"}}``) before ``done``."""
+    """``/v1/tasks`` as server-sent events: ``candidate`` (each fan-out answer as it arrives; its
+    ``group`` is the answer's own key then, before equivalent answers are joined), ``trace``
+    (every other step), ``result`` (the JSON of ``/v1/tasks``, with the final groups), then
+    ``done``; a failure is an ``error`` event (``{"error": {"code", "message"}}``) before ``done``."""
 
     def start(self) -> list[str]:
         return []
