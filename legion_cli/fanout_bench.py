@@ -290,20 +290,24 @@ def run_fanout_bench(
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="WARNING", namespace=base.ray_namespace)
-    work = tempfile.TemporaryDirectory(prefix="legion-fanout-bench-")
-    cfg = bench_config(base, _free_port(), work.name)
-    try:
-        _progress(f"serving {len(cfg.agents)} agents, a panel of {len(cfg.panel)}; loading them ...")
-        with serving(cfg) as url:
-            _progress(f"{len(tasks)} tasks x 2 fan-out modes, {concurrency} at a time ...")
-            r = measure(url, tasks, concurrency, max_tokens, len(cfg.panel))
-    finally:
+    out = sys.stdout
+    # With --json, stdout carries the JSON alone: what Ray prints there (its processes' messages,
+    # at shutdown too) goes to stderr meanwhile.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         if started:
-            serve.shutdown()
-            ray.shutdown()
-        work.cleanup()
+            ray.init(include_dashboard=False, logging_level="WARNING", namespace=base.ray_namespace)
+        work = tempfile.TemporaryDirectory(prefix="legion-fanout-bench-")
+        cfg = bench_config(base, _free_port(), work.name)
+        try:
+            _progress(f"serving {len(cfg.agents)} agents, a panel of {len(cfg.panel)}; loading them ...")
+            with serving(cfg) as url:
+                _progress(f"{len(tasks)} tasks x 2 fan-out modes, {concurrency} at a time ...")
+                r = measure(url, tasks, concurrency, max_tokens, len(cfg.panel))
+        finally:
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+            work.cleanup()
     r = {"source": source, "agents": {a.name: len(a.members()) for a in cfg.agents}, **r}
-    print(json.dumps(r)) if as_json else print_report(r)
+    print(json.dumps(r), file=out) if as_json else print_report(r)
     return 0

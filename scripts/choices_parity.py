@@ -27,9 +27,16 @@ def main() -> int:
     p.add_argument("--eval", required=True, help="legion eval --out's JSON, run on the same items")
     p.add_argument("--strategy", required=True)
     p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument(
+        "--fanout",
+        choices=("all", "adaptive"),
+        default="all",
+        help="adaptive: compare with the eval's <strategy>@adaptive decisions (eval --fanout adaptive)",
+    )
     args = p.parse_args()
     items = load_items(args.data, args.limit)
-    wanted = json.loads(open(args.eval, encoding="utf-8").read())["report"]["decisions"][args.strategy]
+    row = args.strategy if args.fanout == "all" else f"{args.strategy}@adaptive"
+    wanted = json.loads(open(args.eval, encoding="utf-8").read())["report"]["decisions"][row]
     if len(wanted) != len(items):
         sys.exit(f"{args.eval} decided {len(wanted)} items, --data/--limit give {len(items)}")
     same = 0
@@ -38,7 +45,13 @@ def main() -> int:
         for item, expected in zip(items, wanted, strict=True):
             parts = split_question(item.context)
             question = parts[1] if parts else item.context
-            body = {"task": question, "choices": item.choices, "strategy": args.strategy, "cache": False}
+            body = {
+                "task": question,
+                "choices": item.choices,
+                "strategy": args.strategy,
+                "cache": False,
+                "fanout": args.fanout,
+            }
             r = client.post("/v1/tasks", json=body)
             r.raise_for_status()
             got = r.json()["choice"]["index"]
@@ -47,7 +60,7 @@ def main() -> int:
             else:
                 differ.append({"id": item.id, "served": got, "eval": expected})
                 print(f"{item.id}: served {got}, legion eval {expected}", file=sys.stderr)
-    print(json.dumps({"items": len(items), "same": same, "differ": differ, "strategy": args.strategy}))
+    print(json.dumps({"items": len(items), "same": same, "differ": differ, "strategy": row}))
     return 0 if not differ else 1
 
 

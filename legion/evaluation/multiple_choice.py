@@ -578,7 +578,8 @@ def evaluate(
             curve[k]["best_single"] = max(singles[:k])
         curve[len(chosen)] = {s: out[s]["accuracy"] for s in names} | {"best_single": max(singles)}
     if report is not None:
-        report["decisions"] = {s: [int(k) if k else None for k in ks] for s, ks in decisions.items()}
+        both = decisions | ({f"{s}@adaptive": ks for s, ks in adaptive.decisions.items()} if adaptive else {})
+        report["decisions"] = {s: [int(k) if k else None for k in ks] for s, ks in both.items()}
         n = report.get("baseline_items", 0)
         first = (
             {a.name: sum(agent_s[a.name] for _, agent_s, _ in scored[:n]) / n for a in chosen} if n else {}
@@ -633,6 +634,7 @@ class _AdaptiveReplay:
             s: {"n": 0, "correct": 0, "asked": 0, "same": 0, "seconds": 0.0, "all_s": 0.0, "risk": 0.0}
             for s in names
         }
+        self.decisions: dict[str, list[str | None]] = {s: [] for s in names}  # per item, as served
 
     def item(self, s, strat, cands, scores, agent_s, truth, full_key, profiled) -> None:
         by_name = {c.agent: c for c in cands}
@@ -659,6 +661,7 @@ class _AdaptiveReplay:
             profiled,
             self.cfg,
         )
+        self.decisions[s].append(d.answer_key)
         st = self.stats[s]
         st["n"] += 1
         st["correct"] += int(d.answer_key == truth)

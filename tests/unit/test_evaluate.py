@@ -163,3 +163,15 @@ def test_the_eval_report_names_each_agents_model():
     gemma = {"file": "gemma.gguf", "description": "gemma3 270M Q4_K - Medium", "size_bytes": 253 * 2**20}
     lines = _report_lines({"models": {"a": gemma, "b": {"file": "tiny.gguf"}}})
     assert lines[:3] == ["models:", "  a: gemma.gguf (gemma3 270M Q4_K - Medium, 253 MiB)", "  b: tiny.gguf"]
+
+
+def test_the_report_records_adaptive_decisions_beside_the_full_panels():
+    # What scripts/choices_parity.py --fanout adaptive compares a running Legion with.
+    cfg = config_from_dict({"agents": [{"name": "x"}, {"name": "y"}, {"name": "z"}]})
+    items = [Item(id=f"i{k}", context="c", choices=["a", "b"], answer=0) for k in range(6)]
+    table = {it.id: {"x": [-1.0, -3.0], "y": [-1.0, -3.0], "z": [-3.0, -1.0]} for it in items}
+    report: dict = {}
+    res = evaluate(cfg, items, ["plurality"], scorer=TableScorer(table), report=report, fanout="adaptive")
+    assert report["decisions"]["plurality"] == [0] * 6
+    assert report["decisions"]["plurality@adaptive"] == [0] * 6
+    assert res["plurality@adaptive"]["agents_asked"] <= 3
