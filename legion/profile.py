@@ -188,6 +188,10 @@ class Profile(_StrictModel):
             "best_single": self.fit.best_single,
             "best_single_accuracy": self.fit.best_single_accuracy,
             "fitted_at": self.fit.fitted_at,
+            # adaptive fan-out predicts the members not asked for `learned` when it has one
+            "covariance": None
+            if self.covariance is None
+            else {"members": len(self.covariance.members), "items": self.covariance.items},
         }
 
 

@@ -136,6 +136,9 @@ def test_a_profile_round_trips_through_its_file(tmp_path):
     back = load_profile(path)
     assert back == prof and back.version == PROFILE_VERSION
     assert back.summary(str(path))["items"] == 60 and set(back.weights) == {"x", "y"}
+    # fit() writes the members' sway covariance, which /v1/agents' profile summary names.
+    assert back.covariance is not None and back.covariance.members == ["x", "y"]
+    assert back.summary()["covariance"] == {"members": 2, "items": 60}
     assert back.agents[0].view["prompt_form"] == "qa"
 
 
