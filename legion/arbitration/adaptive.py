@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from legion.arbitration.scoring import log_softmax
+from legion.arbitration.scoring import contributions
 from legion.arbitration.strategies.base import OptionScores
 from legion.arbitration.strategies.learned import agent_scores, learned_distribution
 from legion.profile import Profile
@@ -403,12 +403,11 @@ class StopRule:
         prediction of what the members not asked would add (``conditional_sway``); None when no
         profiled member has scored yet."""
         assert self.cov is not None and self.profile is not None
-        feats = agent_scores(scores, self.profile)
-        weight = {a.name: a.weight for a in self.profile.agents}
-        asked = [m for m in self.members if m in feats and m in weight]
+        terms = contributions(self.profile, agent_scores(scores, self.profile))
+        asked = [m for m in self.members if m in terms]
         if not asked:
             return None
-        contrib = np.array([weight[m] * log_softmax(feats[m]) for m in asked])  # [asked, choices]
+        contrib = np.array([terms[m] for m in asked])  # [asked, choices]
         total = contrib.sum(axis=0)
         order = scores.options
         lead = max(range(len(order)), key=lambda i: (total[i], -i))

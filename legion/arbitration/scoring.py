@@ -19,13 +19,18 @@ def log_softmax(x: Sequence[float]) -> np.ndarray:
     return a - m - math.log(float(np.exp(a - m).sum()))
 
 
+def contributions(profile: Profile, features: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    """Each profiled agent's term in the combination: its weight times its log-softmax over the
+    choices (agents not in ``features``, e.g. one that failed, are left out), in profile order."""
+    return {a.name: a.weight * log_softmax(features[a.name]) for a in profile.agents if a.name in features}
+
+
 def combine(profile: Profile, features: Mapping[str, Sequence[float]]) -> tuple[np.ndarray, dict[str, float]]:
     """``P(choice)`` under the profile from each agent's scores of the choices (agents not in
     ``features``, e.g. one that failed, are left out), and the weights used."""
     used = {a.name: a.weight for a in profile.agents if a.name in features}
     if not used:
         raise ValueError("none of the profile's agents scored the choices")
-    z = sum(w * log_softmax(features[a]) for a, w in used.items())
-    z = np.asarray(z, dtype=np.float64)
+    z = np.asarray(sum(contributions(profile, features).values()), dtype=np.float64)
     e = np.exp(z - z.max())
     return e / e.sum(), used
