@@ -42,7 +42,7 @@ import numpy as np
 
 from legion import db
 from legion.arbitration.adaptive import skill_from_accuracy
-from legion.profile import Profile
+from legion.profile import Profile, load_profile
 
 FLOOR = 0.02  # skills at or below this count as this: a ratio of near-zero skills is noise
 
@@ -339,3 +339,17 @@ class Adaptation:
             "factors": {m: round(v, 4) for m, v in self.factors().items()},
             "relative_skills": st.skills,
         }
+
+
+def from_config(cfg: Any) -> Adaptation | None:
+    """``arbiter.adapt``'s adaptation of ``arbiter.profile`` over ``cfg``'s panel (None when off or
+    there is no profile), stored in ``adapt_file``: what the Arbiter adapts by and what the result
+    cache's key reads the factors from."""
+    a = cfg.arbiter
+    if a.adapt == "off" or a.profile is None:
+        return None
+    profile = load_profile(a.profile)
+    owner = {m.name: agent.name for agent in cfg.agents for m in agent.members()}
+    settings = Settings(a.adapt_window, a.adapt_min_items, a.adapt_every, a.adapt_bound)
+    key = panel_key(a.profile, profile, [m.name for m in cfg.panel])
+    return Adaptation(profile, owner, settings, cfg.data_path / a.adapt_file, key)

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from legion import metrics
 from legion.arbitration import adaptive
-from legion.arbitration.adaptation import Adaptation, Settings, panel_key
+from legion.arbitration.adaptation import Adaptation
+from legion.arbitration.adaptation import from_config as adaptation_from_config
 from legion.arbitration.admission import TaskAdmission
 from legion.arbitration.equivalence import AgentJudge, EmbeddingSimilarity, Equivalence
 from legion.arbitration.strategies import OptionScores, Strategy, build_strategy, normalize_answer
@@ -521,13 +522,7 @@ class Arbiter:
 
     def _adaptation(self) -> Adaptation | None:
         """``arbiter.adapt``'s adaptation of the profile (None when off), stored in ``adapt_file``."""
-        a = self.cfg.arbiter
-        if a.adapt == "off" or a.profile is None:
-            return None
-        profile = load_profile(a.profile)
-        settings = Settings(a.adapt_window, a.adapt_min_items, a.adapt_every, a.adapt_bound)
-        key = panel_key(a.profile, profile, [m.name for m in self.panel])
-        return Adaptation(profile, self.owner, settings, self.cfg.data_path / a.adapt_file, key)
+        return adaptation_from_config(self.cfg)
 
     def _profile(self, choices: bool = True, adapted: bool = True) -> Profile | None:
         """The profile in force: ``arbiter.profile`` for a task with choices, its weights adapted

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from legion import metrics
+from legion.arbitration import adaptation
 from legion.arbitration.arbiter import Event
 from legion.config import LegionConfig
 from legion.errors import InvalidRequest, LegionError, NotFound
@@ -94,6 +95,8 @@ class TaskPipeline:
         self.history = history
         self.guard = InjectionGuard(cfg.security.guard_patterns)
         self._inflight: dict[str, asyncio.Future] = {}  # cache key -> the run answering it now
+        # arbiter.adapt: its stored factors are part of a task with choices' cache key.
+        self._adaptation = adaptation.from_config(cfg) if cache is not None else None
 
     @classmethod
     def from_config(cls, cfg: LegionConfig, arbiter: Arbitrate, retriever: Retrieve) -> TaskPipeline:
@@ -105,6 +108,14 @@ class TaskPipeline:
             cache=ResultCache.from_config(cfg) if cfg.cache.enabled else None,
             history=ConversationStore.from_config(cfg) if cfg.history.enabled else None,
         )
+
+    def _cache_key(self, req: TaskRequest) -> str:
+        """``req``'s result-cache key; with ``arbiter.adapt`` on, a task with choices' key holds the
+        adaptation's factors as stored now (the Arbiter weighs the profile by them)."""
+        adapted = (
+            self._adaptation.factors() if self._adaptation is not None and req.choices is not None else None
+        )
+        return ResultCache.key(req, self.cfg, adapted)
 
     # ------------------------------------------------------------------ entry points
     async def prepare_task(self, body: TaskBody) -> Prepared:
@@ -150,8 +161,8 @@ class TaskPipeline:
         if turns or prep.retrieval is not None:
             prep.context = {"history_turns": turns, "retrieved_chunks": len(prep.sources)}
         if self.cache is not None and use_cache:
-            prep.key = ResultCache.key(req, self.cfg)
             try:
+                prep.key = await asyncio.to_thread(self._cache_key, req)
                 prep.hit = await asyncio.to_thread(self.cache.get, prep.key)
             except sqlite3.Error as exc:  # a broken cache must not stop answers
                 log.warning("result cache lookup failed, answering without it: %s", exc)

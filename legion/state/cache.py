@@ -16,6 +16,7 @@ import os
 import re
 import time
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
@@ -113,13 +114,19 @@ class ResultCache:
         return cls(cfg.data_path / cfg.cache.file, ttl_s=cfg.cache.ttl_s, max_entries=cfg.cache.max_entries)
 
     @staticmethod
-    def key(req: TaskRequest, cfg: LegionConfig) -> str:
-        """The cache key of ``req`` as ``cfg``'s agents would answer it (its ids do not count)."""
+    def key(req: TaskRequest, cfg: LegionConfig, adapted: Mapping[str, float] | None = None) -> str:
+        """The cache key of ``req`` as ``cfg``'s agents and Arbiter would answer it (its ids do not
+        count). ``adapted``: the factors ``arbiter.adapt`` weighs the profile's members by now
+        (they move with the traffic; another set of factors is another answer)."""
         request = req.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
         request["task"] = normalize_task(req.task)
         material = {
             "request": request,
             "agents": [a.model_dump(mode="json") for a in cfg.agents],
+            # How the Arbiter decides (trust, debate rounds, adaptive_risk, equivalence, ...): a
+            # restart with other settings must not serve the answers of the old ones. The profiles
+            # are below, by their content.
+            "arbiter": cfg.arbiter.model_dump(mode="json", exclude={"profile", "free_text_profile"}),
             # The profile decides too (learned, equilibrium's start, a tie, a choice's
             # probability): another profile, or the same file refitted, is another answer. Free
             # text is weighed by the free-text profile where there is one.
@@ -127,6 +134,8 @@ class ResultCache:
                 cfg.arbiter.profile if req.choices is not None else cfg.arbiter.text_profile
             ),
         }
+        if adapted is not None:
+            material["adapted"] = {m: round(float(f), 9) for m, f in sorted(adapted.items())}
         blob = json.dumps(material, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

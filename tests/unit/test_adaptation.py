@@ -270,3 +270,26 @@ def test_legion_eval_replays_the_adaptation_in_item_order_without_labels(tmp_pat
     assert row["accuracy"] == pytest.approx(20 / 30, abs=1e-4) and row["refits"] == 5
     assert row["factors"]["a/y"] == 0.5
     assert "learned@adapted" not in evaluate(cfg, items, ["learned"], scorer=TableScorer(table))
+
+
+def test_the_result_cache_key_of_a_task_with_choices_moves_with_the_stored_factors(tmp_path):
+    """A cached answer decided with one set of factors is not served once the adaptation has
+    re-weighed the views (the same request then decides otherwise, as the test above shows)."""
+    from legion.service.pipeline import TaskPipeline
+    from legion.state.cache import ResultCache
+
+    arbiter = adapting_arbiter(tmp_path, ChoiceAgents(SCORES))
+    cfg = arbiter.cfg.model_copy(deep=True)
+    cfg.cache.enabled = True
+    pipeline = TaskPipeline.from_config(cfg, arbiter=None, retriever=None)  # type: ignore[arg-type]
+    req = choose("learned", choices=["yes", "no"])
+    before = pipeline._cache_key(req)
+    assert before == pipeline._cache_key(req)
+    for _ in range(10):
+        run(arbiter, choose("learned", choices=["yes", "no"]))
+    assert arbiter.adaptation_summary()["refits"] == 1
+    after = pipeline._cache_key(req)
+    assert after != before
+    # Free text is not weighed by the adapted profile: its key stays.
+    text = req.model_copy(update={"choices": None, "strategy": "plurality"})
+    assert ResultCache.key(text, cfg) == pipeline._cache_key(text)

@@ -74,6 +74,13 @@ def test_key_ignores_spacing_case_and_id_but_not_what_changes_the_answer(cfg):
     text = profiled.model_copy(deep=True)
     text.arbiter.free_text_profile = str(cfg.data_path / "text.json")
     different.append(ResultCache.key(_req("What is  2+2?"), text))
+    # How the Arbiter decides counts too: a restart with another setting answers anew.
+    for field, value in (("adaptive_risk", 0.2), ("trust_eta", 0.9), ("debate_rounds", 3)):
+        other = cfg.model_copy(deep=True)
+        setattr(other.arbiter, field, value)
+        different.append(ResultCache.key(_req("What is  2+2?"), other))
+    # As do the factors arbiter.adapt weighs the profile by now.
+    different.append(ResultCache.key(_req("What is  2+2?"), cfg, {"solver": 1.5}))
     assert len({base, *different}) == 1 + len(different)
     pick = _req("What is  2+2?").model_copy(update={"choices": ["3", "4"]})
     assert ResultCache.key(pick, text) == ResultCache.key(pick, profiled)
