@@ -19,13 +19,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 _PROMPTS = [
     "Question: What is the boiling point of water at sea level?\nAnswer:",
@@ -55,6 +58,19 @@ def _as_agent_sees(task: str) -> str:
     from legion.agent import build_prompt
 
     return build_prompt(_agent_config("bench"), task, "")
+
+
+@contextlib.contextmanager
+def json_stdout(as_json: bool) -> Iterator[TextIO]:
+    """Yields the stream a bench's result goes to. With ``--json`` that is stdout, which then
+    carries the JSON alone: whatever else is printed meanwhile (Ray's processes' messages, at
+    shutdown too) goes to stderr."""
+    out = sys.stdout
+    if not as_json:
+        yield out
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield out
 
 
 def _progress(msg: str) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from legion.config import LegionConfig, config_from_dict
 from legion.errors import ConfigError
-from legion_cli.bench import _progress
+from legion_cli.bench import _progress, json_stdout
 from legion_cli.rag_bench import _free_port
 from legion_cli.views_bench import _WARM_UP, CHOICES, QUESTIONS, _percentile
 
@@ -290,10 +290,7 @@ def run_fanout_bench(
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     started = not ray.is_initialized()
-    out = sys.stdout
-    # With --json, stdout carries the JSON alone: what Ray prints there (its processes' messages,
-    # at shutdown too) goes to stderr meanwhile.
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+    with json_stdout(as_json) as out:
         if started:
             ray.init(include_dashboard=False, logging_level="WARNING", namespace=base.ray_namespace)
         work = tempfile.TemporaryDirectory(prefix="legion-fanout-bench-")

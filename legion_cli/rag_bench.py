@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 import legion
+from legion_cli.bench import json_stdout
 
 CORPUS = Path(legion.__file__).resolve().parent / "corpus"
 COLLECTION = "tallowmere"
@@ -92,89 +93,94 @@ def run_rag_bench(args: argparse.Namespace) -> int:
     base["rag"].update(collection=COLLECTION, qdrant_url=None)
     base["cache"].update(enabled=True)
     cfg = config_from_dict(base, source="bench configuration")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="WARNING", namespace=cfg.ray_namespace)
-    url = f"http://127.0.0.1:{cfg.serve.port}"
-    result: dict = {
-        "questions": len(questions),
-        "agents": [a.name for a in cfg.agents],
-        "max_tokens": args.max_tokens,
-    }
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
-        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
-        with httpx.Client(base_url=url, timeout=600) as client:
-            _progress(f"waiting for {len(cfg.agents)} agents to load ...")
-            deadline = time.monotonic() + 600
-            while client.get("/healthz").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("agents did not load within 600 s")
-                time.sleep(0.5)
-
-            _progress(f"uploading {CORPUS / 'tallowmere'} through POST /v1/documents ...")
-            report = upload([str(CORPUS / "tallowmere")], url, COLLECTION)
-            result.update(documents=report.documents, chunks=report.chunks, ingest_s=report.seconds)
-            retriever = ray.get_actor(retriever_actor_name(cfg), namespace=cfg.ray_namespace)
-
-            _progress("recall@5 of retrieval ...")
-            recall, file_recall = _recall(retriever, questions)
-            result.update(recall_at_5=round(recall, 4), file_recall_at_5=round(file_recall, 4))
-
-            _progress(f"accuracy without and with retrieval on {len(questions)} questions ...")
-            right = {"without": 0, "with": 0}
-            answers = []
-            for i, q in enumerate(questions, 1):
-                row = {"question": q["question"]}
-                for name, rag in (("without", False), ("with", True)):
-                    body = {
-                        "task": q["question"],
-                        "max_tokens": args.max_tokens,
-                        "use_rag": rag,
-                        "cache": False,
-                    }
-                    out, _, _ = _post(client, body)
-                    ok = is_correct(out["answer"], q["answers"])
-                    right[name] += ok
-                    row[name] = {"answer": out["answer"], "correct": ok}
-                answers.append(row)
-                _progress(f"  {i}/{len(questions)}: without {right['without']}, with {right['with']} right")
-            result["accuracy_without_rag"] = round(right["without"] / len(questions), 4)
-            result["accuracy_with_rag"] = round(right["with"] / len(questions), 4)
-
-            n = min(args.http_requests, len(questions))
-            _progress(f"/v1/tasks uncached vs cached, {n} questions interleaved ...")
-            before = client.get("/v1/cache").json()
-            uncached, cached, hits = [], [], 0
-            for q in questions[:n]:
-                body = {"task": q["question"], "max_tokens": args.max_tokens, "use_rag": True}
-                _, ms, _ = _post(client, {**body, "cache": False})
-                uncached.append(ms)
-                _post(client, body)  # stores the answer (a miss)
-                _, ms, status = _post(client, body)
-                cached.append(ms)
-                hits += status == "hit"
-            after = client.get("/v1/cache").json()
-            looked_up = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
-            result.update(
-                uncached_p50_ms=round(statistics.median(uncached), 2),
-                cached_p50_ms=round(statistics.median(cached), 2),
-                uncached_over_cached=round(statistics.median(uncached) / statistics.median(cached), 1),
-                cached_requests_that_hit=f"{hits}/{n}",
-                cache_hit_rate=round((after["hits"] - before["hits"]) / looked_up, 4) if looked_up else 0.0,
-            )
-            result["answers"] = answers
-    finally:
+    with json_stdout(args.json) as out:
+        started = not ray.is_initialized()
+        if started:
+            ray.init(include_dashboard=False, logging_level="WARNING", namespace=cfg.ray_namespace)
+        url = f"http://127.0.0.1:{cfg.serve.port}"
+        result: dict = {
+            "questions": len(questions),
+            "agents": [a.name for a in cfg.agents],
+            "max_tokens": args.max_tokens,
+        }
         try:
-            serve.delete(cfg.serve.app_name)
-            stop_actors(cfg)
+            serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+            serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+            with httpx.Client(base_url=url, timeout=600) as client:
+                _progress(f"waiting for {len(cfg.agents)} agents to load ...")
+                deadline = time.monotonic() + 600
+                while client.get("/healthz").status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("agents did not load within 600 s")
+                    time.sleep(0.5)
+
+                _progress(f"uploading {CORPUS / 'tallowmere'} through POST /v1/documents ...")
+                report = upload([str(CORPUS / "tallowmere")], url, COLLECTION)
+                result.update(documents=report.documents, chunks=report.chunks, ingest_s=report.seconds)
+                retriever = ray.get_actor(retriever_actor_name(cfg), namespace=cfg.ray_namespace)
+
+                _progress("recall@5 of retrieval ...")
+                recall, file_recall = _recall(retriever, questions)
+                result.update(recall_at_5=round(recall, 4), file_recall_at_5=round(file_recall, 4))
+
+                _progress(f"accuracy without and with retrieval on {len(questions)} questions ...")
+                right = {"without": 0, "with": 0}
+                answers = []
+                for i, q in enumerate(questions, 1):
+                    row = {"question": q["question"]}
+                    for name, rag in (("without", False), ("with", True)):
+                        body = {
+                            "task": q["question"],
+                            "max_tokens": args.max_tokens,
+                            "use_rag": rag,
+                            "cache": False,
+                        }
+                        out, _, _ = _post(client, body)
+                        ok = is_correct(out["answer"], q["answers"])
+                        right[name] += ok
+                        row[name] = {"answer": out["answer"], "correct": ok}
+                    answers.append(row)
+                    _progress(
+                        f"  {i}/{len(questions)}: without {right['without']}, with {right['with']} right"
+                    )
+                result["accuracy_without_rag"] = round(right["without"] / len(questions), 4)
+                result["accuracy_with_rag"] = round(right["with"] / len(questions), 4)
+
+                n = min(args.http_requests, len(questions))
+                _progress(f"/v1/tasks uncached vs cached, {n} questions interleaved ...")
+                before = client.get("/v1/cache").json()
+                uncached, cached, hits = [], [], 0
+                for q in questions[:n]:
+                    body = {"task": q["question"], "max_tokens": args.max_tokens, "use_rag": True}
+                    _, ms, _ = _post(client, {**body, "cache": False})
+                    uncached.append(ms)
+                    _post(client, body)  # stores the answer (a miss)
+                    _, ms, status = _post(client, body)
+                    cached.append(ms)
+                    hits += status == "hit"
+                after = client.get("/v1/cache").json()
+                looked_up = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
+                result.update(
+                    uncached_p50_ms=round(statistics.median(uncached), 2),
+                    cached_p50_ms=round(statistics.median(cached), 2),
+                    uncached_over_cached=round(statistics.median(uncached) / statistics.median(cached), 1),
+                    cached_requests_that_hit=f"{hits}/{n}",
+                    cache_hit_rate=round((after["hits"] - before["hits"]) / looked_up, 4)
+                    if looked_up
+                    else 0.0,
+                )
+                result["answers"] = answers
         finally:
-            if started:
-                serve.shutdown()
-                ray.shutdown()
-            work.cleanup()
+            try:
+                serve.delete(cfg.serve.app_name)
+                stop_actors(cfg)
+            finally:
+                if started:
+                    serve.shutdown()
+                    ray.shutdown()
+                work.cleanup()
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=out)
         return 0
     r = result
     print(

@@ -36,7 +36,7 @@ from legion.config import AgentConfig
 from legion.engine.llama import model_file
 from legion.engine.views import exemplar_seed
 from legion.errors import ConfigError, ModelLoadError
-from legion_cli.bench import _progress
+from legion_cli.bench import _progress, json_stdout
 from legion_cli.model_memory import process_memory
 
 # Short ARC-style science questions, answered free-text by every member.
@@ -421,11 +421,14 @@ def run_views_bench(
     """``legion bench --views [--choices]``: starts a local Ray cluster where none is running."""
     import ray
 
-    if not ray.is_initialized():
-        # Logical CPUs: both sides stay up, each reserving the agents' total; threads come from
-        # each agent's num_cpus, so this changes placement, not threads.
-        need = math.ceil(2 * sum(a.num_cpus for a in agents))
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING")
-    r = compare(agents, repeats, max_tokens, choices)
-    print(json.dumps(r)) if as_json else print_report(r)
+    with json_stdout(as_json) as out:
+        if not ray.is_initialized():
+            # Logical CPUs: both sides stay up, each reserving the agents' total; threads come from
+            # each agent's num_cpus, so this changes placement, not threads.
+            need = math.ceil(2 * sum(a.num_cpus for a in agents))
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING"
+            )
+        r = compare(agents, repeats, max_tokens, choices)
+    print(json.dumps(r), file=out) if as_json else print_report(r)
     return 0

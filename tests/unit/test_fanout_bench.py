@@ -38,3 +38,18 @@ def test_the_bench_parser_takes_the_fanout_options():
     assert args.fanout and args.limit == 3 and args.concurrency == 2 and args.free_text and args.data is None
     plain = build_parser().parse_args(["bench"])
     assert not plain.fanout and not plain.free_text
+
+
+def test_with_json_stdout_carries_the_result_alone(capsys):
+    """What a bench's Ray processes print while it runs goes to stderr, so that
+    ``legion bench --fanout/--views/--rag --json | jq`` reads one JSON object."""
+    from legion_cli.bench import json_stdout
+
+    with json_stdout(True) as out:
+        print("(raylet) something Ray says")
+    print('{"ok": true}', file=out)
+    got = capsys.readouterr()
+    assert got.out == '{"ok": true}\n' and "Ray says" in got.err
+    with json_stdout(False) as out:
+        print("a table")
+    assert capsys.readouterr().out == "a table\n"
