@@ -138,6 +138,30 @@ class SwayCovariance(_StrictModel):
         return self
 
 
+class AnswerPatterns(_StrictModel):
+    """Which members wrote the same free-text answer on each of the fit's items: ``items[i][j]`` is
+    the label of member ``j``'s answer on item ``i`` (members with equal labels wrote the same
+    normalised answer; -1: it gave none), numbered in order of first appearance. Adaptive fan-out
+    on free text reads from them how often the members not asked yet gather behind another answer
+    than the present leader, given who agreed with whom so far (``legion calibrate --answers``)."""
+
+    members: list[str] = Field(..., min_length=2, description="The members, in each item's order.")
+    items: list[list[int]] = Field(..., min_length=1, description="One row of labels per item.")
+    data: list[str] = Field(default_factory=list, description="The files the answers were read from.")
+
+    @model_validator(mode="after")
+    def _rows(self) -> AnswerPatterns:
+        n = len(self.members)
+        if len(set(self.members)) != n:
+            raise ValueError("members must be unique")
+        for i, row in enumerate(self.items):
+            if len(row) != n:
+                raise ValueError(f"items[{i}] has {len(row)} labels; one per member ({n}) is needed")
+            if any(v < -1 for v in row):
+                raise ValueError(f"items[{i}]: a label is a number >= 0, or -1 for no answer")
+        return self
+
+
 class Profile(_StrictModel):
     """What ``legion calibrate`` writes and the Arbiter loads (``arbiter.profile``)."""
 
@@ -147,6 +171,9 @@ class Profile(_StrictModel):
     fit: FitInfo
     covariance: SwayCovariance | None = Field(
         None, description="The members' contributions' covariance (adaptive fan-out's prediction)."
+    )
+    answer_patterns: AnswerPatterns | None = Field(
+        None, description="Who wrote the same free-text answer as whom on the fit's items (adaptive fan-out)."
     )
 
     @field_validator("version")
@@ -168,6 +195,10 @@ class Profile(_StrictModel):
             unknown = sorted(set(self.covariance.members) - set(names))
             if unknown:
                 raise ValueError(f"covariance.members {unknown} are not agents of the profile")
+        if self.answer_patterns is not None:
+            unknown = sorted(set(self.answer_patterns.members) - set(names))
+            if unknown:
+                raise ValueError(f"answer_patterns.members {unknown} are not agents of the profile")
         return self
 
     @property
@@ -192,6 +223,10 @@ class Profile(_StrictModel):
             "covariance": None
             if self.covariance is None
             else {"members": len(self.covariance.members), "items": self.covariance.items},
+            # and on free text, from the members' answer patterns
+            "answer_patterns": None
+            if self.answer_patterns is None
+            else {"members": len(self.answer_patterns.members), "items": len(self.answer_patterns.items)},
         }
 
 

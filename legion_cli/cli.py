@@ -319,12 +319,23 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.folds < 2:
         print("legion: --folds must be at least 2", file=sys.stderr)
         return 2
-    if bool(args.data) == bool(args.candidates):
+    if sum(bool(x) for x in (args.data, args.candidates, args.answers)) != 1:
         print(
-            "legion: give --data (items to score) or --candidates (a free-text dump), one of them",
+            "legion: give --data (items to score), --candidates (a free-text dump) or --answers "
+            "(free-text answers to add to a profile), one of them",
             file=sys.stderr,
         )
         return 2
+    if args.profile and not args.answers:
+        print("legion: --profile goes with --answers", file=sys.stderr)
+        return 2
+    if args.answers:
+        given = [f"--{n}" for n in ("limit", "agents", "shots", "scores") if getattr(args, n) is not None]
+        given += ["--unlabelled"] if args.unlabelled else []
+        if given:
+            print(f"legion: {', '.join(given)} go with --data, not --answers", file=sys.stderr)
+            return 2
+        return run_calibrate_cli(args)  # reads saved answers: no model is loaded
     if args.candidates:
         given = [f"--{n}" for n in ("limit", "agents", "shots", "scores") if getattr(args, n) is not None]
         given += ["--unlabelled"] if args.unlabelled else []
@@ -647,6 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="instead of --data: fit on free-text candidates, the file(s) of legion eval --free-text "
         "--dump-candidates (comma-separated; no model runs)",
+    )
+    cb.add_argument(
+        "--answers",
+        metavar="FILE",
+        help="instead of fitting: add the members' free-text answer patterns, read from the --out file(s) "
+        "of legion eval --free-text (comma-separated; no model runs), to --profile, for adaptive fan-out",
+    )
+    cb.add_argument(
+        "--profile", help="with --answers: the profile to add them to (default: the config's arbiter.profile)"
     )
     cb.add_argument("--config", help="YAML config whose agents are fitted")
     cb.add_argument("--out", required=True, help="the profile (JSON) to write")

@@ -254,6 +254,126 @@ def covariance_order(members: Sequence[str], cov: np.ndarray, cost: Mapping[str,
     return [members[i] for i in asked]
 
 
+# ---------------------------------------------------------------- free text: answer patterns
+# A profile may record who wrote the same free-text answer as whom on its fit's items
+# (``Profile.answer_patterns``). The members' answers are not independent (views of one model repeat
+# one another; views that write from one prompt write one answer), and on free text the Bayes vote
+# above cannot know that. The patterns can: the chance that the full panel decides otherwise than
+# the members asked so far is how often it did on the fit's items whose asked members agreed in the
+# same pattern, (changes + 1/2) / (matches + 1), so that a pattern seen rarely never settles a vote.
+
+
+def pattern_key(labels: Sequence[int]) -> tuple[int, ...]:
+    """Labels renumbered by first appearance (-1, no answer, stays): equal keys, equal agreement."""
+    seen: dict[int, int] = {}
+    return tuple(-1 if v < 0 else seen.setdefault(v, len(seen)) for v in labels)
+
+
+def plurality_label(
+    labels: Sequence[int], idx: Sequence[int], weight: Sequence[float], standing: Sequence[float]
+) -> int:
+    """The label the members ``idx`` elect: the most weight (plurality: 1 each), a tie to the most
+    standing (the profile's or trust weights, as the Arbiter breaks ties), then to the member first
+    in order; -1 when none of them answered."""
+    points: dict[int, float] = {}
+    stand: dict[int, float] = {}
+    first: dict[int, int] = {}
+    for i in idx:
+        v = labels[i]
+        if v < 0:
+            continue
+        points[v] = points.get(v, 0.0) + weight[i]
+        stand[v] = stand.get(v, 0.0) + max(0.0, standing[i])
+        first.setdefault(v, i)
+    if not points:
+        return -1
+    return max(points, key=lambda v: (round(points[v], 9), round(stand[v], 9), -first[v]))
+
+
+_TABLES: dict[tuple, PatternTable] = {}  # PatternTable.of's tables, oldest first
+
+
+class PatternTable:
+    """The fit's answer patterns over a panel's members (rows: items, columns: members), with the
+    full panel's elected label on each item under the given vote weights and standing."""
+
+    def __init__(self, rows: np.ndarray, weight: Sequence[float], standing: Sequence[float]):
+        self.rows = [tuple(int(v) for v in r) for r in np.asarray(rows, dtype=int)]
+        self.weight = [float(w) for w in weight]
+        self.standing = [float(x) for x in standing]
+        every = range(len(self.weight))
+        self.full = [plurality_label(r, every, self.weight, self.standing) for r in self.rows]
+        self._groups: dict[tuple[int, ...], dict[tuple[int, ...], tuple[int, int]]] = {}
+        self._orders: dict[tuple, list[str]] = {}
+
+    @classmethod
+    def of(cls, rows: np.ndarray, weight: Sequence[float], standing: Sequence[float]) -> PatternTable:
+        """The table for these rows, weights and standing, built once while they stay the same
+        (a panel's tasks share one, with what it has counted and planned)."""
+        arr = np.asarray(rows, dtype=int)
+        key = (arr.shape, arr.tobytes(), tuple(map(float, weight)), tuple(map(float, standing)))
+        got = _TABLES.get(key)
+        if got is None:
+            got = cls(arr, weight, standing)
+            if len(_TABLES) >= 16:
+                _TABLES.pop(next(iter(_TABLES)))
+            _TABLES[key] = got
+        return got
+
+    def _counts(self, asked: Sequence[int]) -> dict[tuple[int, ...], tuple[int, int]]:
+        """For the members ``asked`` (in that order): each agreement pattern's (items, items whose
+        full vote elected another label than the asked members did)."""
+        asked = tuple(asked)
+        got = self._groups.get(asked)
+        if got is None:
+            counts: dict[tuple[int, ...], list[int]] = {}
+            for row, full in zip(self.rows, self.full, strict=True):
+                c = counts.setdefault(pattern_key([row[i] for i in asked]), [0, 0])
+                c[0] += 1
+                c[1] += plurality_label(row, asked, self.weight, self.standing) != full
+            got = self._groups[asked] = {k: (n, changed) for k, (n, changed) in counts.items()}
+        return got
+
+    def risk(self, asked: Sequence[int], labels: Sequence[int]) -> tuple[float, int]:
+        """(P(the full panel elects another answer than ``asked`` do), items matched) after the
+        members ``asked`` (column indices) answered ``labels`` (aligned; -1: no answer)."""
+        n, changed = self._counts(asked).get(pattern_key(labels), (0, 0))
+        return (changed + 0.5) / (n + 1), n
+
+    def order(self, units: Mapping[str, Sequence[int]], cost: Mapping[str, float], limit: float) -> list[str]:
+        """Units in the order that lets the rule stop soonest on the fit's items: greedily the unit
+        after which the most items would settle at ``limit``, per unit of cost (ties: given order).
+        Remembered: a panel plans the same order for every task."""
+        key = (
+            tuple((u, tuple(c)) for u, c in units.items()),
+            tuple((u, float(cost.get(u, 1.0))) for u in units),
+            float(limit),
+        )
+        got = self._orders.get(key)
+        if got is None:
+            got = self._orders[key] = self._greedy(units, cost, limit)
+        return list(got)
+
+    def _greedy(
+        self, units: Mapping[str, Sequence[int]], cost: Mapping[str, float], limit: float
+    ) -> list[str]:
+        chosen: list[str] = []
+        left = list(units)
+        while left:
+            best, best_score = left[0], -1.0
+            for u in left:
+                asked = [i for v in [*chosen, u] for i in units[v]]
+                settle = sum(
+                    n for n, changed in self._counts(asked).values() if (changed + 0.5) / (n + 1) <= limit
+                )
+                score = settle / max(1e-9, cost.get(u, 1.0))
+                if score > best_score + 1e-12:
+                    best, best_score = u, score
+            chosen.append(best)
+            left.remove(best)
+        return chosen
+
+
 def n_labels(points: Mapping[str, float], leader: str | None, n_options: int | None) -> int:
     """How many answers the rule weighs: the choices, or on free text those seen plus one."""
     if n_options is not None:
@@ -304,6 +424,8 @@ class StopRule:
         units: Mapping[str, Sequence[str]] | None = None,
         profile: Profile | None = None,
         covariance: np.ndarray | None = None,
+        patterns: PatternTable | None = None,
+        limit: float = 0.05,
     ):
         self.members = list(members)
         self.skill = dict(skill)
@@ -327,12 +449,17 @@ class StopRule:
             and all(len(ms) == 1 for ms in self.units.values())
             else None
         )
+        self.index = {m: i for i, m in enumerate(self.members)}
+        # free text with the profile's answer patterns (columns in ``members``' order)
+        self.patterns = patterns if self.sway is None else None
         if self.cov is not None:
             self.unit_order = covariance_order(self.members, self.cov, unit_cost)
+        elif self.patterns is not None:
+            columns = {u: [self.index[m] for m in ms] for u, ms in self.units.items()}
+            self.unit_order = self.patterns.order(columns, unit_cost, limit)
         else:
             self.unit_order = fanout_order(list(self.units), reliability, unit_cost)
         self.order = [m for u in self.unit_order for m in self.units[u]]
-        self.index = {m: i for i, m in enumerate(self.members)}
 
     @property
     def predicts(self) -> bool:
@@ -367,11 +494,32 @@ class StopRule:
         remaining: Sequence[str],
         n_options: int | None,
     ) -> Settlement:
-        """The settlement by the Bayes vote of the members' answers so far (None: failed)."""
+        """The settlement by the Bayes vote of the members' answers so far (None: failed), or with
+        the profile's answer patterns by how often the full panel decided otherwise after the same
+        agreement (``look_patterns``)."""
+        if self.patterns is not None:
+            return self.look_patterns(votes, remaining)
         k = n_labels({v: 0.0 for v in votes.values() if v is not None}, leader, n_options)
         points = vote_points(votes, self.skill, k)
         rest = self._rest(remaining, k, lambda m: vote_weight(self.skill[m], k))
         return Settlement(leader, settle_risk(points, leader, rest, n_options), len(remaining))
+
+    def look_patterns(self, votes: Mapping[str, str | None], remaining: Sequence[str]) -> Settlement:
+        """The settlement of a free-text vote by the answer patterns: the leader is the plurality
+        (by the vote weights, ties to the standing) of the members asked so far."""
+        table = self.patterns
+        assert table is not None
+        asked = [m for m in self.members if m in votes]
+        keys: dict[str, int] = {}
+        labels = [-1 if votes[m] is None else keys.setdefault(str(votes[m]), len(keys)) for m in asked]
+        idx = [self.index[m] for m in asked]
+        row = [-1] * len(self.members)
+        for i, v in zip(idx, labels, strict=True):
+            row[i] = v
+        lead = plurality_label(row, idx, table.weight, table.standing)
+        leader = next((k for k, v in keys.items() if v == lead), None)
+        risk = table.risk(idx, labels)[0] if remaining else 0.0
+        return Settlement(leader, risk, len(remaining))
 
     def look_choices(
         self,
@@ -455,10 +603,16 @@ def stop_rule(
     trust: Mapping[str, tuple[int, int]] | None,
     choices: bool,
     owner: Mapping[str, str] | None = None,
+    *,
+    weights: Mapping[str, float] | None = None,
+    standing: Mapping[str, float] | None = None,
+    limit: float = 0.05,
 ) -> StopRule:
     """The stop rule for ``strategy`` over ``members`` (panel member configs) with the profile
     or else the trust records (member -> (agreements, updates)). On free text, with ``owner``
-    (member -> agent), members that write alike form one unit."""
+    (member -> agent), members that write alike form one unit, and a profile with the members'
+    answer patterns weighs the vote by them: ``weights`` are the vote's (None: one each, plurality),
+    ``standing`` breaks its ties, ``limit`` is the risk the order is planned for."""
     names = [m.name for m in members]  # type: ignore[attr-defined]
     by_name = {a.name: a for a in profile.agents} if profile is not None else {}
     acc = {n: by_name[n].train_accuracy if n in by_name else None for n in names}
@@ -474,7 +628,14 @@ def stop_rule(
         if all(n in got.members for n in names):
             pos = [got.members.index(n) for n in names]
             cov = np.asarray(got.matrix, dtype=np.float64)[np.ix_(pos, pos)]
-    return StopRule(names, skill, cost, sway, source, units, profile, cov)
+    table = None
+    got_p = profile.answer_patterns if profile is not None and not choices else None
+    if got_p is not None and all(n in got_p.members for n in names):
+        pos = [got_p.members.index(n) for n in names]
+        rows = np.asarray(got_p.items, dtype=int)[:, pos]
+        w = [float((weights or {}).get(n, 1.0)) for n in names]
+        table = PatternTable.of(rows, w, [float((standing or {}).get(n, 0.0)) for n in names])
+    return StopRule(names, skill, cost, sway, source, units, profile, cov, table, limit)
 
 
 def run_waves(

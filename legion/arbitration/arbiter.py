@@ -659,7 +659,9 @@ class Arbiter:
 
         return list(await asyncio.gather(*(entry(a) for a in self.cfg.agents)))
 
-    async def _stop_rule(self, strategy: Strategy, names: list[str], choices: bool) -> adaptive.StopRule:
+    async def _stop_rule(
+        self, strategy: Strategy, names: list[str], choices: bool, s: _Session | None = None
+    ) -> adaptive.StopRule:
         """The adaptive stop rule of ``strategy`` for this task: the members' skills from the
         profile's train accuracies, else from their trust records. Free text too takes them from
         ``arbiter.profile``: a free-text profile's accuracies are of picking among generated
@@ -677,7 +679,17 @@ class Arbiter:
                 records = {n: (r.agreements, r.updates) for n, r in got.items()}
             except Exception:
                 log.exception("could not read the trust records")
-        return adaptive.stop_rule(strategy.name, self.panel, profile, records, choices, self.owner)
+        return adaptive.stop_rule(
+            strategy.name,
+            self.panel,
+            profile,
+            records,
+            choices,
+            self.owner,
+            weights=s.weights if s is not None else None,
+            standing=s.standing if s is not None else None,
+            limit=s.settings.adaptive_risk if s is not None else self.cfg.arbiter.adaptive_risk,
+        )
 
     def adaptation_summary(self) -> dict[str, Any] | None:
         """Where ``arbiter.adapt`` stands (``GET /v1/agents``); None when it is off."""
@@ -715,7 +727,7 @@ class Arbiter:
         s.standing = profiled or trust or {}
         fanout = s.req.fanout or self.cfg.arbiter.fanout
         if fanout == "adaptive" and getattr(strategy, "adaptive_fanout", False):
-            s.rule = await self._stop_rule(strategy, names, choices=s.req.choices is not None)
+            s.rule = await self._stop_rule(strategy, names, choices=s.req.choices is not None, s=s)
         choice = None
         if s.req.choices is not None:
             decision, choice = await self._choose(s, strategy)

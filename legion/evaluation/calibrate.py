@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from legion.agent import exemplar_pool
+from legion.arbitration.adaptive import pattern_key
 from legion.arbitration.scoring import log_softmax
 from legion.config import load_config
 from legion.engine import views
@@ -48,10 +49,12 @@ from legion.evaluation.multiple_choice import ScoreCache, Scorer, print_progress
 from legion.profile import (
     PROFILE_FORMAT,
     PROFILE_VERSION,
+    AnswerPatterns,
     FitInfo,
     Profile,
     ProfileAgent,
     SwayCovariance,
+    load_profile,
     view_of,
 )
 
@@ -529,6 +532,68 @@ def _calibrate_candidates(args: Any, t0: float) -> int:
     return 0
 
 
+def answer_patterns(
+    files: Sequence[str], members: Sequence[str], exclude: set[str] | frozenset[str] = frozenset()
+) -> AnswerPatterns:
+    """The members' free-text answer patterns on the items of ``legion eval --free-text --out``
+    files: per item, each member's answer (its ``single:<member>`` row) normalised as the vote
+    normalises it, labelled by first appearance; an empty answer is -1. Items in ``exclude`` (some
+    member's few-shot exemplars, whose answer it was shown) are left out."""
+    from legion.arbitration.strategies.base import normalize_answer
+
+    rows: list[list[int]] = []
+    for path in files:
+        try:
+            answers = json.loads(Path(path).read_text(encoding="utf-8"))["answers"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = f"{exc.__class__.__name__}: {exc}"
+            raise ConfigError(
+                f"--answers {path}: not the --out file of legion eval --free-text ({why})"
+            ) from None
+        for item_id, rec in answers.items():
+            if item_id in exclude:
+                continue
+            by = rec.get("by", {}) if isinstance(rec, dict) else {}
+            missing = [m for m in members if f"single:{m}" not in by]
+            if missing:
+                raise ConfigError(
+                    f"--answers {path}: item {item_id} has no answer of {missing}; run legion eval "
+                    "--free-text with the config whose members are fitted"
+                )
+            keys: dict[str, int] = {}
+            row = []
+            for m in members:
+                text = normalize_answer(str(by[f"single:{m}"].get("answer") or ""))
+                row.append(keys.setdefault(text, len(keys)) if text else -1)
+            rows.append(list(pattern_key(row)))
+    if not rows:
+        raise ConfigError(f"--answers {', '.join(files)}: no items")
+    return AnswerPatterns(members=list(members), items=rows, data=[str(f) for f in files])
+
+
+def _calibrate_answers(args: Any) -> int:
+    # legion calibrate --answers: the members' free-text answer patterns added to a profile.
+    cfg = load_config(args.config)
+    into = args.profile or cfg.arbiter.profile
+    if into is None:
+        raise ConfigError("--answers adds to a profile: give --profile, or set arbiter.profile")
+    profile = load_profile(into)
+    members = [m.name for m in cfg.panel]
+    unknown = sorted(set(members) - {a.name for a in profile.agents})
+    if unknown:
+        raise ConfigError(f"--profile {into} has no agents {unknown} of the config's panel")
+    files = [f.strip() for f in args.answers.split(",") if f.strip()]
+    patterns = answer_patterns(files, members, exemplar_ids(cfg.panel))
+    out = profile.model_copy(update={"answer_patterns": patterns})
+    Profile.model_validate(out.model_dump(mode="json"))
+    Path(args.out).write_text(json.dumps(out.model_dump(mode="json"), indent=2) + "\n")
+    print(
+        f"answer patterns of {len(members)} members on {len(patterns.items)} items ({', '.join(files)}) "
+        f"added to {into}; written to {args.out}"
+    )
+    return 0
+
+
 def score_files(
     cfg: Any,
     agents: Sequence[Any],
@@ -584,6 +649,8 @@ def run_calibrate_cli(args: Any) -> int:
     import sys
 
     t0 = time.perf_counter()
+    if getattr(args, "answers", None):
+        return _calibrate_answers(args)
     if getattr(args, "candidates", None):
         return _calibrate_candidates(args, t0)
     cfg = load_config(args.config)

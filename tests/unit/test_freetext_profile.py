@@ -179,7 +179,16 @@ def test_a_dump_that_is_not_one_or_of_other_members_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["calibrate", "--out", "p.json"], "give --data (items to score) or --candidates"),
+        (["calibrate", "--out", "p.json"], "give --data (items to score), --candidates"),
+        (["calibrate", "--candidates", "d.json", "--answers", "a.json", "--out", "p.json"], "one of them"),
+        (
+            ["calibrate", "--data", "a.jsonl", "--profile", "p.json", "--out", "q.json"],
+            "--profile goes with --answers",
+        ),
+        (
+            ["calibrate", "--answers", "a.json", "--scores", "s.jsonl", "--out", "p.json"],
+            "--scores go with --data",
+        ),
         (["calibrate", "--data", "a.jsonl", "--candidates", "d.json", "--out", "p.json"], "one of them"),
         (
             ["calibrate", "--candidates", "d.json", "--limit", "5", "--out", "p.json"],
