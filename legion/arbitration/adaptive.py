@@ -24,7 +24,11 @@ one another, and asking one of them tells much of what the others would say.
 
 On free text the options are open: ``K`` is the distinct answers so far plus one, the true
 answer may be one not seen yet, and a wrong answer not seen yet is a fresh one that no other
-member repeats. Plain Python and numpy; the Arbiter and ``legion eval`` call the same functions.
+member repeats. A profile that records the members' answer patterns on its fit's items (who wrote
+the same answer as whom, ``legion calibrate --answers``) replaces that model on free text: the
+risk is how often the full panel's plurality changed on the fit's items after the same pattern of
+agreement among the members asked (``PatternTable``). Plain Python and numpy; the Arbiter and
+``legion eval`` call the same functions.
 """
 
 from __future__ import annotations
