@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -251,6 +252,19 @@ def parse_profile(data: Any, source: str = "profile") -> Profile:
             + "\n  (write one with legion calibrate)",
             details={"errors": lines},
         ) from None
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    """Write ``profile`` to ``path`` whole or not at all: into a temporary file beside it, then
+    renamed over it, so that a failed write (a full disk, an interrupt) never leaves a serving
+    Legion a torn profile, even when ``path`` is the profile being refitted."""
+    p = Path(path).expanduser()
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -55,6 +55,7 @@ from legion.profile import (
     ProfileAgent,
     SwayCovariance,
     load_profile,
+    save_profile,
     view_of,
 )
 
@@ -523,7 +524,7 @@ def _calibrate_candidates(args: Any, t0: float) -> int:
         folds=args.folds,
         seconds=time.perf_counter() - t0,
     )
-    Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    save_profile(profile, args.out)
     _print_fit(profile, args.out, args.folds)
     print(
         "(free-text candidates: an item's pick is right when the judge holds that candidate right; items "
@@ -586,7 +587,7 @@ def _calibrate_answers(args: Any) -> int:
     patterns = answer_patterns(files, members, exemplar_ids(cfg.panel))
     out = profile.model_copy(update={"answer_patterns": patterns})
     Profile.model_validate(out.model_dump(mode="json"))
-    Path(args.out).write_text(json.dumps(out.model_dump(mode="json"), indent=2) + "\n")
+    save_profile(out, args.out)
     print(
         f"answer patterns of {len(members)} members on {len(patterns.items)} items ({', '.join(files)}) "
         f"added to {into}; written to {args.out}"
@@ -694,7 +695,7 @@ def run_calibrate_cli(args: Any) -> int:
         folds=folds,
         seconds=time.perf_counter() - t0,
     )
-    Path(args.out).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    save_profile(profile, args.out)
     _print_fit(profile, args.out, folds)
     if args.unlabelled:
         print(

@@ -194,3 +194,26 @@ def test_calibrate_answers_adds_the_patterns_to_a_profile(tmp_path, capsys):
     assert "not the --out file of legion eval --free-text" in capsys.readouterr().err
     assert main(["calibrate", "--answers", f, "--data", "x.jsonl", "--out", str(out)]) == 2
     assert "one of them" in capsys.readouterr().err
+
+
+def test_a_profile_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """legion calibrate --answers may write over the profile it read: a failed write leaves the
+    old file as it was, and no temporary file behind."""
+    from legion import profile as profile_module
+
+    path = profiled(tmp_path, ACCURACY).arbiter.profile
+    before = open(path, encoding="utf-8").read()
+    prof = load_profile(path)
+    patterns = AnswerPatterns(members=MEMBERS, items=[[0, 0, 1, 1, 2]])
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(profile_module.os, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        profile_module.save_profile(prof.model_copy(update={"answer_patterns": patterns}), path)
+    assert open(path, encoding="utf-8").read() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    monkeypatch.undo()
+    profile_module.save_profile(prof.model_copy(update={"answer_patterns": patterns}), path)
+    assert load_profile(path).answer_patterns == patterns
