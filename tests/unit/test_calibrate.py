@@ -22,7 +22,7 @@ from legion.evaluation.calibrate import (
     make_profile,
 )
 from legion.evaluation.multiple_choice import default_strategies, evaluate
-from legion.profile import PROFILE_VERSION, check_agents, load_profile, parse_profile
+from legion.profile import PROFILE_VERSION, AnswerPatterns, check_agents, load_profile, parse_profile
 
 
 def synthetic(true_w, n, m=4, seed=0, spread=1.5):
@@ -140,6 +140,15 @@ def test_a_profile_round_trips_through_its_file(tmp_path):
     assert back.covariance is not None and back.covariance.members == ["x", "y"]
     assert back.summary()["covariance"] == {"members": 2, "items": 60}
     assert back.agents[0].view["prompt_form"] == "qa"
+    # Answer patterns (legion calibrate --answers) come back too, and the summary counts them.
+    assert back.summary()["answer_patterns"] is None
+    with_patterns = back.model_copy(
+        update={"answer_patterns": {"members": ["x", "y"], "items": [[0, 0], [0, 1]]}}
+    )
+    path.write_text(json.dumps(with_patterns.model_dump(mode="json")))
+    again = load_profile(path)
+    assert again.answer_patterns is not None and again.answer_patterns.items == [[0, 0], [0, 1]]
+    assert again.summary()["answer_patterns"] == {"members": 2, "items": 2}
 
 
 @pytest.mark.parametrize(
