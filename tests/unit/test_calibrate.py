@@ -143,7 +143,7 @@ def test_a_profile_round_trips_through_its_file(tmp_path):
     # Answer patterns (legion calibrate --answers) come back too, and the summary counts them.
     assert back.summary()["answer_patterns"] is None
     with_patterns = back.model_copy(
-        update={"answer_patterns": {"members": ["x", "y"], "items": [[0, 0], [0, 1]]}}
+        update={"answer_patterns": AnswerPatterns(members=["x", "y"], items=[[0, 0], [0, 1]])}
     )
     path.write_text(json.dumps(with_patterns.model_dump(mode="json")))
     again = load_profile(path)
