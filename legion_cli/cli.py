@@ -329,20 +329,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.profile and not args.answers:
         print("legion: --profile goes with --answers", file=sys.stderr)
         return 2
-    if args.answers:
+    saved = "--answers" if args.answers else "--candidates" if args.candidates else None
+    if saved is not None:  # --answers reads saved answers, --candidates saved scores: no model runs
         given = [f"--{n}" for n in ("limit", "agents", "shots", "scores") if getattr(args, n) is not None]
         given += ["--unlabelled"] if args.unlabelled else []
         if given:
-            print(f"legion: {', '.join(given)} go with --data, not --answers", file=sys.stderr)
+            print(f"legion: {', '.join(given)} go with --data, not {saved}", file=sys.stderr)
             return 2
-        return run_calibrate_cli(args)  # reads saved answers: no model is loaded
-    if args.candidates:
-        given = [f"--{n}" for n in ("limit", "agents", "shots", "scores") if getattr(args, n) is not None]
-        given += ["--unlabelled"] if args.unlabelled else []
-        if given:
-            print(f"legion: {', '.join(given)} go with --data, not --candidates", file=sys.stderr)
-            return 2
-        return run_calibrate_cli(args)  # fits on saved scores: no model is loaded
+        return run_calibrate_cli(args)
     _preflight(_model_paths(load_config(args.config)))
     return run_calibrate_cli(args)
 
