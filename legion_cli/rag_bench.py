@@ -93,7 +93,7 @@ def run_rag_bench(args: argparse.Namespace) -> int:
     base["rag"].update(collection=COLLECTION, qdrant_url=None)
     base["cache"].update(enabled=True)
     cfg = config_from_dict(base, source="bench configuration")
-    with json_stdout(args.json) as out:
+    with json_stdout(args.json) as json_out:
         started = not ray.is_initialized()
         if started:
             ray.init(include_dashboard=False, logging_level="WARNING", namespace=cfg.ray_namespace)
@@ -180,7 +180,7 @@ def run_rag_bench(args: argparse.Namespace) -> int:
                     ray.shutdown()
                 work.cleanup()
     if args.json:
-        print(json.dumps(result), file=out)
+        print(json.dumps(result), file=json_out)
         return 0
     r = result
     print(
