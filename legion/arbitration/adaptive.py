@@ -273,6 +273,13 @@ def pattern_key(labels: Sequence[int]) -> tuple[int, ...]:
     return tuple(-1 if v < 0 else seen.setdefault(v, len(seen)) for v in labels)
 
 
+def answer_labels(answers: Sequence[str | None]) -> list[int]:
+    """Answers as labels numbered by first appearance (equal answers, equal labels; None or an
+    empty answer: -1): a row of answer patterns, as ``legion calibrate --answers`` writes them."""
+    keys: dict[str, int] = {}
+    return [keys.setdefault(a, len(keys)) if a else -1 for a in answers]
+
+
 def plurality_label(
     labels: Sequence[int], idx: Sequence[int], weight: Sequence[float], standing: Sequence[float]
 ) -> int:
@@ -514,14 +521,13 @@ class StopRule:
         table = self.patterns
         assert table is not None
         asked = [m for m in self.members if m in votes]
-        keys: dict[str, int] = {}
-        labels = [-1 if votes[m] is None else keys.setdefault(str(votes[m]), len(keys)) for m in asked]
+        labels = answer_labels([votes[m] for m in asked])
         idx = [self.index[m] for m in asked]
         row = [-1] * len(self.members)
         for i, v in zip(idx, labels, strict=True):
             row[i] = v
         lead = plurality_label(row, idx, table.weight, table.standing)
-        leader = next((k for k, v in keys.items() if v == lead), None)
+        leader = next((votes[m] for m, v in zip(asked, labels, strict=True) if v == lead >= 0), None)
         risk = table.risk(idx, labels)[0] if remaining else 0.0
         return Settlement(leader, risk, len(remaining))
 

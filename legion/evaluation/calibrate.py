@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from legion.agent import exemplar_pool
-from legion.arbitration.adaptive import pattern_key
+from legion.arbitration.adaptive import answer_labels
 from legion.arbitration.scoring import log_softmax
 from legion.config import load_config
 from legion.engine import views
@@ -561,12 +561,9 @@ def answer_patterns(
                     f"--answers {path}: item {item_id} has no answer of {missing}; run legion eval "
                     "--free-text with the config whose members are fitted"
                 )
-            keys: dict[str, int] = {}
-            row = []
-            for m in members:
-                text = normalize_answer(str(by[f"single:{m}"].get("answer") or ""))
-                row.append(keys.setdefault(text, len(keys)) if text else -1)
-            rows.append(list(pattern_key(row)))
+            rows.append(
+                answer_labels([normalize_answer(str(by[f"single:{m}"].get("answer") or "")) for m in members])
+            )
     if not rows:
         raise ConfigError(f"--answers {', '.join(files)}: no items")
     return AnswerPatterns(members=list(members), items=rows, data=[str(f) for f in files])
